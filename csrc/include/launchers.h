@@ -1,0 +1,32 @@
+// Host-side launcher declarations shared by csrc/*.cu and csrc/bindings.cpp.
+// Plain C++: no CUDA and no torch headers, so bindings.cpp can include it whatever it is built with.
+// Pointers are device pointers on CUDA and host pointers under the emulator.
+#pragma once
+#include <cstdint>
+
+namespace ftfm {
+
+enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };
+
+// ---- layer_norm.cu -------------------------------------------------------------------------
+// x, y: [rows, cols], row r starts at x + r * x_row_stride (elements), columns contiguous.
+// weight/bias: [cols] or nullptr (no affine / no bias); dtype w_dtype (== x dtype or F32).
+// mean/rstd: [rows] fp32 outputs (mean unused and may be nullptr when rms).
+// rms=true: RMSNorm (y = x * rstd * w, rstd = 1/sqrt(mean(x^2) + eps)), else LayerNorm.
+void layer_norm_fwd(const void* x, int64_t x_row_stride, const void* weight, const void* bias, void* y,
+                    float* mean, float* rstd, int64_t rows, int64_t cols, float eps, bool rms, DType x_dtype,
+                    DType w_dtype, void* stream);
+
+// Number of row groups the backward splits rows into; the caller allocates
+// dw_partial/db_partial as fp32 [layer_norm_bwd_parts(rows, cols), cols].
+int64_t layer_norm_bwd_parts(int64_t rows, int64_t cols);
+
+// dy, x: [rows, cols] with row strides; dx: [rows, cols] contiguous (a new buffer, never dy).
+// dweight/dbias: [cols] in w_dtype or nullptr when not needed; partial buffers as above
+// (nullptr when both dweight and dbias are nullptr). Reduction over rows is deterministic.
+void layer_norm_bwd(const void* dy, int64_t dy_row_stride, const void* x, int64_t x_row_stride,
+                    const void* weight, const float* mean, const float* rstd, void* dx, float* dw_partial,
+                    float* db_partial, void* dweight, void* dbias, int64_t rows, int64_t cols, bool rms,
+                    DType x_dtype, DType w_dtype, void* stream);
+
+}  // namespace ftfm

@@ -1,0 +1,79 @@
+"""Run ``@triton.jit`` kernels through Triton's interpreter on CPU tensors, per call.
+
+Triton only interprets when ``TRITON_INTERPRET=1`` is set before ``import triton``, and then
+*every* kernel is interpreted, CUDA tensors included. fasttfm wants both in one process: CUDA
+tensors run the compiled kernels, CPU tensors under ``FASTTFM_EMULATE=1`` run the very same
+kernel source through the interpreter. ``interpreted(kernel)`` builds an interpreted twin of a
+normal ``JITFunction``:
+
+* the twin executes the kernel's source in a copy of its module globals in which every
+  ``JITFunction`` (helpers the kernel calls) is replaced by its own interpreted twin;
+* while a twin runs, the ``JITFunction`` members of ``triton.language`` (``tl.sum``, ``tl.max``,
+  ``tl.cdiv``, ...) are swapped for interpreted twins and put back afterwards, so compiling
+  kernels for a GPU later in the same process is unaffected.
+
+Usage: ``interpreted(_my_kernel)[grid](*args, **constexprs)``.
+"""
+import contextlib
+import functools
+
+import triton.language as tl
+from triton.runtime.interpreter import FunctionRewriter, InterpretedFunction
+from triton.runtime.jit import JITFunction
+
+try:  # the interpreter imports gluon lazily; it must see the unpatched triton.language
+    import triton.experimental.gluon  # noqa: F401
+except Exception:  # pragma: no cover - gluon is optional
+    pass
+
+__all__ = ["interpreted"]
+
+
+class _Rewriter(FunctionRewriter):
+    def _compile_and_exec(self, transformed_ast):
+        import triton.runtime.interpreter as interp
+
+        code = compile(transformed_ast, filename=self.filename, mode="exec")
+        scope = dict(self.fn.__globals__)
+        for name, value in vars(interp).items():
+            scope.setdefault(name, value)
+        for name, value in list(scope.items()):
+            if isinstance(value, JITFunction):
+                scope[name] = interpreted(value)
+        local = {}
+        exec(code, scope, local)
+        return local[self.fn.__name__]
+
+
+class _Interpreted(InterpretedFunction):
+    rewritten_fn = {}  # our own cache: never shared with a plain InterpretedFunction
+
+    def __init__(self, fn):
+        super().__init__(fn)
+        self.rewriter = _Rewriter(fn)
+
+    def run(self, *args, **kwargs):
+        with _stdlib_interpreted():
+            return super().run(*args, **kwargs)
+
+
+@functools.cache
+def interpreted(kernel):
+    """The interpreted twin of ``kernel`` (a ``triton.jit`` function), cached."""
+    fn = kernel.fn if isinstance(kernel, (JITFunction, InterpretedFunction)) else kernel
+    return _Interpreted(fn)
+
+
+@contextlib.contextmanager
+def _stdlib_interpreted():
+    saved = []
+    for owner in (tl, tl.core, tl.standard, tl.math, tl.tensor):
+        for name, value in list(vars(owner).items()):
+            if isinstance(value, JITFunction):
+                saved.append((owner, name, value))
+                setattr(owner, name, interpreted(value))
+    try:
+        yield
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
