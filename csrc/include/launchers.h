@@ -29,4 +29,8 @@ void layer_norm_bwd(const void* dy, int64_t dy_row_stride, const void* x, int64_
                     float* db_partial, void* dweight, void* dbias, int64_t rows, int64_t cols, bool rms,
                     DType x_dtype, DType w_dtype, void* stream);
 
+// ---- emulator controls (fasttfm._C_emu only) -------------------------------------------------
+// Run order of a block's threads: 0 forward, 1 reverse, 2 random (seeded, reshuffled each round).
+void emu_set_order(int order, uint64_t seed);
+
 }  // namespace ftfm

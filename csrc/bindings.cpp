@@ -1,0 +1,218 @@
+// The only file that sees torch tensors: argument checks, device guards, dtype mapping and
+// op registration. Kernels and launchers (csrc/*.cu) take raw pointers and sizes.
+//
+// Built twice:
+//  * into fasttfm._C (library `fasttfm_C`): CUDA tensors -> the nvcc-built kernels (when built
+//    with FASTTFM_WITH_CUDA), plus the CPU kernels of csrc/cpu/;
+//  * into fasttfm._C_emu (library `fasttfm_emu`, FASTTFM_EMU defined, via csrc/emu/bindings_emu.cpp):
+//    CPU tensors -> the same .cu kernels compiled by g++ against the SIMT emulator.
+// The user-facing ops (`fasttfm::...`, with fake impls and autograd) are registered in Python
+// (fasttfm/ops/), which calls these low-level ops.
+#include <Python.h>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/core/ScalarType.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "include/launchers.h"
+
+#if defined(FASTTFM_WITH_CUDA) && !defined(FASTTFM_EMU)
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#define FTFM_KERNELS 1
+#define FTFM_LIB fasttfm_C
+#define FTFM_KERNEL_DEVICE "cuda"
+#elif defined(FASTTFM_EMU)
+#define FTFM_KERNELS 1
+#define FTFM_LIB fasttfm_emu
+#define FTFM_KERNEL_DEVICE "cpu"
+#else
+#define FTFM_LIB fasttfm_C
+#endif
+
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+#ifdef FTFM_KERNELS
+
+// The device the kernels of this build run on: CUDA for fasttfm._C, CPU for the emulator.
+bool on_kernel_device(const Tensor& t) {
+#ifdef FASTTFM_EMU
+  return t.device().is_cpu();
+#else
+  return t.device().is_cuda();
+#endif
+}
+
+void check_tensor(const Tensor& t, const char* name) {
+  TORCH_CHECK(on_kernel_device(t), "fasttfm: ", name, " must be a ", FTFM_KERNEL_DEVICE, " tensor, got ",
+              t.device());
+}
+
+ftfm::DType to_dtype(const Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return ftfm::DType::F32;
+    case at::kHalf: return ftfm::DType::F16;
+    case at::kBFloat16: return ftfm::DType::BF16;
+    default:
+      TORCH_CHECK(false, "fasttfm: ", name, " dtype must be float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+}
+
+void* stream_of(const Tensor& t) {
+#ifdef FASTTFM_EMU
+  (void)t;
+  return nullptr;
+#else
+  return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
+#endif
+}
+
+#ifdef FASTTFM_EMU
+struct DeviceGuard {
+  explicit DeviceGuard(const Tensor&) {}
+};
+#else
+using DeviceGuard = c10::cuda::CUDAGuard;
+#endif
+
+// A [rows, cols] view with unit column stride; the row stride may differ from cols.
+void check_rows(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 2, "fasttfm: ", name, " must be 2-D [rows, cols], got ", t.dim(), "-D");
+  TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, "fasttfm: ", name, " must have unit column stride");
+  TORCH_CHECK(t.size(0) <= 1 || t.stride(0) >= t.size(1), "fasttfm: ", name, " rows must not overlap");
+}
+
+const void* opt_ptr(const OptTensor& t) { return t.has_value() && t->defined() ? t->data_ptr() : nullptr; }
+
+// ---- layer_norm / rms_norm ------------------------------------------------------------------
+
+void check_affine(const OptTensor& p, const Tensor& x, const char* name, at::ScalarType w_type) {
+  if (!p.has_value() || !p->defined()) return;
+  check_tensor(*p, name);
+  TORCH_CHECK(p->dim() == 1 && p->size(0) == x.size(1) && p->is_contiguous(), "fasttfm: ", name,
+              " must be a contiguous 1-D tensor of size ", x.size(1), ", got shape ", p->sizes());
+  TORCH_CHECK(p->scalar_type() == w_type, "fasttfm: weight and bias must have the same dtype");
+  TORCH_CHECK(w_type == x.scalar_type() || w_type == at::kFloat, "fasttfm: ", name, " dtype must equal the input's (",
+              x.scalar_type(), ") or be float32, got ", w_type);
+}
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd(const Tensor& x, const OptTensor& weight, const OptTensor& bias,
+                                                  double eps, bool rms) {
+  check_tensor(x, "input");
+  check_rows(x, "input");
+  DeviceGuard guard(x);
+  const auto w_type = weight.has_value() ? weight->scalar_type() : (bias.has_value() ? bias->scalar_type() : x.scalar_type());
+  check_affine(weight, x, "weight", w_type);
+  check_affine(bias, x, "bias", w_type);
+  const int64_t rows = x.size(0), cols = x.size(1);
+  auto stat_opts = x.options().dtype(at::kFloat);
+  Tensor y = at::empty({rows, cols}, x.options());
+  Tensor mean = at::empty({rms ? 0 : rows}, stat_opts);
+  Tensor rstd = at::empty({rows}, stat_opts);
+  if (rows > 0 && cols > 0) {
+    ftfm::layer_norm_fwd(x.data_ptr(), x.stride(0), opt_ptr(weight), opt_ptr(bias), y.data_ptr(),
+                         rms ? nullptr : mean.data_ptr<float>(), rstd.data_ptr<float>(), rows, cols,
+                         static_cast<float>(eps), rms, to_dtype(x, "input"),
+                         w_type == at::kFloat ? ftfm::DType::F32 : to_dtype(x, "input"), stream_of(x));
+  }
+  return {y, mean, rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& dy, const Tensor& x, const OptTensor& weight,
+                                                  const Tensor& mean, const Tensor& rstd, bool rms, bool need_dweight,
+                                                  bool need_dbias) {
+  check_tensor(dy, "grad_output");
+  check_tensor(x, "input");
+  check_rows(dy, "grad_output");
+  check_rows(x, "input");
+  TORCH_CHECK(dy.sizes() == x.sizes(), "fasttfm: grad_output shape ", dy.sizes(), " != input shape ", x.sizes());
+  TORCH_CHECK(dy.scalar_type() == x.scalar_type(), "fasttfm: grad_output dtype must equal the input's");
+  DeviceGuard guard(x);
+  const auto w_type = weight.has_value() ? weight->scalar_type() : x.scalar_type();
+  check_affine(weight, x, "weight", w_type);
+  const int64_t rows = x.size(0), cols = x.size(1);
+  TORCH_CHECK(rstd.scalar_type() == at::kFloat && rstd.numel() == rows && (rms || mean.numel() == rows),
+              "fasttfm: saved statistics must be float32 [rows]");
+  need_dweight = need_dweight && weight.has_value();
+  auto w_opts = x.options().dtype(w_type);
+  Tensor dx = at::empty({rows, cols}, x.options());
+  Tensor dweight = at::empty({need_dweight ? cols : 0}, w_opts);
+  Tensor dbias = at::empty({need_dbias ? cols : 0}, w_opts);
+  if (cols > 0 && rows == 0) {  // no rows: the parameter gradients are exact zeros
+    dweight.zero_();
+    dbias.zero_();
+  }
+  if (rows > 0 && cols > 0) {
+    Tensor partial;
+    float* dw_part = nullptr;
+    float* db_part = nullptr;
+    if (need_dweight || need_dbias) {
+      const int64_t parts = ftfm::layer_norm_bwd_parts(rows, cols);
+      partial = at::empty({2, parts, cols}, x.options().dtype(at::kFloat));
+      dw_part = partial.data_ptr<float>();
+      db_part = dw_part + parts * cols;
+    }
+    ftfm::layer_norm_bwd(dy.data_ptr(), dy.stride(0), x.data_ptr(), x.stride(0), opt_ptr(weight),
+                         rms ? nullptr : mean.data_ptr<float>(), rstd.data_ptr<float>(), dx.data_ptr(),
+                         need_dweight ? dw_part : nullptr, need_dbias ? db_part : nullptr,
+                         need_dweight ? dweight.data_ptr() : nullptr, need_dbias ? dbias.data_ptr() : nullptr,
+                         rows, cols, rms, to_dtype(x, "input"),
+                         w_type == at::kFloat ? ftfm::DType::F32 : to_dtype(x, "input"), stream_of(x));
+  }
+  return {dx, dweight, dbias};
+}
+
+#endif  // FTFM_KERNELS
+
+#ifdef FASTTFM_EMU
+void emu_set_order(int64_t order, int64_t seed) {
+  TORCH_CHECK(order >= 0 && order <= 2, "fasttfm: emulator order must be 0 (forward), 1 (reverse) or 2 (random)");
+  ftfm::emu_set_order(static_cast<int>(order), static_cast<uint64_t>(seed));
+}
+#endif
+
+}  // namespace
+
+TORCH_LIBRARY(FTFM_LIB, m) {
+#ifdef FTFM_KERNELS
+  m.def("layer_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps, bool rms) -> (Tensor, Tensor, Tensor)",
+        &layer_norm_fwd);
+  m.def("layer_norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, bool rms, bool need_dweight, "
+        "bool need_dbias) -> (Tensor, Tensor, Tensor)",
+        &layer_norm_bwd);
+#endif
+#ifdef FASTTFM_EMU
+  m.def("set_order(int order, int seed) -> ()", &emu_set_order);
+#endif
+  m.def("has_kernels() -> bool", []() -> bool {
+#ifdef FTFM_KERNELS
+    return true;
+#else
+    return false;
+#endif
+  });
+}
+
+// A Python module init so `import fasttfm._C` / `fasttfm._C_emu` loads the library (the ops are
+// reached through torch.ops.<library>, not through module attributes).
+#define FTFM_STR2(x) #x
+#define FTFM_STR(x) FTFM_STR2(x)
+#ifdef FASTTFM_EMU
+#define FTFM_PYINIT PyInit__C_emu
+#define FTFM_MODNAME "_C_emu"
+#else
+#define FTFM_PYINIT PyInit__C
+#define FTFM_MODNAME "_C"
+#endif
+extern "C" PyMODINIT_FUNC FTFM_PYINIT(void) {
+  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, FTFM_MODNAME, "fasttfm kernels (" FTFM_STR(FTFM_LIB) ")",
+                                   -1, nullptr};
+  return PyModule_Create(&def);
+}

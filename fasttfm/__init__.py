@@ -1,0 +1,46 @@
+"""fasttfm: fused Transformer training kernels for PyTorch.
+
+Triton flash attention and CUDA C++ LayerNorm/RMSNorm, softmax and cross-entropy, each a
+drop-in replacement for the PyTorch op or module it replaces. CUDA tensors run the kernels;
+CPU tensors run a correct CPU path, or the GPU kernels' own source through Triton's interpreter
+and a SIMT emulator when ``FASTTFM_EMULATE=1`` (or ``with fasttfm.emulate(): ...``).
+"""
+import importlib.util as _ilu
+import os as _os
+import sys as _sys
+
+
+def _map_source_kernels():
+    # An installed fasttfm has fasttfm/kernels (setup.py maps kernels/ there). In a source checkout
+    # built in place (`make build`), the Triton kernels stay in ../kernels: load that folder as
+    # fasttfm.kernels so both layouts import the same way.
+    if _ilu.find_spec("fasttfm.kernels") is not None:
+        return
+    folder = _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))), "kernels")
+    init = _os.path.join(folder, "__init__.py")
+    if _os.path.exists(init):
+        spec = _ilu.spec_from_file_location("fasttfm.kernels", init, submodule_search_locations=[folder])
+        module = _ilu.module_from_spec(spec)
+        _sys.modules["fasttfm.kernels"] = module
+        spec.loader.exec_module(module)
+
+
+_map_source_kernels()
+
+from . import nn  # noqa: E402
+from ._env import emulate  # noqa: E402, emulate_enabled, set_emulate
+from ._ext import MissingExtensionError  # noqa: E402
+from .functional import layer_norm, rms_norm  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "nn",
+    "emulate",
+    "emulate_enabled",
+    "set_emulate",
+    "MissingExtensionError",
+    "layer_norm",
+    "rms_norm",
+]

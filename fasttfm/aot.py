@@ -1,0 +1,222 @@
+"""Static resource report: every shipped kernel compiled for sm_80 and sm_90 without a GPU.
+
+* CUDA C++: each ``csrc/*.cu`` through ``nvcc -cubin -Xptxas -v`` per arch; registers, spill
+  bytes, static shared memory from ptxas, tensor-core instructions (HMMA/HGMMA) from the SASS.
+* Triton: each ``aot_cases(cc)`` entry of the kernel modules through ``triton.compile`` with
+  ``GPUTarget("cuda", cc, 32)``; registers and spills from ``cuobjdump -res-usage`` on the cubin,
+  shared memory from the compiled metadata, MMA instructions from the SASS.
+
+``python -m fasttfm aot [--arch 80,90] [--only cuda|triton] [--json FILE]`` prints one row per
+kernel. :func:`violations` lists spills and shared memory over the per-block limit (sm_90:
+227 KiB, sm_80: 163 KiB); tests/test_aot.py fails on any.
+"""
+import dataclasses
+import glob
+import importlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+
+from ._cuda_home import find_cuda_home, nvcc_path
+
+__all__ = ["KernelReport", "cuda_reports", "triton_reports", "violations", "SMEM_LIMIT", "main"]
+
+SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+_MMA = re.compile(r"\b(HGMMA|HMMA|IMMA|QGMMA|UTCHMMA)\b")
+
+
+@dataclasses.dataclass
+class KernelReport:
+    source: str  # "cuda" or "triton"
+    name: str
+    arch: int
+    registers: int
+    spill_bytes: int  # spill stores + spill loads
+    smem_bytes: int
+    mma: int  # tensor-core instructions in the SASS
+    expects_mma: bool = False
+
+    def row(self):
+        return (f"{self.source:6s} sm_{self.arch}  {self.name[:78]:78s} regs {self.registers:3d}  "
+                f"spill {self.spill_bytes:5d} B  smem {self.smem_bytes / 1024:7.1f} KiB  mma {self.mma}")
+
+
+def _root():
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tool(name):
+    """ptxas/cuobjdump: Triton's bundled copies first, then the toolkit's."""
+    try:
+        import triton
+
+        path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+        if os.path.exists(path):
+            return path
+    except ImportError:
+        pass
+    home = find_cuda_home()
+    path = os.path.join(home, "bin", name) if home else None
+    return path if path and os.path.exists(path) else shutil.which(name)
+
+
+def _demangle(names):
+    cxxfilt = shutil.which("c++filt")
+    if not cxxfilt or not names:
+        return {n: n for n in names}
+    out = subprocess.run([cxxfilt], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
+    return dict(zip(names, out)) if len(out) == len(names) else {n: n for n in names}
+
+
+def _sass_mma_counts(cubin_path):
+    """{mangled function name: MMA instruction count} from cuobjdump -sass."""
+    out = subprocess.run([_tool("cuobjdump"), "-sass", cubin_path], capture_output=True, text=True).stdout
+    counts, current = {}, None
+    for line in out.splitlines():
+        m = re.match(r"\s*Function : (\S+)", line)
+        if m:
+            current = m.group(1)
+            counts[current] = 0
+        elif current and _MMA.search(line):
+            counts[current] += 1
+    return counts
+
+
+def _res_usage(cubin_path):
+    """{function: (registers, spill bytes, static smem)} from cuobjdump -res-usage."""
+    out = subprocess.run([_tool("cuobjdump"), "-res-usage", cubin_path], capture_output=True, text=True).stdout
+    usage, current = {}, None
+    for line in out.splitlines():
+        m = re.match(r"\s*Function (\S+):", line)
+        if m:
+            current = m.group(1)
+            continue
+        if current and "REG:" in line:
+            regs = int(re.search(r"REG:(\d+)", line).group(1))
+            stack = int(re.search(r"STACK:(\d+)", line).group(1)) if "STACK:" in line else 0
+            shared = int(re.search(r"SHARED:(\d+)", line).group(1)) if "SHARED:" in line else 0
+            usage[current] = (regs, stack, shared)
+    return usage
+
+
+def cuda_reports(archs=(80, 90), sources=None):
+    """Compile csrc/*.cu per arch and report every kernel ptxas emitted."""
+    nvcc = nvcc_path()
+    if not nvcc:
+        raise RuntimeError("fasttfm aot: no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)")
+    csrc = os.path.join(_root(), "csrc")
+    sources = sources or sorted(glob.glob(os.path.join(csrc, "*.cu")))
+    reports = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for src in sources:
+            for arch in archs:
+                cubin = os.path.join(tmp, f"{os.path.basename(src)}.{arch}.cubin")
+                cmd = [nvcc, "-std=c++17", "-O3", "--use_fast_math", "--expt-relaxed-constexpr", "-cubin",
+                       f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v", "-I", csrc, src, "-o", cubin]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"nvcc failed for {src} sm_{arch}:\n{proc.stderr[-4000:]}")
+                reports += _parse_ptxas(proc.stderr, arch, _sass_mma_counts(cubin), os.path.basename(src))
+    return reports
+
+
+def _parse_ptxas(log, arch, mma, source_file):
+    entries, current = {}, None
+    for line in log.splitlines():
+        m = re.search(r"Compiling entry function '(\S+)' for 'sm_\d+'", line)
+        if m:
+            current = m.group(1)
+            entries[current] = {"regs": 0, "spill": 0, "smem": 0}
+            continue
+        m = re.search(r"Function properties for (\S+)", line)
+        if m:
+            current = m.group(1)
+            entries.setdefault(current, {"regs": 0, "spill": 0, "smem": 0})
+            continue
+        if current is None:
+            continue
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            entries[current]["spill"] = int(m.group(1)) + int(m.group(2))
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            entries[current]["regs"] = int(m.group(1))
+            s = re.search(r"(\d+) bytes smem", line)
+            entries[current]["smem"] = int(s.group(1)) if s else 0
+    names = _demangle(list(entries))
+    return [KernelReport("cuda", f"{source_file}: {names[k]}", arch, v["regs"], v["spill"], v["smem"], mma.get(k, 0))
+            for k, v in entries.items()]
+
+
+KERNEL_MODULES = ["attention"]
+
+
+def triton_reports(archs=(80, 90), modules=None):
+    """Compile every aot_cases(cc) entry of the Triton kernel modules."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    reports = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for mod_name in modules or KERNEL_MODULES:
+            try:
+                mod = importlib.import_module(f"fasttfm.kernels.{mod_name}")
+            except ImportError:
+                continue
+            for arch in archs:
+                for case in mod.aot_cases(arch):
+                    src = ASTSource(fn=case.kernel, signature=case.signature, constexprs=case.constexprs)
+                    k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                       options=dict(num_warps=case.num_warps, num_stages=case.num_stages))
+                    cubin = os.path.join(tmp, "k.cubin")
+                    with open(cubin, "wb") as f:
+                        f.write(k.asm["cubin"])
+                    usage = _res_usage(cubin)
+                    regs, stack, _ = next(iter(usage.values())) if usage else (0, 0, 0)
+                    mma = sum(_sass_mma_counts(cubin).values())
+                    reports.append(KernelReport("triton", f"{mod_name}: {case.name}", arch, regs, stack,
+                                                int(k.metadata.shared), mma, case.tensor_core))
+    return reports
+
+
+def violations(reports):
+    """Human-readable problems: spills, shared memory over the limit, missing tensor-core use."""
+    bad = []
+    for r in reports:
+        if r.spill_bytes:
+            bad.append(f"{r.name} sm_{r.arch}: {r.spill_bytes} B of spills/stack")
+        if r.smem_bytes > SMEM_LIMIT.get(r.arch, 48 * 1024):
+            bad.append(f"{r.name} sm_{r.arch}: {r.smem_bytes} B shared memory > {SMEM_LIMIT[r.arch]} B")
+        if r.expects_mma and r.mma == 0:
+            bad.append(f"{r.name} sm_{r.arch}: no tensor-core instructions")
+    return bad
+
+
+def main(argv=None):
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m fasttfm aot", description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="80,90", help="comma-separated compute capabilities (default 80,90)")
+    parser.add_argument("--only", choices=["cuda", "triton"], default=None)
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    archs = tuple(int(a) for a in args.arch.split(","))
+    reports = []
+    if args.only in (None, "cuda"):
+        reports += cuda_reports(archs)
+    if args.only in (None, "triton"):
+        reports += triton_reports(archs)
+    for r in reports:
+        print(r.row())
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([dataclasses.asdict(r) for r in reports], f, indent=1)
+    bad = violations(reports)
+    print(f"{len(reports)} kernels, {len(bad)} problems")
+    for b in bad:
+        print("  PROBLEM:", b)
+    return 1 if bad else 0

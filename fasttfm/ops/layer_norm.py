@@ -1,0 +1,198 @@
+"""LayerNorm and RMSNorm as torch.library custom ops (``fasttfm::layer_norm_fwd/bwd``).
+
+Math (fp32 statistics for every input dtype):
+  LayerNorm: y = (x - mean) * rstd * w + b,  rstd = 1 / sqrt(var + eps), biased variance;
+  RMSNorm:   y = x * rstd * w,               rstd = 1 / sqrt(mean(x^2) + eps).
+Both normalize over the trailing ``normalized_shape`` dims; the ops see x as [rows, cols].
+
+Dispatch: CUDA tensors -> the CUDA kernels in csrc/layer_norm.cu; CPU tensors -> torch's own
+fused CPU kernels (``native_layer_norm``/``_fused_rms_norm`` and their backwards: measured as
+fast as anything we would write for the CPU, and bit-identical to nn.LayerNorm/nn.RMSNorm), or,
+under ``FASTTFM_EMULATE=1``, the CUDA kernels through the SIMT emulator.
+
+Dtypes: input fp32/fp16/bf16; weight/bias either the input's dtype or fp32 (mixed precision
+keeps fp32 parameters); output in the input's dtype; parameter gradients in the weight's dtype,
+reduced over rows deterministically (no atomics).
+"""
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .._ext import backend, cuda_lib, emu_lib
+
+__all__ = ["layer_norm", "rms_norm"]
+
+_FLOAT_TYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _kernel_lib(x):
+    return cuda_lib() if x.device.type == "cuda" else emu_lib()
+
+
+# ---- forward ---------------------------------------------------------------------------------
+
+@torch.library.custom_op("fasttfm::layer_norm_fwd", mutates_args=())
+def _layer_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                    rms: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """x: [rows, cols] (unit column stride). Returns y [rows, cols], mean [rows] (empty for RMS), rstd [rows]."""
+    return _kernel_lib(x).layer_norm_fwd(x, weight, bias, eps, rms)
+
+
+@_layer_norm_fwd.register_kernel("cpu")
+def _layer_norm_fwd_cpu(x, weight, bias, eps, rms):
+    if backend(x) == "emu":
+        return emu_lib().layer_norm_fwd(x, weight, bias, eps, rms)
+    rows, cols = x.shape
+    if rms:
+        y, rstd = torch.ops.aten._fused_rms_norm(x, [cols], weight, eps)
+        return y, x.new_empty((0,), dtype=torch.float32), rstd.float().reshape(rows)
+    y, mean, rstd = torch.native_layer_norm(x, [cols], weight, bias, eps)
+    return y, mean.float().reshape(rows), rstd.float().reshape(rows)
+
+
+@_layer_norm_fwd.register_fake
+def _(x, weight, bias, eps, rms):
+    rows = x.shape[0]
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty((0 if rms else rows,), dtype=torch.float32),
+            x.new_empty((rows,), dtype=torch.float32))
+
+
+# ---- backward --------------------------------------------------------------------------------
+
+@torch.library.custom_op("fasttfm::layer_norm_bwd", mutates_args=())
+def _layer_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor, rms: bool,
+                    need_dweight: bool, need_dbias: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """Returns dx [rows, cols] (a new buffer), dweight and dbias [cols] (empty when not needed)."""
+    return _kernel_lib(x).layer_norm_bwd(dy, x, weight, mean, rstd, rms, need_dweight, need_dbias)
+
+
+def _cpu_stat_dtype(x, weight):
+    # native_layer_norm on the CPU keeps its statistics in x's dtype unless the weight is fp32.
+    return torch.float32 if x.dtype == torch.float32 or (weight is not None and weight.dtype == torch.float32) else x.dtype
+
+
+@_layer_norm_bwd.register_kernel("cpu")
+def _layer_norm_bwd_cpu(dy, x, weight, mean, rstd, rms, need_dweight, need_dbias):
+    if backend(x) == "emu":
+        return emu_lib().layer_norm_bwd(dy, x, weight, mean, rstd, rms, need_dweight, need_dbias)
+    rows, cols = x.shape
+    dy = dy.contiguous()
+    need_dweight = need_dweight and weight is not None
+    if rms:  # aten has no CPU kernel for _fused_rms_norm_backward: fp32 math in torch ops
+        math_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        xhat = x.to(math_dtype) * rstd.to(math_dtype).reshape(rows, 1)
+        dyf = dy.to(math_dtype)
+        g = dyf if weight is None else dyf * weight.to(math_dtype)
+        dx = (rstd.to(math_dtype).reshape(rows, 1) * (g - xhat * (g * xhat).mean(-1, keepdim=True))).to(x.dtype)
+        dw = (dyf * xhat).sum(0).to(weight.dtype) if need_dweight else None
+        db = None
+    else:
+        sd = _cpu_stat_dtype(x, weight)
+        bias = None if weight is None else torch.zeros_like(weight)  # only its presence matters to aten
+        dx, dw, db = torch.ops.aten.native_layer_norm_backward(
+            dy, x, [cols], mean.to(sd).reshape(rows, 1), rstd.to(sd).reshape(rows, 1), weight, bias,
+            [True, need_dweight, need_dbias and weight is not None])
+        if need_dbias and weight is None:
+            db = dy.float().sum(0).to(x.dtype)
+    return dx, (dw if need_dweight else x.new_empty((0,))), (db if need_dbias else x.new_empty((0,)))
+
+
+@_layer_norm_bwd.register_fake
+def _(dy, x, weight, mean, rstd, rms, need_dweight, need_dbias):
+    cols = x.shape[1]
+    wdtype = weight.dtype if weight is not None else x.dtype
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            x.new_empty((cols if need_dweight and weight is not None else 0,), dtype=wdtype),
+            x.new_empty((cols if need_dbias else 0,), dtype=wdtype))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, eps, rms = inputs
+    _, mean, rstd = output
+    ctx.rms = rms
+    ctx.has_bias = bias is not None
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.save_for_backward(x, weight, mean, rstd)
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    need_dw = ctx.needs_input_grad[1] and weight is not None
+    need_db = ctx.needs_input_grad[2] and ctx.has_bias
+    dx, dw, db = _layer_norm_bwd(dy, x, weight, mean, rstd, ctx.rms, need_dw, need_db)
+    if db is not None and db.numel() and db.dtype != ctx.bias_dtype:
+        db = db.to(ctx.bias_dtype)
+    return (dx if ctx.needs_input_grad[0] else None, dw if need_dw else None, db if need_db else None, None, None)
+
+
+torch.library.register_autograd("fasttfm::layer_norm_fwd", _backward, setup_context=_setup_context)
+
+
+# ---- public functions ------------------------------------------------------------------------
+
+def _check(name, x, normalized_shape, weight, bias):
+    if not isinstance(x, Tensor):
+        raise TypeError(f"fasttfm.{name}: input must be a Tensor, got {type(x).__name__}")
+    where = backend(x)  # also rejects devices other than cpu/cuda with a clear error
+    if x.dtype not in _FLOAT_TYPES and not (x.dtype == torch.float64 and where == "cpu"):
+        raise TypeError(f"fasttfm.{name}: input dtype must be float32, float16 or bfloat16 (float64 only on the "
+                        f"plain CPU path), got {x.dtype} on {where}")
+    shape = tuple(normalized_shape) if isinstance(normalized_shape, (list, tuple, torch.Size)) else (int(normalized_shape),)
+    if len(shape) == 0 or x.dim() < len(shape) or tuple(x.shape[-len(shape):]) != shape:
+        raise ValueError(f"fasttfm.{name}: normalized_shape {list(shape)} must equal the trailing dims of the "
+                         f"input, whose shape is {list(x.shape)}")
+    for pname, p in (("weight", weight), ("bias", bias)):
+        if p is None:
+            continue
+        if tuple(p.shape) != shape:
+            raise ValueError(f"fasttfm.{name}: {pname} shape {list(p.shape)} must equal normalized_shape {list(shape)}")
+        if p.device != x.device:
+            raise ValueError(f"fasttfm.{name}: {pname} is on {p.device} but input is on {x.device}; they must match")
+        if p.dtype != x.dtype and p.dtype != torch.float32:
+            raise TypeError(f"fasttfm.{name}: {pname} dtype must be the input's ({x.dtype}) or float32, got {p.dtype}")
+    if weight is not None and bias is not None and weight.dtype != bias.dtype:
+        raise TypeError(f"fasttfm.{name}: weight ({weight.dtype}) and bias ({bias.dtype}) dtypes must match")
+    return shape
+
+
+def _as_rows(x, cols):
+    """[rows, cols] view of x with unit column stride (a copy only when no such view exists)."""
+    rows = x.numel() // cols if cols else 0
+    if x.dim() >= 1 and cols > 0:
+        try:
+            x2 = x.view(rows, cols)
+            if cols == 1 or x2.stride(1) == 1:
+                return x2
+        except RuntimeError:
+            pass
+    return x.reshape(rows, cols).contiguous()
+
+
+def _norm(name, x, normalized_shape, weight, bias, eps, rms):
+    shape = _check(name, x, normalized_shape, weight, bias)
+    cols = math.prod(shape)
+    x2 = _as_rows(x, cols)
+    w = None if weight is None else weight.reshape(cols)
+    b = None if bias is None else bias.reshape(cols)
+    y, _, _ = _layer_norm_fwd(x2, w, b, float(eps), rms)
+    return y.view(x.shape)
+
+
+def layer_norm(input: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
+               bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
+    """Drop-in ``F.layer_norm``: normalizes over the trailing ``normalized_shape`` dims.
+
+    input: (*, *normalized_shape), fp32/fp16/bf16, any strides; weight/bias: normalized_shape,
+    input's dtype or fp32. Returns a contiguous tensor of input's shape and dtype.
+    """
+    return _norm("layer_norm", input, normalized_shape, weight, bias, eps, rms=False)
+
+
+def rms_norm(input: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
+             eps: Optional[float] = None) -> Tensor:
+    """Drop-in ``F.rms_norm``: ``eps=None`` means ``torch.finfo(input.dtype).eps`` as in torch."""
+    if eps is None:
+        eps = torch.finfo(input.dtype).eps if isinstance(input, Tensor) and input.is_floating_point() else 1e-6
+    return _norm("rms_norm", input, normalized_shape, weight, None, eps, rms=True)

@@ -1,0 +1,23 @@
+"""The contract between kernel files and the static report (``python -m fasttfm aot``).
+
+Every kernel module exposes ``aot_cases(cc: int) -> list[AotCase]``: one entry per kernel and
+per config it may launch on compute capability ``cc`` (80 or 90). The report compiles each with
+``triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", cc, 32),
+options=dict(num_warps=..., num_stages=...))`` and reads registers, spills, shared memory and
+tensor-core instruction counts from the cubin. A test fails on any spill or any shared-memory
+use above the target's per-block limit.
+"""
+import dataclasses
+
+__all__ = ["AotCase"]
+
+
+@dataclasses.dataclass(frozen=True)
+class AotCase:
+    name: str  # e.g. "attn_fwd[d128,bm128,bn64,causal]"
+    kernel: object  # the @triton.jit function
+    signature: dict  # argument name -> Triton type string ("*fp16", "i32", "fp32", "constexpr")
+    constexprs: dict  # constexpr argument name -> value
+    num_warps: int
+    num_stages: int
+    tensor_core: bool = True  # whether the kernel is expected to use MMA (HGMMA on sm_90)

@@ -1,0 +1,241 @@
+"""LayerNorm / RMSNorm: forward and every gradient against float64 references.
+
+Runs on the CPU path, on the CUDA kernels through the SIMT emulator (forward and reverse thread
+orders, plus random for a subset), and on the real kernels when a GPU is present.
+"""
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import fasttfm
+from fasttfm._ext import emu_set_order
+from tests.conftest import on_device
+from tests.oracle import DTYPES, assert_close_oracle, randn
+
+WIDTHS = [1, 7, 1023, 4097, 65536]
+
+
+def _ref(x, w, b, eps, rms):
+    """float64 reference built from torch ops (autograd gives the reference gradients)."""
+    x = x.double()
+    if rms:
+        y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    else:
+        mean = x.mean(-1, keepdim=True)
+        var = (x - mean).pow(2).mean(-1, keepdim=True)
+        y = (x - mean) * torch.rsqrt(var + eps)
+    if w is not None:
+        y = y * w.double()
+    if b is not None:
+        y = y + b.double()
+    return y
+
+
+def _torch_lowp(x, w, b, eps, rms):
+    n = x.shape[-1]
+    if rms:
+        return TF.rms_norm(x, [n], w.to(x.dtype) if w is not None else None, eps)
+    return TF.layer_norm(x, [n], w.to(x.dtype) if w is not None else None, b.to(x.dtype) if b is not None else None, eps)
+
+
+def _grads(fn, inputs, dy):
+    out = fn(*inputs)
+    leaves = [t for t in inputs if t is not None and t.requires_grad]
+    grads = torch.autograd.grad(out, leaves, dy.to(out.dtype))
+    return out, grads
+
+
+def _check_case(device, dtype, rows, cols, rms, affine, bias, w_dtype=None, eps=1e-5, x_scale=1.0, x_shift=0.0):
+    w_dtype = w_dtype or dtype
+    x0 = randn(rows, cols, dtype=torch.float64, scale=x_scale) + x_shift
+    w0 = randn(cols, dtype=torch.float64) * 0.5 + 1.0 if affine else None
+    b0 = randn(cols, dtype=torch.float64) if (affine and bias and not rms) else None
+    dy0 = randn(rows, cols, dtype=torch.float64)
+
+    def leaf(t, dt, dev):
+        return None if t is None else t.to(dt).to(dev).requires_grad_(True)
+
+    x, w, b = leaf(x0, dtype, device), leaf(w0, w_dtype, device), leaf(b0, w_dtype, device)
+    if rms:
+        fn = lambda x, w, b: fasttfm.rms_norm(x, [cols], w, eps)  # noqa: E731
+    else:
+        fn = lambda x, w, b: fasttfm.layer_norm(x, [cols], w, b, eps)  # noqa: E731
+    out, grads = _grads(fn, (x, w, b), dy0.to(device))
+    assert out.dtype == dtype and out.shape == (rows, cols)
+
+    # references: float64 and torch's own op in the same precision
+    xr, wr, br = leaf(x0, torch.float64, "cpu"), leaf(w0, torch.float64, "cpu"), leaf(b0, torch.float64, "cpu")
+    ref, ref_grads = _grads(lambda x, w, b: _ref(x, w, b, eps, rms), (xr, wr, br), dy0)
+    xl, wl, bl = leaf(x0, dtype, "cpu"), leaf(w0, dtype, "cpu"), leaf(b0, dtype, "cpu")
+    low, low_grads = _grads(lambda x, w, b: _torch_lowp(x, w, b, eps, rms), (xl, wl, bl), dy0)
+
+    assert_close_oracle(out.cpu(), ref, low, name="y")
+    for name, g, gr, gl in zip(["dx", "dweight", "dbias"], grads, ref_grads, low_grads):
+        assert_close_oracle(g.cpu(), gr, gl, factor=3.0, name=name)
+    return out, grads
+
+
+CASES = [  # (rows, cols)
+    (1, 1), (3, 7), (3, 1023), (1, 4097), (3, 65536), (64, 33), (5, 2048),
+]
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,cols", CASES)
+def test_forward_backward(kernel_device, rows, cols, dtype, rms):
+    device, ctx = on_device(kernel_device)
+    orders = [0, 1] if kernel_device == "emu" else [None]
+    for order in orders:
+        if order is not None:
+            emu_set_order(order)
+        with ctx:
+            _check_case(device, dtype, rows, cols, rms, affine=True, bias=True)
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+@pytest.mark.parametrize("affine,bias", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("cols", [7, 1023, 4097])
+def test_affine_options(kernel_device, cols, affine, bias, rms):
+    device, ctx = on_device(kernel_device)
+    if kernel_device == "emu":
+        emu_set_order(2, seed=cols)
+    with ctx:
+        _check_case(device, torch.float32, 3, cols, rms, affine, bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+def test_fp32_weight_with_half_input(kernel_device, dtype, rms):
+    device, ctx = on_device(kernel_device)
+    with ctx:
+        _check_case(device, dtype, 4, 1024, rms, affine=True, bias=True, w_dtype=torch.float32)
+
+
+def test_large_mean_offset(kernel_device):
+    """Rows with a large common offset: a one-pass E[x^2]-E[x]^2 variance would lose it all."""
+    device, ctx = on_device(kernel_device)
+    with ctx:
+        _check_case(device, torch.float32, 3, 4096, rms=False, affine=True, bias=True, x_scale=1e-2, x_shift=1e3)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "row_slice", "misaligned"])
+def test_strided_inputs(kernel_device, layout):
+    device, ctx = on_device(kernel_device)
+    base = randn(4, 3, 260, dtype=torch.float32, device=device)
+    if layout == "transposed":
+        x = base.transpose(0, 1)  # (3, 4, 260), not contiguous
+    elif layout == "row_slice":
+        x = base[:, :, :257]  # row stride 260 > cols 257
+    else:
+        x = base.reshape(-1)[1:1 + 6 * 256].view(6, 256)  # data pointer off 16-byte alignment
+    cols = x.shape[-1]
+    w = randn(cols, device=device)
+    b = randn(cols, device=device)
+    with ctx:
+        y = fasttfm.layer_norm(x, [cols], w, b, 1e-5)
+        yr = fasttfm.rms_norm(x, [cols], w, 1e-5)
+    torch.testing.assert_close(y.cpu().double(), _ref(x.cpu(), w.cpu(), b.cpu(), 1e-5, False), atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(yr.cpu().double(), _ref(x.cpu(), w.cpu(), None, 1e-5, True), atol=2e-5, rtol=1e-5)
+    assert x.shape == y.shape
+
+
+def test_deterministic_parameter_grads(kernel_device):
+    device, ctx = on_device(kernel_device)
+    x = randn(37, 513, device=device, requires_grad=True)
+    w = randn(513, device=device, requires_grad=True)
+    b = randn(513, device=device, requires_grad=True)
+    dy = randn(37, 513, device=device)
+    results = []
+    with ctx:
+        for _ in range(2):
+            y = fasttfm.layer_norm(x, [513], w, b)
+            results.append(torch.autograd.grad(y, (x, w, b), dy))
+    for a, c in zip(*results):
+        assert torch.equal(a, c)
+
+
+def test_empty_rows(kernel_device):
+    device, ctx = on_device(kernel_device)
+    x = torch.empty(0, 3, 16, device=device, requires_grad=True)
+    w = torch.ones(16, device=device, requires_grad=True)
+    with ctx:
+        y = fasttfm.layer_norm(x, [16], w, None)
+        y.sum().backward()
+    assert y.shape == (0, 3, 16)
+    assert torch.equal(w.grad, torch.zeros_like(w))
+
+
+@pytest.mark.parametrize("rms", [False, True])
+def test_gradcheck_float64_cpu(rms):
+    x = torch.randn(3, 2, 9, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 9, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, 9, dtype=torch.float64, requires_grad=True)
+    with fasttfm.emulate(False):
+        if rms:
+            assert torch.autograd.gradcheck(lambda x, w: fasttfm.rms_norm(x, [2, 9], w, 1e-5), (x, w))
+        else:
+            assert torch.autograd.gradcheck(lambda x, w, b: fasttfm.layer_norm(x, [2, 9], w, b, 1e-5), (x, w, b))
+
+
+def test_modules_are_drop_in():
+    ref = torch.nn.LayerNorm(64, eps=1e-6)
+    ours = fasttfm.nn.LayerNorm(64, eps=1e-6)
+    assert list(ref.state_dict()) == list(ours.state_dict())
+    with torch.no_grad():
+        ref.weight.normal_()
+        ref.bias.normal_()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(ours(x), ref(x))
+    r_ref, r_ours = torch.nn.RMSNorm([4, 8]), fasttfm.nn.RMSNorm([4, 8])
+    assert list(r_ref.state_dict()) == list(r_ours.state_dict())
+    x = torch.randn(3, 4, 8, dtype=torch.float64)
+    torch.testing.assert_close(r_ours.double()(x), r_ref.double()(x))
+    assert list(torch.nn.LayerNorm(8, bias=False).state_dict()) == list(fasttfm.nn.LayerNorm(8, bias=False).state_dict())
+
+
+def test_bad_inputs():
+    x = torch.randn(2, 8)
+    with pytest.raises(ValueError, match="normalized_shape"):
+        fasttfm.layer_norm(x, [7])
+    with pytest.raises(ValueError, match="weight shape"):
+        fasttfm.layer_norm(x, [8], torch.ones(7))
+    with pytest.raises(TypeError, match="weight dtype must be the input's"):
+        fasttfm.layer_norm(x.half(), [8], torch.ones(8, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="input dtype must be"):
+        fasttfm.layer_norm(torch.ones(2, 8, dtype=torch.int32), [8])
+    with pytest.raises(ValueError, match="is on meta but input is on cpu"):
+        fasttfm.layer_norm(x, [8], torch.ones(8, device="meta"))
+    with pytest.raises(TypeError, match="weight .* and bias .* dtypes must match"):
+        fasttfm.layer_norm(x.half(), [8], torch.ones(8), torch.ones(8, dtype=torch.half))
+
+
+def test_opcheck():
+    x = torch.randn(4, 33, requires_grad=True)
+    w = torch.randn(33, requires_grad=True)
+    b = torch.randn(33, requires_grad=True)
+    torch.library.opcheck(torch.ops.fasttfm.layer_norm_fwd.default, (x, w, b, 1e-5, False))
+    torch.library.opcheck(torch.ops.fasttfm.layer_norm_fwd.default, (x, w, None, 1e-6, True))
+    with torch.no_grad():
+        y, mean, rstd = torch.ops.fasttfm.layer_norm_fwd(x, w, b, 1e-5, False)
+    dy = torch.randn_like(y)
+    torch.library.opcheck(torch.ops.fasttfm.layer_norm_bwd.default, (dy, x.detach(), w.detach(), mean, rstd, False, True, True))
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), fasttfm.nn.LayerNorm(32), torch.nn.GELU(),
+                                fasttfm.nn.RMSNorm(32))
+    x = torch.randn(6, 32, requires_grad=True)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    out.sum().backward()
+    ref_model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.LayerNorm(32), torch.nn.GELU(),
+                                    torch.nn.RMSNorm(32))
+    ref_model.load_state_dict(model.state_dict())
+    x2 = x.detach().clone().requires_grad_(True)
+    ref = ref_model(x2)
+    ref.sum().backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(x.grad, x2.grad)
