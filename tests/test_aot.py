@@ -1,0 +1,50 @@
+"""Static report: every shipped kernel compiles for sm_80 and sm_90 with no spills and shared
+memory within the per-block limit (and, for Triton MMA kernels, tensor-core instructions)."""
+import pytest
+
+from fasttfm import aot
+from fasttfm._cuda_home import find_cuda_home
+
+
+@pytest.fixture(scope="module")
+def cuda_reports():
+    if find_cuda_home() is None:
+        pytest.skip("no CUDA toolkit on this machine: nvcc is needed for the static report")
+    return aot.cuda_reports((80, 90))
+
+
+def test_cuda_kernels_static_report(cuda_reports):
+    names = {r.name for r in cuda_reports}
+    assert any("layer_norm" in n for n in names), names  # the report saw the kernels
+    assert {r.arch for r in cuda_reports} == {80, 90}
+    for r in cuda_reports:
+        print(r.row())
+    assert aot.violations(cuda_reports) == []
+
+
+def test_triton_kernels_static_report():
+    reports = aot.triton_reports((80, 90))
+    for r in reports:
+        print(r.row())
+    assert reports, "no Triton kernel configs were compiled"
+    assert aot.violations(reports) == []
+
+
+def test_violations_catch_spills_and_smem():
+    ok = aot.KernelReport("cuda", "k", 90, 64, 0, 1024, 0)
+    spill = aot.KernelReport("cuda", "k", 80, 255, 48, 1024, 0)
+    smem = aot.KernelReport("triton", "k", 80, 128, 0, 200 * 1024, 4, True)
+    no_mma = aot.KernelReport("triton", "k", 90, 128, 0, 1024, 0, True)
+    assert aot.violations([ok]) == []
+    assert len(aot.violations([spill, smem, no_mma])) == 3
+
+
+def test_ptxas_parser():
+    log = """ptxas info    : Compiling entry function '_Z3fooPf' for 'sm_80'
+ptxas info    : Function properties for _Z3fooPf
+    8 bytes stack frame, 12 bytes spill stores, 4 bytes spill loads
+ptxas info    : Used 40 registers, used 1 barriers, 2048 bytes smem, 356 bytes cmem[0]
+"""
+    (r,) = aot._parse_ptxas(log, 80, {"_Z3fooPf": 2}, "x.cu")
+    assert (r.registers, r.spill_bytes, r.smem_bytes, r.mma) == (40, 16, 2048, 2)
+    assert "foo(float*)" in r.name
