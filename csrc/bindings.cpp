@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include "include/launchers.h"
@@ -25,11 +26,9 @@
 #include <c10/cuda/CUDAStream.h>
 #define FTFM_KERNELS 1
 #define FTFM_LIB fasttfm_C
-#define FTFM_KERNEL_DEVICE "cuda"
 #elif defined(FASTTFM_EMU)
 #define FTFM_KERNELS 1
 #define FTFM_LIB fasttfm_emu
-#define FTFM_KERNEL_DEVICE "cpu"
 #else
 #define FTFM_LIB fasttfm_C
 #endif
@@ -39,20 +38,28 @@ namespace {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
-#ifdef FTFM_KERNELS
+// Where a binding's kernels run: the CUDA kernels (fasttfm._C with CUDA), the same kernels in the
+// SIMT emulator (fasttfm._C_emu, CPU tensors), or the CPU C++ kernels of csrc/cpu (fasttfm._C).
+enum class Target { Gpu, Cpu };
 
-// The device the kernels of this build run on: CUDA for fasttfm._C, CPU for the emulator.
-bool on_kernel_device(const Tensor& t) {
-#ifdef FASTTFM_EMU
+#if defined(FASTTFM_EMU)
+constexpr const char* kGpuDevice = "cpu";  // the emulator runs the GPU kernels on CPU tensors
+#else
+constexpr const char* kGpuDevice = "cuda";
+#endif
+
+bool on_device(const Tensor& t, Target target) {
+#if defined(FASTTFM_EMU)
+  (void)target;
   return t.device().is_cpu();
 #else
-  return t.device().is_cuda();
+  return target == Target::Gpu ? t.device().is_cuda() : t.device().is_cpu();
 #endif
 }
 
-void check_tensor(const Tensor& t, const char* name) {
-  TORCH_CHECK(on_kernel_device(t), "fasttfm: ", name, " must be a ", FTFM_KERNEL_DEVICE, " tensor, got ",
-              t.device());
+void check_tensor(const Tensor& t, const char* name, Target target) {
+  TORCH_CHECK(on_device(t, target), "fasttfm: ", name, " must be a ", target == Target::Gpu ? kGpuDevice : "cpu",
+              " tensor, got ", t.device());
 }
 
 ftfm::DType to_dtype(const Tensor& t, const char* name) {
@@ -66,21 +73,25 @@ ftfm::DType to_dtype(const Tensor& t, const char* name) {
 }
 
 void* stream_of(const Tensor& t) {
-#ifdef FASTTFM_EMU
+#if defined(FTFM_KERNELS) && !defined(FASTTFM_EMU)
+  return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
+#else
   (void)t;
   return nullptr;
-#else
-  return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
 #endif
 }
 
-#ifdef FASTTFM_EMU
+// Sets the current CUDA device to the tensor's for GPU targets (cuda:1 inputs run on cuda:1).
 struct DeviceGuard {
-  explicit DeviceGuard(const Tensor&) {}
-};
+#if defined(FTFM_KERNELS) && !defined(FASTTFM_EMU)
+  std::optional<c10::cuda::CUDAGuard> guard;
+  DeviceGuard(const Tensor& t, Target target) {
+    if (target == Target::Gpu) guard.emplace(t.device());
+  }
 #else
-using DeviceGuard = c10::cuda::CUDAGuard;
+  DeviceGuard(const Tensor&, Target) {}
 #endif
+};
 
 // A [rows, cols] view with unit column stride; the row stride may differ from cols.
 void check_rows(const Tensor& t, const char* name) {
@@ -93,9 +104,9 @@ const void* opt_ptr(const OptTensor& t) { return t.has_value() && t->defined() ?
 
 // ---- layer_norm / rms_norm ------------------------------------------------------------------
 
-void check_affine(const OptTensor& p, const Tensor& x, const char* name, at::ScalarType w_type) {
+void check_affine(const OptTensor& p, const Tensor& x, const char* name, at::ScalarType w_type, Target target) {
   if (!p.has_value() || !p->defined()) return;
-  check_tensor(*p, name);
+  check_tensor(*p, name, target);
   TORCH_CHECK(p->dim() == 1 && p->size(0) == x.size(1) && p->is_contiguous(), "fasttfm: ", name,
               " must be a contiguous 1-D tensor of size ", x.size(1), ", got shape ", p->sizes());
   TORCH_CHECK(p->scalar_type() == w_type, "fasttfm: weight and bias must have the same dtype");
@@ -104,39 +115,48 @@ void check_affine(const OptTensor& p, const Tensor& x, const char* name, at::Sca
 }
 
 std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd(const Tensor& x, const OptTensor& weight, const OptTensor& bias,
-                                                  double eps, bool rms) {
-  check_tensor(x, "input");
+                                                  double eps, bool rms, Target target) {
+  check_tensor(x, "input", target);
   check_rows(x, "input");
-  DeviceGuard guard(x);
+  DeviceGuard guard(x, target);
   const auto w_type = weight.has_value() ? weight->scalar_type() : (bias.has_value() ? bias->scalar_type() : x.scalar_type());
-  check_affine(weight, x, "weight", w_type);
-  check_affine(bias, x, "bias", w_type);
+  check_affine(weight, x, "weight", w_type, target);
+  check_affine(bias, x, "bias", w_type, target);
   const int64_t rows = x.size(0), cols = x.size(1);
   auto stat_opts = x.options().dtype(at::kFloat);
   Tensor y = at::empty({rows, cols}, x.options());
   Tensor mean = at::empty({rms ? 0 : rows}, stat_opts);
   Tensor rstd = at::empty({rows}, stat_opts);
-  if (rows > 0 && cols > 0) {
-    ftfm::layer_norm_fwd(x.data_ptr(), x.stride(0), opt_ptr(weight), opt_ptr(bias), y.data_ptr(),
-                         rms ? nullptr : mean.data_ptr<float>(), rstd.data_ptr<float>(), rows, cols,
-                         static_cast<float>(eps), rms, to_dtype(x, "input"),
-                         w_type == at::kFloat ? ftfm::DType::F32 : to_dtype(x, "input"), stream_of(x));
+  if (rows == 0 || cols == 0) return {y, mean, rstd};
+  const auto xd = to_dtype(x, "input");
+  const auto wd = w_type == at::kFloat ? ftfm::DType::F32 : xd;
+  float* mean_ptr = rms ? nullptr : mean.data_ptr<float>();
+#ifdef FTFM_KERNELS
+  if (target == Target::Gpu) {
+    ftfm::layer_norm_fwd(x.data_ptr(), x.stride(0), opt_ptr(weight), opt_ptr(bias), y.data_ptr(), mean_ptr,
+                         rstd.data_ptr<float>(), rows, cols, static_cast<float>(eps), rms, xd, wd, stream_of(x));
+    return {y, mean, rstd};
   }
+#endif
+#ifndef FASTTFM_EMU
+  ftfm::layer_norm_fwd_cpu(x.data_ptr(), x.stride(0), opt_ptr(weight), opt_ptr(bias), y.data_ptr(), mean_ptr,
+                           rstd.data_ptr<float>(), rows, cols, static_cast<float>(eps), rms, xd, wd);
+#endif
   return {y, mean, rstd};
 }
 
 std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& dy, const Tensor& x, const OptTensor& weight,
                                                   const Tensor& mean, const Tensor& rstd, bool rms, bool need_dweight,
-                                                  bool need_dbias) {
-  check_tensor(dy, "grad_output");
-  check_tensor(x, "input");
+                                                  bool need_dbias, Target target) {
+  check_tensor(dy, "grad_output", target);
+  check_tensor(x, "input", target);
   check_rows(dy, "grad_output");
   check_rows(x, "input");
   TORCH_CHECK(dy.sizes() == x.sizes(), "fasttfm: grad_output shape ", dy.sizes(), " != input shape ", x.sizes());
   TORCH_CHECK(dy.scalar_type() == x.scalar_type(), "fasttfm: grad_output dtype must equal the input's");
-  DeviceGuard guard(x);
+  DeviceGuard guard(x, target);
   const auto w_type = weight.has_value() ? weight->scalar_type() : x.scalar_type();
-  check_affine(weight, x, "weight", w_type);
+  check_affine(weight, x, "weight", w_type, target);
   const int64_t rows = x.size(0), cols = x.size(1);
   TORCH_CHECK(rstd.scalar_type() == at::kFloat && rstd.numel() == rows && (rms || mean.numel() == rows),
               "fasttfm: saved statistics must be float32 [rows]");
@@ -145,11 +165,19 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& dy, const Tensor
   Tensor dx = at::empty({rows, cols}, x.options());
   Tensor dweight = at::empty({need_dweight ? cols : 0}, w_opts);
   Tensor dbias = at::empty({need_dbias ? cols : 0}, w_opts);
-  if (cols > 0 && rows == 0) {  // no rows: the parameter gradients are exact zeros
+  if (cols == 0) return {dx, dweight, dbias};
+  if (rows == 0) {  // no rows: the parameter gradients are exact zeros
     dweight.zero_();
     dbias.zero_();
+    return {dx, dweight, dbias};
   }
-  if (rows > 0 && cols > 0) {
+  const auto xd = to_dtype(x, "input");
+  const auto wd = w_type == at::kFloat ? ftfm::DType::F32 : xd;
+  const float* mean_ptr = rms ? nullptr : mean.data_ptr<float>();
+  void* dw_ptr = need_dweight ? dweight.data_ptr() : nullptr;
+  void* db_ptr = need_dbias ? dbias.data_ptr() : nullptr;
+#ifdef FTFM_KERNELS
+  if (target == Target::Gpu) {
     Tensor partial;
     float* dw_part = nullptr;
     float* db_part = nullptr;
@@ -159,17 +187,18 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& dy, const Tensor
       dw_part = partial.data_ptr<float>();
       db_part = dw_part + parts * cols;
     }
-    ftfm::layer_norm_bwd(dy.data_ptr(), dy.stride(0), x.data_ptr(), x.stride(0), opt_ptr(weight),
-                         rms ? nullptr : mean.data_ptr<float>(), rstd.data_ptr<float>(), dx.data_ptr(),
-                         need_dweight ? dw_part : nullptr, need_dbias ? db_part : nullptr,
-                         need_dweight ? dweight.data_ptr() : nullptr, need_dbias ? dbias.data_ptr() : nullptr,
-                         rows, cols, rms, to_dtype(x, "input"),
-                         w_type == at::kFloat ? ftfm::DType::F32 : to_dtype(x, "input"), stream_of(x));
+    ftfm::layer_norm_bwd(dy.data_ptr(), dy.stride(0), x.data_ptr(), x.stride(0), opt_ptr(weight), mean_ptr,
+                         rstd.data_ptr<float>(), dx.data_ptr(), need_dweight ? dw_part : nullptr,
+                         need_dbias ? db_part : nullptr, dw_ptr, db_ptr, rows, cols, rms, xd, wd, stream_of(x));
+    return {dx, dweight, dbias};
   }
+#endif
+#ifndef FASTTFM_EMU
+  ftfm::layer_norm_bwd_cpu(dy.data_ptr(), dy.stride(0), x.data_ptr(), x.stride(0), opt_ptr(weight), mean_ptr,
+                           rstd.data_ptr<float>(), dx.data_ptr(), dw_ptr, db_ptr, rows, cols, rms, xd, wd);
+#endif
   return {dx, dweight, dbias};
 }
-
-#endif  // FTFM_KERNELS
 
 #ifdef FASTTFM_EMU
 void emu_set_order(int64_t order, int64_t seed) {
@@ -178,17 +207,37 @@ void emu_set_order(int64_t order, int64_t seed) {
 }
 #endif
 
+// Registration helpers: the same binding registered for a fixed target.
+template <Target T>
+std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd_on(const Tensor& x, const OptTensor& w, const OptTensor& b,
+                                                     double eps, bool rms) {
+  return layer_norm_fwd(x, w, b, eps, rms, T);
+}
+template <Target T>
+std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd_on(const Tensor& dy, const Tensor& x, const OptTensor& w,
+                                                     const Tensor& mean, const Tensor& rstd, bool rms, bool need_dw,
+                                                     bool need_db) {
+  return layer_norm_bwd(dy, x, w, mean, rstd, rms, need_dw, need_db, T);
+}
+
+constexpr const char* kLayerNormFwd = "(Tensor x, Tensor? weight, Tensor? bias, float eps, bool rms) -> (Tensor, Tensor, Tensor)";
+constexpr const char* kLayerNormBwd = "(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, bool rms, "
+                                      "bool need_dweight, bool need_dbias) -> (Tensor, Tensor, Tensor)";
+
 }  // namespace
 
 TORCH_LIBRARY(FTFM_LIB, m) {
+  auto def = [&m](const char* name, const char* schema, auto fn) { m.def((std::string(name) + schema).c_str(), fn); };
 #ifdef FTFM_KERNELS
-  m.def("layer_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps, bool rms) -> (Tensor, Tensor, Tensor)",
-        &layer_norm_fwd);
-  m.def("layer_norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, bool rms, bool need_dweight, "
-        "bool need_dbias) -> (Tensor, Tensor, Tensor)",
-        &layer_norm_bwd);
+  // GPU kernels: CUDA tensors in fasttfm._C, CPU tensors through the emulator in fasttfm._C_emu.
+  def("layer_norm_fwd", kLayerNormFwd, &layer_norm_fwd_on<Target::Gpu>);
+  def("layer_norm_bwd", kLayerNormBwd, &layer_norm_bwd_on<Target::Gpu>);
 #endif
-#ifdef FASTTFM_EMU
+#ifndef FASTTFM_EMU
+  // CPU C++ kernels (csrc/cpu/), in every fasttfm._C.
+  def("layer_norm_fwd_cpu", kLayerNormFwd, &layer_norm_fwd_on<Target::Cpu>);
+  def("layer_norm_bwd_cpu", kLayerNormBwd, &layer_norm_bwd_on<Target::Cpu>);
+#else
   m.def("set_order(int order, int seed) -> ()", &emu_set_order);
 #endif
   m.def("has_kernels() -> bool", []() -> bool {

@@ -239,3 +239,29 @@ def test_torch_compile_fullgraph():
     ref.sum().backward()
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(x.grad, x2.grad)
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cols", [1, 33, 1000, 4097])
+def test_cpu_cxx_kernels(cols, dtype, rms):
+    """csrc/cpu/norm_cpu.cpp directly (the CPU path uses it for RMSNorm; LayerNorm takes aten's)."""
+    from fasttfm._ext import cpu_lib
+
+    lib = cpu_lib()
+    rows = 5
+    x0, w0, b0, dy0 = (randn(rows, cols, dtype=torch.float64), randn(cols, dtype=torch.float64),
+                       randn(cols, dtype=torch.float64), randn(rows, cols, dtype=torch.float64))
+    x, w, b, dy = (t.to(dtype) for t in (x0, w0, b0, dy0))
+    bias = None if rms else b
+    y, mean, rstd = lib.layer_norm_fwd_cpu(x, w, bias, 1e-5, rms)
+    dx, dw, db = lib.layer_norm_bwd_cpu(dy, x, w, mean, rstd, rms, True, not rms)
+    leaves = [t.clone().requires_grad_(True) for t in (x0, w0, b0)]
+    ref = _ref(leaves[0], leaves[1], None if rms else leaves[2], 1e-5, rms)
+    ref_g = torch.autograd.grad(ref, leaves[:2] if rms else leaves, dy0)
+    low_leaves = [t.to(dtype).requires_grad_(True) for t in (x0, w0, b0)]
+    low = _torch_lowp(low_leaves[0], low_leaves[1], None if rms else low_leaves[2], 1e-5, rms)
+    low_g = torch.autograd.grad(low, low_leaves[:2] if rms else low_leaves, dy0.to(dtype))
+    assert_close_oracle(y, ref, low, name="y")
+    for name, g, gr, gl in zip(["dx", "dweight", "dbias"], (dx, dw, db), ref_g, low_g):
+        assert_close_oracle(g, gr, gl, factor=3.0, name=name)

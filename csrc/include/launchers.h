@@ -29,6 +29,15 @@ void layer_norm_bwd(const void* dy, int64_t dy_row_stride, const void* x, int64_
                     float* db_partial, void* dweight, void* dbias, int64_t rows, int64_t cols, bool rms,
                     DType x_dtype, DType w_dtype, void* stream);
 
+// ---- csrc/cpu/norm_cpu.cpp: the same contract for CPU tensors (no stream; OpenMP inside) ---------
+// dweight/dbias nullable; the parameter-gradient reduction is deterministic for any thread count.
+void layer_norm_fwd_cpu(const void* x, int64_t x_row_stride, const void* weight, const void* bias, void* y,
+                        float* mean, float* rstd, int64_t rows, int64_t cols, float eps, bool rms, DType x_dtype,
+                        DType w_dtype);
+void layer_norm_bwd_cpu(const void* dy, int64_t dy_row_stride, const void* x, int64_t x_row_stride,
+                        const void* weight, const float* mean, const float* rstd, void* dx, void* dweight,
+                        void* dbias, int64_t rows, int64_t cols, bool rms, DType x_dtype, DType w_dtype);
+
 // ---- emulator controls (fasttfm._C_emu only) -------------------------------------------------
 // Run order of a block's threads: 0 forward, 1 reverse, 2 random (seeded, reshuffled each round).
 void emu_set_order(int order, uint64_t seed);

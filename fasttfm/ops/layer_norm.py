@@ -5,10 +5,14 @@ Math (fp32 statistics for every input dtype):
   RMSNorm:   y = x * rstd * w,               rstd = 1 / sqrt(mean(x^2) + eps).
 Both normalize over the trailing ``normalized_shape`` dims; the ops see x as [rows, cols].
 
-Dispatch: CUDA tensors -> the CUDA kernels in csrc/layer_norm.cu; CPU tensors -> torch's own
-fused CPU kernels (``native_layer_norm``/``_fused_rms_norm`` and their backwards: measured as
-fast as anything we would write for the CPU, and bit-identical to nn.LayerNorm/nn.RMSNorm), or,
-under ``FASTTFM_EMULATE=1``, the CUDA kernels through the SIMT emulator.
+Dispatch: CUDA tensors -> the CUDA kernels in csrc/layer_norm.cu; under ``FASTTFM_EMULATE=1``
+CPU tensors -> the same CUDA kernels through the SIMT emulator; otherwise CPU tensors take the CPU
+path, chosen by measurement on the 2-core dev machines (4M elements, fp32/bf16, widths 1024/8192):
+  * LayerNorm: aten's ``native_layer_norm`` and its backward (about 2x faster than our C++ CPU
+    kernel there, and bit-identical to nn.LayerNorm);
+  * RMSNorm: our fused C++ kernel (csrc/cpu/norm_cpu.cpp), 4-7x faster than aten's
+    ``_fused_rms_norm`` forward, which also has no CPU backward.
+Float64 inputs (gradcheck) and builds without fasttfm._C use torch ops.
 
 Dtypes: input fp32/fp16/bf16; weight/bias either the input's dtype or fp32 (mixed precision
 keeps fp32 parameters); output in the input's dtype; parameter gradients in the weight's dtype,
@@ -20,7 +24,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .._ext import backend, cuda_lib, emu_lib
+from .._ext import MissingExtensionError, backend, cpu_lib, cuda_lib, emu_lib
 
 __all__ = ["layer_norm", "rms_norm"]
 
@@ -46,6 +50,9 @@ def _layer_norm_fwd_cpu(x, weight, bias, eps, rms):
         return emu_lib().layer_norm_fwd(x, weight, bias, eps, rms)
     rows, cols = x.shape
     if rms:
+        ext = _cpu_ext(x)
+        if ext is not None:
+            return ext.layer_norm_fwd_cpu(x, weight, bias, eps, True)
         y, rstd = torch.ops.aten._fused_rms_norm(x, [cols], weight, eps)
         return y, x.new_empty((0,), dtype=torch.float32), rstd.float().reshape(rows)
     y, mean, rstd = torch.native_layer_norm(x, [cols], weight, bias, eps)
@@ -68,6 +75,16 @@ def _layer_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tenso
     return _kernel_lib(x).layer_norm_bwd(dy, x, weight, mean, rstd, rms, need_dweight, need_dbias)
 
 
+def _cpu_ext(x):
+    """torch.ops.fasttfm_C (CPU C++ kernels) for fp32/fp16/bf16, or None (float64, or not built)."""
+    if x.dtype not in _FLOAT_TYPES:
+        return None
+    try:
+        return cpu_lib()
+    except MissingExtensionError:
+        return None
+
+
 def _cpu_stat_dtype(x, weight):
     # native_layer_norm on the CPU keeps its statistics in x's dtype unless the weight is fp32.
     return torch.float32 if x.dtype == torch.float32 or (weight is not None and weight.dtype == torch.float32) else x.dtype
@@ -80,6 +97,8 @@ def _layer_norm_bwd_cpu(dy, x, weight, mean, rstd, rms, need_dweight, need_dbias
     rows, cols = x.shape
     dy = dy.contiguous()
     need_dweight = need_dweight and weight is not None
+    if rms and _cpu_ext(x) is not None:
+        return _cpu_ext(x).layer_norm_bwd_cpu(dy, x, weight, mean, rstd, True, need_dweight, need_dbias)
     if rms:  # aten has no CPU kernel for _fused_rms_norm_backward: fp32 math in torch ops
         math_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         xhat = x.to(math_dtype) * rstd.to(math_dtype).reshape(rows, 1)
