@@ -84,11 +84,11 @@ CASES = [  # (rows, cols)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("rows,cols", CASES)
 def test_forward_backward(kernel_device, rows, cols, dtype, rms):
-    device, ctx = on_device(kernel_device)
     orders = [0, 1] if kernel_device == "emu" else [None]
     for order in orders:
         if order is not None:
             emu_set_order(order)
+        device, ctx = on_device(kernel_device)
         with ctx:
             _check_case(device, dtype, rows, cols, rms, affine=True, bias=True)
 
