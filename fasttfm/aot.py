@@ -40,7 +40,7 @@ class KernelReport:
     expects_mma: bool = False
 
     def row(self):
-        return (f"{self.source:6s} sm_{self.arch}  {self.name[:78]:78s} regs {self.registers:3d}  "
+        return (f"{self.source:6s} sm_{self.arch}  {self.name[:100]:100s} regs {self.registers:3d}  "
                 f"spill {self.spill_bytes:5d} B  smem {self.smem_bytes / 1024:7.1f} KiB  mma {self.mma}")
 
 
@@ -146,9 +146,21 @@ def _parse_ptxas(log, arch, mma, source_file):
             entries[current]["regs"] = int(m.group(1))
             s = re.search(r"(\d+) bytes smem", line)
             entries[current]["smem"] = int(s.group(1)) if s else 0
-    names = _demangle(list(entries))
+    names = {k: _short(v) for k, v in _demangle(list(entries)).items()}
     return [KernelReport("cuda", f"{source_file}: {names[k]}", arch, v["regs"], v["spill"], v["smem"], mma.get(k, 0))
             for k, v in entries.items()]
+
+
+def _short(demangled):
+    """'void ftfm::(anonymous namespace)::k<float, 4>(Params)' -> 'k<float, 4>'."""
+    name = re.sub(r"^void |ftfm::|\(anonymous namespace\)::", "", demangled)
+    depth = 0
+    for i, ch in enumerate(name):  # cut the parameter list: the first '(' outside template brackets
+        depth += ch == "<"
+        depth -= ch == ">"
+        if ch == "(" and depth == 0:
+            return name[:i]
+    return name
 
 
 KERNEL_MODULES = ["attention"]
