@@ -30,7 +30,7 @@ _map_source_kernels()
 from . import nn  # noqa: E402
 from ._env import emulate  # noqa: E402, emulate_enabled, set_emulate
 from ._ext import MissingExtensionError  # noqa: E402
-from .functional import layer_norm, rms_norm  # noqa: E402
+from .functional import attention, layer_norm, rms_norm, scaled_dot_product_attention  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -41,6 +41,8 @@ __all__ = [
     "emulate_enabled",
     "set_emulate",
     "MissingExtensionError",
+    "attention",
+    "scaled_dot_product_attention",
     "layer_norm",
     "rms_norm",
 ]

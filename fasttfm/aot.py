@@ -181,7 +181,8 @@ def triton_reports(archs=(80, 90), modules=None):
                 continue
             for arch in archs:
                 for case in mod.aot_cases(arch):
-                    src = ASTSource(fn=case.kernel, signature=case.signature, constexprs=case.constexprs)
+                    src = ASTSource(fn=case.kernel, signature=case.signature, constexprs=case.constexprs,
+                                    attrs=case.attrs)
                     k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                                        options=dict(num_warps=case.num_warps, num_stages=case.num_stages))
                     cubin = os.path.join(tmp, "k.cubin")

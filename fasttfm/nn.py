@@ -6,8 +6,9 @@ swaps them into existing models.
 import torch
 
 from . import functional as F
+from .mha import MultiheadAttention
 
-__all__ = ["LayerNorm", "RMSNorm"]
+__all__ = ["LayerNorm", "RMSNorm", "MultiheadAttention"]
 
 
 class LayerNorm(torch.nn.LayerNorm):

@@ -1,0 +1,372 @@
+"""Attention as torch.library custom ops (``fasttfm::attn_fwd``, ``fasttfm::attn_bwd``) with fake
+implementations and autograd, plus the public ``attention()`` and ``scaled_dot_product_attention()``.
+
+Device dispatch: CUDA tensors run the Triton kernels (``kernels/attention.py``,
+``kernels/attention_bwd.py``); CPU tensors run a plain PyTorch path in fp32 math (exact softmax,
+no tiling), or, under ``fasttfm.emulate()`` / ``FASTTFM_EMULATE=1``, the same Triton kernels
+through Triton's interpreter.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fasttfm._env import emulate_enabled
+
+from fasttfm.kernels import attention as _kf, attention_bwd as _kb  # noqa: E402  (kernels/ in a checkout)
+
+__all__ = ["attention", "scaled_dot_product_attention"]
+
+UNBOUNDED = _kf.UNBOUNDED  # window side with no limit, inside the ops
+_LAYOUTS = ("bhnd", "bnhd", "thd")
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# -- shapes ----------------------------------------------------------------------------------
+def _canon(t: Tensor, layout: str) -> Tensor:
+    """The (B, H, N, D) view of a tensor in ``layout`` (no copy); thd -> (1, H, total, D)."""
+    if layout == "bhnd":
+        return t
+    if layout == "bnhd":
+        return t.transpose(1, 2)
+    return t.transpose(0, 1).unsqueeze(0)
+
+
+def _lse_shape(q: Tensor, layout: str):
+    if layout == "thd":
+        return (q.shape[1], q.shape[0])
+    q4 = _canon(q, layout)
+    return (q4.shape[0], q4.shape[1], q4.shape[2])
+
+
+def _unit_last(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _sequences(cu_q, cu_k, q4, k4):
+    """[(b, q0, q1, k0, k1)] of the problem: one dense entry, or one per packed sequence."""
+    if cu_q is None:
+        return [(slice(None), 0, q4.shape[2], 0, k4.shape[2])]
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    return [(slice(0, 1), cq[i], cq[i + 1], ck[i], ck[i + 1]) for i in range(len(cq) - 1)]
+
+
+def _visible(nq, nk, left, right, chunk, device):
+    """(nq, nk) bool mask of the CPU path (bottom-right aligned; left/right UNBOUNDED = no limit)."""
+    i = torch.arange(nq, device=device)[:, None] + (nk - nq)
+    j = torch.arange(nk, device=device)[None, :]
+    vis = (j >= i - left) & (j <= i + right)
+    if chunk:
+        vis &= torch.div(i, chunk, rounding_mode="floor") == torch.div(j, chunk, rounding_mode="floor")
+    return vis
+
+
+def _cpu_probs(q, k, lse, vis, scale, g):
+    """Scores and probabilities (fp32) of one problem; q (B, Hq, n, D), k (B, Hkv, m, D)."""
+    b, hq, n, d = q.shape
+    qg = q.float().reshape(b, hq // g, g, n, d)
+    s = torch.einsum("bhgnd,bhmd->bhgnm", qg, k.float()) * scale
+    s = s.masked_fill(~vis, float("-inf"))
+    if lse is None:
+        lse = torch.logsumexp(s, -1)
+    else:
+        lse = lse.reshape(b, hq // g, g, n)
+    p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
+    return qg, p, lse
+
+
+# -- custom ops ------------------------------------------------------------------------------
+@torch.library.custom_op("fasttfm::attn_fwd", mutates_args=(), device_types="cpu")
+def attn_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+             max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, window_left: int, window_right: int,
+             chunk_size: int, layout: str) -> tuple[Tensor, Tensor]:
+    """(out, lse). Window sides are UNBOUNDED (2**30) for no limit and may be negative (any
+    integer offset); chunk_size 0 = no chunking. out: q's shape, contiguous; lse fp32."""
+    return _fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                     window_left, window_right, chunk_size, layout)
+
+
+def _fwd_impl(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, chunk, layout):
+    # varlen: rows past cu_seqlens_q[-1] belong to no sequence and keep 0 / -inf
+    new = torch.zeros if cu_q is not None else torch.empty
+    out = new(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.full(_lse_shape(q, layout), float("-inf"), device=q.device) if cu_q is not None else \
+        torch.empty(_lse_shape(q, layout), dtype=torch.float32, device=q.device)
+    q4, k4, v4, o4 = (_canon(t, layout) for t in (q, k, v, out))
+    if out.numel() == 0:
+        lse.fill_(float("-inf"))
+        return out, lse
+    if q.is_cuda or emulate_enabled():
+        varlen = cu_q is not None
+        with torch.cuda.device(q.device) if q.is_cuda else _nullctx():
+            _kf.attn_fwd(q4, k4, v4, o4, lse, batch=cu_q.numel() - 1 if varlen else q4.shape[0],
+                         seqlen_q=0 if varlen else q4.shape[2], seqlen_k=0 if varlen else k4.shape[2],
+                         max_seqlen_q=max_q, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                         qk_scale=scale * _kf.LOG2E, win_left=left, win_right=right,
+                         chunk_size=chunk or None, interpret=not q.is_cuda)
+        return out, lse
+    lse4 = lse.unsqueeze(0) if layout == "thd" else lse
+    g = q4.shape[1] // k4.shape[1]
+    for b, q0, q1, k0, k1 in _sequences(cu_q, cu_k, q4, k4):
+        vis = _visible(q1 - q0, k1 - k0, left, right, chunk, q.device)
+        _, p, l = _cpu_probs(q4[b, :, q0:q1], k4[b, :, k0:k1], None, vis, scale, g)
+        o = torch.einsum("bhgnm,bhmd->bhgnd", p, v4[b, :, k0:k1].float())
+        o4[b, :, q0:q1] = o.flatten(1, 2).to(q.dtype)
+        lse4[b, :, q0:q1] = l.flatten(1, 2)
+    return out, lse
+
+
+@attn_fwd.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
+      window_right, chunk_size, layout):
+    return q.new_empty(q.shape), q.new_empty(_lse_shape(q, layout), dtype=torch.float32)
+
+
+@attn_fwd.register_kernel("cuda")
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
+      window_right, chunk_size, layout):
+    return _fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                     window_left, window_right, chunk_size, layout)
+
+
+@torch.library.custom_op("fasttfm::attn_bwd", mutates_args=(), device_types="cpu")
+def attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
+             cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int,
+             max_seqlen_k: int, softmax_scale: float, window_left: int, window_right: int, chunk_size: int,
+             layout: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) shaped like q, k, v (contiguous). dlse: optional gradient of the LSE output."""
+    return _bwd_impl(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                     softmax_scale, window_left, window_right, chunk_size, layout)
+
+
+def _bwd_impl(dout, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, left, right, chunk, layout):
+    new = torch.zeros if cu_q is not None else torch.empty  # varlen: rows of no sequence get 0
+    dq = new(q.shape, dtype=q.dtype, device=q.device)
+    dk = new(k.shape, dtype=k.dtype, device=k.device)
+    dv = new(v.shape, dtype=v.dtype, device=v.device)
+    if dq.numel() == 0 or dk.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    dout = _unit_last(dout)
+    q4, k4, v4, o4, do4, dq4, dk4, dv4 = (_canon(t, layout) for t in (q, k, v, out, dout, dq, dk, dv))
+    if q.is_cuda or emulate_enabled():
+        varlen = cu_q is not None
+        kw = dict(batch=cu_q.numel() - 1 if varlen else q4.shape[0], seqlen_q=0 if varlen else q4.shape[2],
+                  cu_seqlens_q=cu_q, interpret=not q.is_cuda)
+        kw2 = dict(kw, seqlen_k=0 if varlen else k4.shape[2], cu_seqlens_k=cu_k, sm_scale=scale,
+                   win_left=left, win_right=right, chunk_size=chunk or None)
+        with torch.cuda.device(q.device) if q.is_cuda else _nullctx():
+            delta = torch.empty_like(lse)
+            _kf.attn_bwd_preprocess(o4, do4, delta, max_seqlen_q=max_q, **kw)
+            if dlse is not None:  # d lse_i / d s_ij = p_ij: folds into Delta
+                delta = delta - dlse
+            _kb.attn_bwd_dkdv(q4, k4, v4, do4, dk4, dv4, lse, delta, max_seqlen_k=max_k, **kw2)
+            _kb.attn_bwd_dq(q4, k4, v4, do4, dq4, lse, delta, max_seqlen_q=max_q, **kw2)
+        return dq, dk, dv
+    lse4 = lse.unsqueeze(0) if layout == "thd" else lse
+    dlse4 = None if dlse is None else (dlse.unsqueeze(0) if layout == "thd" else dlse)
+    g = q4.shape[1] // k4.shape[1]
+    for b, q0, q1, k0, k1 in _sequences(cu_q, cu_k, q4, k4):
+        vis = _visible(q1 - q0, k1 - k0, left, right, chunk, q.device)
+        qs, ks, vs, os_, dos = q4[b, :, q0:q1], k4[b, :, k0:k1], v4[b, :, k0:k1], o4[b, :, q0:q1], do4[b, :, q0:q1]
+        qg, p, _ = _cpu_probs(qs, ks, lse4[b, :, q0:q1], vis, scale, g)
+        bb, hq, n, d = qs.shape
+        dog = dos.float().reshape(bb, hq // g, g, n, d)
+        delta = (dog * os_.float().reshape(bb, hq // g, g, n, d)).sum(-1)
+        if dlse4 is not None:
+            delta = delta - dlse4[b, :, q0:q1].reshape(bb, hq // g, g, n)
+        dv4[b, :, k0:k1] = torch.einsum("bhgnm,bhgnd->bhmd", p, dog).to(v.dtype)
+        ds = p * (torch.einsum("bhgnd,bhmd->bhgnm", dog, vs.float()) - delta[..., None])
+        dq4[b, :, q0:q1] = (torch.einsum("bhgnm,bhmd->bhgnd", ds, ks.float()) * scale).flatten(1, 2).to(q.dtype)
+        dk4[b, :, k0:k1] = (torch.einsum("bhgnm,bhgnd->bhmd", ds, qg) * scale).to(k.dtype)
+    return dq, dk, dv
+
+
+@attn_bwd.register_fake
+def _(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+      window_left, window_right, chunk_size, layout):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+@attn_bwd.register_kernel("cuda")
+def _(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+      window_left, window_right, chunk_size, layout):
+    return _bwd_impl(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                     softmax_scale, window_left, window_right, chunk_size, layout)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, *params = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+    ctx.params = params
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    dq, dk, dv = torch.ops.fasttfm.attn_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, *ctx.params)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+attn_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _nullctx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# -- public API ------------------------------------------------------------------------------
+def _check_window(window):
+    ok = isinstance(window, (tuple, list)) and len(window) == 2 and all(isinstance(w, int) for w in window)
+    if not ok or any(w < -1 for w in window):
+        raise ValueError(f"attention: window must be a pair (left, right) of ints >= -1 (-1 = unbounded), "
+                         f"got {window!r}")
+
+
+def _check_inputs(q, k, v, layout, varlen):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"attention: {name}.dtype must be one of float16, bfloat16, float32, got {t.dtype}")
+        want = 3 if varlen else 4
+        if t.dim() != want:
+            shape = "(total, H, D) with cu_seqlens" if varlen else f"4-D for layout={layout!r}"
+            raise ValueError(f"attention: {name} must be {shape}, got shape {tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"attention: q, k, v must share one dtype, got q={q.dtype}, k={k.dtype}, v={v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    q4, k4, v4 = (_canon(t, layout) for t in (q, k, v))
+    d = q4.shape[-1]
+    if k4.shape[-1] != d or v4.shape[-1] != d:
+        raise ValueError(f"attention: head dims of q, k, v must be equal, got {d}, {k4.shape[-1]}, {v4.shape[-1]}")
+    if not 16 <= d <= 256:
+        raise ValueError(f"attention: head dim must be in 16..256, got {d}")
+    if k4.shape != v4.shape:
+        raise ValueError(f"attention: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    hq, hkv = q4.shape[1], k4.shape[1]
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"attention: number of q heads ({hq}) must be a multiple of the number of k/v heads ({hkv})")
+    if not varlen and q4.shape[0] != k4.shape[0]:
+        raise ValueError(f"attention: batch sizes of q ({q4.shape[0]}) and k/v ({k4.shape[0]}) differ")
+
+
+def _check_cu(name, cu, total, device):
+    if not isinstance(cu, Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
+        desc = f"{cu.dtype} tensor of shape {tuple(cu.shape)}" if isinstance(cu, Tensor) else type(cu).__name__
+        raise ValueError(f"attention: {name} must be a 1-D torch.int32 tensor of cumulative lengths "
+                         f"(batch + 1 entries, starting at 0), got {desc}")
+    if cu.device != device:
+        raise ValueError(f"attention: {name} must be on {device}, got {cu.device}")
+    if cu.device.type == "cpu" and not torch.compiler.is_compiling():
+        vals = cu.tolist()
+        if vals[0] != 0 or any(b < a for a, b in zip(vals, vals[1:])) or vals[-1] > total:
+            raise ValueError(f"attention: {name} must start at 0, be non-decreasing and end at most at the "
+                             f"packed length {total}, got {vals}")
+
+
+def attention(q, k, v, *, causal=False, window=(-1, -1), chunk_size=None, softmax_scale=None, layout="bhnd",
+              cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, return_lse=False):
+    """Flash attention: softmax(scale * q k^T + mask) v, fused, forward and backward.
+
+    Shapes (``layout``): "bhnd" (B, H, N, D) as SDPA; "bnhd" (B, N, H, D) as flash-attn; with
+    ``cu_seqlens_q/k`` (varlen, layout "thd"): q (total_q, Hq, D), k/v (total_k, Hkv, D) packed,
+    cu_seqlens int32 (batch + 1,) cumulative lengths, ``max_seqlen_q/k`` the longest sequences
+    (computed from cu_seqlens when None: a host sync; pass them under torch.compile / CUDA graphs).
+    Any strides with a unit last dim, no copies. Hq % Hkv == 0 (GQA/MQA). Head dim 16..256,
+    equal for q, k, v. fp16/bf16 (fp32 statistics); fp32 computed with IEEE fp32 products.
+
+    Masks (FlashAttention's conventions, per sequence, bottom-right aligned when Nq != Nk): query i
+    sees key j iff  i + Nk - Nq - left <= j <= i + Nk - Nq + right  (window=(left, right), -1 =
+    unbounded; causal sets right = 0), and, with ``chunk_size=C``, floor((i + Nk - Nq) / C) ==
+    floor(j / C) (block-diagonal chunks of C key positions). Rows with no visible key give output 0,
+    LSE -inf and zero gradients. softmax_scale defaults to D ** -0.5.
+
+    Returns out (q's shape and layout; contiguous), and with ``return_lse`` also the fp32
+    log-sum-exp of the scaled scores, (B, H, Nq) or (Hq, total_q) for varlen (differentiable).
+    """
+    varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
+    if layout not in _LAYOUTS:
+        raise ValueError(f"attention: layout must be one of 'bhnd', 'bnhd' (or 'thd' with cu_seqlens), got {layout!r}")
+    if varlen:
+        if cu_seqlens_q is None or cu_seqlens_k is None:
+            raise ValueError("attention: varlen needs both cu_seqlens_q and cu_seqlens_k")
+        if layout == "bnhd":
+            raise ValueError("attention: with cu_seqlens the layout is 'thd' (total, H, D), got layout='bnhd'")
+        layout = "thd"
+    elif layout == "thd":
+        raise ValueError("attention: layout='thd' needs cu_seqlens_q and cu_seqlens_k")
+    _check_inputs(q, k, v, layout, varlen)
+    _check_window(window)
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
+        raise ValueError(f"attention: chunk_size must be None or a positive int, got {chunk_size!r}")
+    left, right = window
+    right = 0 if causal else right
+    left = UNBOUNDED if left < 0 else left
+    right = UNBOUNDED if right < 0 else right
+    q4, k4 = _canon(q, layout), _canon(k, layout)
+    if softmax_scale is None:
+        softmax_scale = q4.shape[-1] ** -0.5
+    if varlen:
+        _check_cu("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
+        _check_cu("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
+        if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+            raise ValueError(f"attention: cu_seqlens_q and cu_seqlens_k must have the same length, got "
+                             f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
+        if max_seqlen_q is None:
+            max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+        if max_seqlen_k is None:
+            max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max())
+    else:
+        max_seqlen_q, max_seqlen_k = q4.shape[2], k4.shape[2]
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    out, lse = torch.ops.fasttfm.attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
+                                          int(max_seqlen_k), float(softmax_scale), left, right,
+                                          int(chunk_size or 0), layout)
+    return (out, lse) if return_lse else out
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                 enable_gqa=False):
+    """Drop-in ``torch.nn.functional.scaled_dot_product_attention`` (same arguments and semantics).
+
+    query (N, ..., Hq, L, E), key/value (N, ..., Hkv, S, E); ``is_causal`` is top-left aligned as
+    SDPA defines it (query i sees keys j <= i). Without ``attn_mask`` and with E == Ev in 16..256
+    and fp16/bf16/fp32, it runs fasttfm's flash kernels; with a boolean/float ``attn_mask`` (or any
+    other shape/dtype) it runs PyTorch's own SDPA, which is exact for arbitrary masks.
+    dropout_p > 0 raises NotImplementedError (no dropout in the kernels yet).
+    """
+    if dropout_p != 0.0:
+        raise NotImplementedError(f"fasttfm.scaled_dot_product_attention: dropout_p must be 0.0 (dropout is not "
+                                  f"implemented in the fasttfm kernels yet), got dropout_p={dropout_p}")
+    if attn_mask is not None and is_causal:
+        raise RuntimeError("fasttfm.scaled_dot_product_attention: attn_mask and is_causal cannot both be set")
+    hq, hkv = query.shape[-3] if query.dim() >= 3 else 1, key.shape[-3] if key.dim() >= 3 else 1
+    if hq != hkv and not enable_gqa:
+        raise RuntimeError(f"fasttfm.scaled_dot_product_attention: query has {hq} heads and key/value {hkv}; "
+                           f"pass enable_gqa=True for grouped-query attention")
+    e = query.shape[-1]
+    fast = (attn_mask is None and query.dim() >= 3 and query.dim() == key.dim() == value.dim()
+            and value.shape[-1] == e == key.shape[-1] and 16 <= e <= 256
+            and query.dtype in _DTYPES and query.dtype == key.dtype == value.dtype
+            and (hkv > 0 and hq % hkv == 0))
+    if not fast:
+        return torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=attn_mask, dropout_p=0.0, is_causal=is_causal, scale=scale,
+            enable_gqa=enable_gqa)
+    lead = query.shape[:-3]
+    q, k, v = (t.reshape(-1, *t.shape[-3:]) if t.dim() != 4 else t for t in (query, key, value))
+    if q.shape[0] != k.shape[0]:
+        k, v = k.expand(q.shape[0], *k.shape[1:]), v.expand(q.shape[0], *v.shape[1:])
+    L, S = q.shape[2], k.shape[2]
+    # top-left causal: j <= i  <=>  j <= i + (S - L) + right with right = L - S (any sign, inside the op)
+    right = (L - S) if is_causal else UNBOUNDED
+    if scale is None:
+        scale = e ** -0.5
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    out, _ = torch.ops.fasttfm.attn_fwd(q, k, v, None, None, L, S, float(scale), UNBOUNDED, right, 0, "bhnd")
+    return out.reshape(*lead, *out.shape[-3:]) if len(lead) != 1 else out

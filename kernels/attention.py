@@ -1,0 +1,455 @@
+"""Flash attention forward in Triton: mask helpers, ``_attn_fwd``, the backward preprocess,
+launchers, per-architecture configs, the config heuristic and ``aot_cases``.
+
+Tensors reach the kernels as *canonical views* (no copies): q/k/v/o are 4-D (B, H, N, D) views
+whose last dim has stride 1 -- SDPA's (B, H, N, D) as is, flash-attn's (B, N, H, D) permuted,
+and varlen's packed (total, H, D) as (1, H, total, D) plus ``cu_seqlens``. LSE/Delta are fp32
+(B, H, Nq) (varlen: (H, total_q)) in natural-log units.
+
+Masking (FlashAttention's conventions; one place, ``_row_bounds``/``_col_bounds``): with
+shift s = Nk - Nq (per sequence), query i has aligned position p = i + s and sees key j iff
+    p - left <= j <= p + right          (window; causal is right = 0; unbounded = 2**30)
+    floor(p / C) == floor(j / C)        (chunk_size C, only when CHUNKED)
+    0 <= j < Nk.
+Every row sees one contiguous interval [lo(i), hi(i)], and lo/hi grow with i. So a q-tile needs
+only kv-tiles between lo(first row) and hi(last row) (``_tile_ranges``): fully masked tiles are
+never loaded or computed, and work follows the visible area. Tiles inside [lo(last row),
+hi(first row)] are visible for every row and skip the elementwise mask (a per-tile runtime
+branch; one loop, not three: separate masked/unmasked loops cost ~50 registers and spilled in
+the backward). The dK/dV kernel inverts the same bounds (``_col_bounds``) to get the q-tile
+range of a kv-tile.
+
+Numerics: scores in log2 units (``qk_scale = softmax_scale * log2(e)`` folded into one
+multiply, ``exp2``); fp32 statistics and accumulators; P is rounded to the input dtype before
+the P @ V product (fp16/bf16 tensor cores). fp32 inputs use IEEE fp32 dots (no TF32). Rows with
+no visible key give output 0 and LSE -inf.
+"""
+import dataclasses
+import os
+from collections import namedtuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._aot import AotCase
+
+__all__ = ["AttnConfig", "attn_fwd", "attn_bwd_preprocess", "fwd_configs", "pick_fwd_config",
+           "canonical_strides", "UNBOUNDED", "aot_cases", "SMOKE_FWD"]
+
+LOG2E = 1.4426950408889634
+UNBOUNDED = 1 << 30  # window side with no limit (kept < 2**31 after adding positions)
+
+AttnConfig = namedtuple("AttnConfig", "BLOCK_M BLOCK_N num_warps num_stages")
+
+# -- configs ---------------------------------------------------------------------------------
+# (max head-dim block, [configs]) per compute capability major; every entry must pass the
+# static report (no spills, smem within the per-block limit, HGMMA on sm_90), see aot_cases.
+_FWD_CONFIGS = {  # measured (fp16, sm_90 / sm_80): registers, smem -- see aot_cases / the static report
+    9: [(64, [AttnConfig(128, 128, 8, 3),    # 174 regs, 112 KB
+              AttnConfig(128, 64, 8, 3),     # 116 regs, 64 KB
+              AttnConfig(64, 64, 4, 3)]),    # 127 regs, 56 KB
+        (128, [AttnConfig(128, 64, 8, 3),    # 164 regs, 128 KB
+               AttnConfig(128, 128, 8, 2),   # 238 regs, 160 KB
+               AttnConfig(64, 64, 4, 3)]),   # 173 regs, 112 KB
+        (256, [AttnConfig(128, 64, 8, 2),    # 255 regs, 192 KB
+               AttnConfig(128, 32, 8, 2)])], # 221 regs, 128 KB
+    8: [(64, [AttnConfig(128, 128, 8, 2),    # 218 regs, 80 KB
+              AttnConfig(128, 64, 8, 3),     # 162 regs, 64 KB
+              AttnConfig(64, 64, 4, 3)]),    # 158 regs, 48 KB
+        (128, [AttnConfig(128, 64, 8, 2),    # 214 regs, 80 KB
+               AttnConfig(128, 64, 8, 3),    # 215 regs, 112 KB
+               AttnConfig(128, 32, 8, 2)]),  # 171 regs, 56 KB
+        (256, [AttnConfig(128, 64, 8, 2),    # 255 regs, 144 KB
+               AttnConfig(64, 64, 4, 2)])],  # 255 regs, 104 KB
+}
+SMOKE_FWD = AttnConfig(32, 32, 4, 1)  # cheap config for interpreter tests
+
+
+def _arch(cc):
+    return 9 if cc >= 90 else 8
+
+
+def block_d(head_dim):
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _bucket(table, head_dim):
+    bd = block_d(head_dim)
+    for max_d, cfgs in table:
+        if bd <= max_d:
+            return cfgs
+    raise ValueError(f"head dim {head_dim} > 256 is not supported")
+
+
+def fwd_configs(cc, head_dim, dtype=torch.float16):
+    """The forward tuning list for compute capability ``cc`` (80, 86, 89, 90...) and head dim."""
+    elt = torch.empty((), dtype=dtype).element_size()
+    if elt == 4:  # fp32 (IEEE dots on CUDA cores): small tiles (64x32 spills 80 B on sm_80)
+        return ([AttnConfig(64, 32, 4, 2)] if cc >= 90 else []) + [AttnConfig(32, 32, 4, 2)]
+    return list(_bucket(_FWD_CONFIGS[_arch(cc)], head_dim))
+
+
+def pick_fwd_config(cc, head_dim, dtype, seqlen_q):
+    """Heuristic (autotuning off): first listed config, or the smallest BLOCK_M one for short q."""
+    cfgs = fwd_configs(cc, head_dim, dtype)
+    if seqlen_q <= 64:
+        return min(cfgs, key=lambda c: (c.BLOCK_M, -c.BLOCK_N))
+    return cfgs[0]
+
+
+def autotune_enabled():
+    return os.environ.get("FASTTFM_AUTOTUNE", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+# -- mask helpers (shared with kernels/attention_bwd.py) --------------------------------------
+@triton.jit
+def _floor_div(a, c):
+    """floor(a / c) for c > 0 and a of any sign (integer ``//`` truncates toward zero)."""
+    return tl.where(a >= 0, a // c, -((c - 1 - a) // c))
+
+
+@triton.jit
+def _row_bounds(rows, shift, win_left, win_right, chunk, CHUNKED: tl.constexpr):
+    """First and last key index visible to query ``rows`` (scalar or vector), before clamping."""
+    p = rows + shift
+    lo = p - win_left
+    hi = p + win_right
+    if CHUNKED:
+        start = _floor_div(p, chunk) * chunk
+        lo = tl.maximum(lo, start)
+        hi = tl.minimum(hi, start + chunk - 1)
+    return lo, hi
+
+
+@triton.jit
+def _col_bounds(col_a, col_b, shift, win_left, win_right, chunk, CHUNKED: tl.constexpr):
+    """Query rows i with hi(i) >= col_a (first) and lo(i) <= col_b (last), inverting _row_bounds.
+
+    (col_a, col_b) = (first, last) column of a kv tile gives the rows that may see the tile;
+    (last, first) gives the rows that see every column of it.
+    """
+    i_first = col_a - shift - win_right
+    i_last = col_b - shift + win_left
+    if CHUNKED:
+        i_first = tl.maximum(i_first, _floor_div(col_a, chunk) * chunk - shift)
+        i_last = tl.minimum(i_last, _floor_div(col_b, chunk) * chunk + chunk - 1 - shift)
+    return i_first, i_last
+
+
+@triton.jit
+def _tile_ranges(first, last, full_first, full_last, n, BLOCK: tl.constexpr):
+    """Tile bounds of the visible index range [first, last] of a dimension of length n: loop over
+    [begin, end); tiles in [f0, f1) are inside the fully visible range [full_first, full_last]."""
+    begin = (tl.maximum(first, 0) // BLOCK) * BLOCK
+    end = tl.minimum(last + 1, n)
+    f0 = ((tl.maximum(full_first, 0) + BLOCK - 1) // BLOCK) * BLOCK
+    f1 = tl.minimum((tl.minimum(full_last + 1, n) // BLOCK) * BLOCK, end)
+    f0 = tl.maximum(f0, begin)
+    empty = f1 <= f0
+    f0 = tl.where(empty, begin, f0)
+    f1 = tl.where(empty, begin, f1)
+    return begin, f0, f1, end
+
+
+@triton.jit
+def _seq_info(CuSeq, off_b, seqlen, VARLEN: tl.constexpr):
+    """(start offset in the packed dim, length) of sequence off_b."""
+    if VARLEN:
+        start = tl.load(CuSeq + off_b)
+        n = tl.load(CuSeq + off_b + 1) - start
+    else:
+        start = off_b * 0
+        n = seqlen + off_b * 0
+    return start, n
+
+
+@triton.jit
+def _load_rows(Base, rows, stride_n, offs_d, n_rows, CHECK_ROWS: tl.constexpr,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Load a (len(rows), BLOCK_D) tile; rows >= n_rows (when CHECK_ROWS) and d >= HEAD_DIM read 0."""
+    ptrs = Base + rows.to(tl.int64)[:, None] * stride_n + offs_d[None, :]
+    if CHECK_ROWS:
+        if BLOCK_D == HEAD_DIM:
+            t = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+        else:
+            t = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    else:
+        if BLOCK_D == HEAD_DIM:
+            t = tl.load(ptrs)
+        else:
+            t = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    return t
+
+
+@triton.jit
+def _store_rows(Base, rows, stride_n, offs_d, n_rows, value, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    ptrs = Base + rows.to(tl.int64)[:, None] * stride_n + offs_d[None, :]
+    if BLOCK_D == HEAD_DIM:
+        tl.store(ptrs, value.to(Base.dtype.element_ty), mask=rows[:, None] < n_rows)
+    else:
+        tl.store(ptrs, value.to(Base.dtype.element_ty), mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM))
+
+
+# -- forward ---------------------------------------------------------------------------------
+@triton.jit
+def _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, offs_n, offs_d,
+                    n_k, lo_row, hi_row, start, end, f0, f1, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        k = _load_rows(K_base, cols, stride_kn, offs_d, n_k, True, HEAD_DIM, BLOCK_D)
+        # -- scores in log2 units
+        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+        if (start_n < f0) | (start_n >= f1):  # kv tile partly masked for this q tile
+            visible = (cols[None, :] >= lo_row[:, None]) & (cols[None, :] <= hi_row[:, None])
+            s = tl.where(visible, s, float("-inf"))
+        # -- update m_i and l_i
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        # -- update the output accumulator
+        v = _load_rows(V_base, cols, stride_vn, offs_d, n_k, True, HEAD_DIM, BLOCK_D)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, Out, Lse, CuSeqQ, CuSeqK,
+              stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+              stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+              stride_lb, stride_lh,
+              seqlen_q, seqlen_k, group, qk_scale, win_left, win_right, chunk,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, CHUNKED: tl.constexpr, VARLEN: tl.constexpr,
+              INPUT_PRECISION: tl.constexpr):
+    """One (BLOCK_M query tile, q head, sequence) per program; grid (cdiv(max Nq, BLOCK_M), Hq, B).
+
+    Heaviest tiles (last rows, causal) are scheduled first.
+    """
+    start_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2)
+    off_hk = off_h // group
+    q_start, n_q = _seq_info(CuSeqQ, off_b, seqlen_q, VARLEN)
+    k_start, n_k = _seq_info(CuSeqK, off_b, seqlen_k, VARLEN)
+    shift = n_k - n_q
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    b64 = off_b.to(tl.int64)
+    Q_base = Q + b64 * stride_qb + off_h.to(tl.int64) * stride_qh + q_start.to(tl.int64) * stride_qn
+    K_base = K + b64 * stride_kb + off_hk.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_kn
+    V_base = V + b64 * stride_vb + off_hk.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vn
+
+    # -- visible kv range of this q tile (first/last row), and its fully visible part
+    m_first = start_m * BLOCK_M
+    m_last = tl.minimum(m_first + BLOCK_M, n_q) - 1
+    lo_first, hi_first = _row_bounds(m_first, shift, win_left, win_right, chunk, CHUNKED)
+    lo_last, hi_last = _row_bounds(m_last, shift, win_left, win_right, chunk, CHUNKED)
+    hi_last = tl.where(m_first < n_q, hi_last, -1)  # tile past the end of this sequence: no work
+    begin, f0, f1, end = _tile_ranges(lo_first, hi_last, lo_last, hi_first, n_k, BLOCK_N)
+    lo_row, hi_row = _row_bounds(offs_m, shift, win_left, win_right, chunk, CHUNKED)
+    hi_row = tl.minimum(hi_row, n_k - 1)
+
+    q = _load_rows(Q_base, offs_m, stride_qn, offs_d, n_q, True, HEAD_DIM, BLOCK_D)
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: no inf - inf on empty rows
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, offs_n,
+                                    offs_d, n_k, lo_row, hi_row, begin, end, f0, f1, qk_scale,
+                                    HEAD_DIM, BLOCK_D, BLOCK_N, INPUT_PRECISION)
+
+    # -- epilogue: rows with no visible key -> output 0, LSE -inf
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    O_base = Out + b64 * stride_ob + off_h.to(tl.int64) * stride_oh + q_start.to(tl.int64) * stride_on
+    _store_rows(O_base, offs_m, stride_on, offs_d, n_q, out, HEAD_DIM, BLOCK_D)
+    L_base = Lse + b64 * stride_lb + off_h.to(tl.int64) * stride_lh + q_start.to(tl.int64)
+    tl.store(L_base + offs_m, lse, mask=offs_m < n_q)
+
+
+@triton.jit
+def _attn_bwd_preprocess(Out, DO, Delta, CuSeqQ,
+                         stride_ob, stride_oh, stride_on, stride_db, stride_dh, stride_dn,
+                         stride_lb, stride_lh, seqlen_q,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                         VARLEN: tl.constexpr):
+    """Delta = rowsum(dO * O) in fp32, laid out like LSE; grid (cdiv(max Nq, BLOCK_M), Hq, B)."""
+    start_m = tl.program_id(0)
+    off_h = tl.program_id(1).to(tl.int64)
+    off_b = tl.program_id(2)
+    q_start, n_q = _seq_info(CuSeqQ, off_b, seqlen_q, VARLEN)
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    b64 = off_b.to(tl.int64)
+    qs = q_start.to(tl.int64)
+    o = _load_rows(Out + b64 * stride_ob + off_h * stride_oh + qs * stride_on, offs_m, stride_on,
+                   offs_d, n_q, True, HEAD_DIM, BLOCK_D)
+    do = _load_rows(DO + b64 * stride_db + off_h * stride_dh + qs * stride_dn, offs_m, stride_dn,
+                    offs_d, n_q, True, HEAD_DIM, BLOCK_D)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + b64 * stride_lb + off_h * stride_lh + qs + offs_m, delta, mask=offs_m < n_q)
+
+
+# -- launchers ---------------------------------------------------------------------------------
+def canonical_strides(t, varlen=False):
+    """(stride_b, stride_h, stride_n) of a canonical 4-D (B, H, N, D) view with unit last stride;
+    varlen (1, H, total, D) views get stride_b = 0 (sequences are located by cu_seqlens)."""
+    assert t.stride(-1) == 1 or t.shape[-1] == 1, "last dim must have stride 1"
+    return 0 if varlen else t.stride(0), t.stride(1), t.stride(2)
+
+
+def _launch(kernel, grid, args, constexprs, cfg, interpret, autotune_configs=None):
+    if interpret:
+        from ._interp import interpreted
+
+        return interpreted(kernel)[grid](*args, **constexprs)
+    if autotune_configs is not None:
+        return kernel[grid](*args, **constexprs)
+    return kernel[grid](*args, **constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _input_precision(dtype):
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def lse_strides(lse, varlen):
+    """(stride_b, stride_h) of LSE/Delta: (B, H, Nq) dense, (H, total_q) varlen."""
+    return (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
+
+
+def attn_fwd(q, k, v, out, lse, *, batch, seqlen_q, seqlen_k, max_seqlen_q, cu_seqlens_q=None,
+             cu_seqlens_k=None, qk_scale, win_left, win_right, chunk_size=None, config=None,
+             interpret=False):
+    """Launch ``_attn_fwd`` on canonical 4-D views q (.., Hq, N, D), k/v (.., Hkv, N, D), out like q.
+
+    win_left/win_right: window sizes with UNBOUNDED for -1 (causal already folded into right=0).
+    qk_scale = softmax_scale * log2(e). config: AttnConfig (None: heuristic or autotune on GPU).
+    """
+    varlen = cu_seqlens_q is not None
+    hq, hkv, d = q.shape[1], k.shape[1], q.shape[-1]
+    bd = block_d(d)
+    cu_q = cu_seqlens_q if varlen else q  # dummy pointer when dense (never read)
+    cu_k = cu_seqlens_k if varlen else q
+    args = (q, k, v, out, lse, cu_q, cu_k, *canonical_strides(q, varlen), *canonical_strides(k, varlen),
+            *canonical_strides(v, varlen), *canonical_strides(out, varlen), *lse_strides(lse, varlen),
+            seqlen_q, seqlen_k, hq // hkv, qk_scale, win_left, win_right, chunk_size or 1)
+    constexprs = dict(HEAD_DIM=d, BLOCK_D=bd, CHUNKED=chunk_size is not None, VARLEN=varlen,
+                      INPUT_PRECISION=_input_precision(q.dtype))
+    if config is None and not interpret and autotune_enabled():
+        kernel = _autotuned(_attn_fwd, fwd_configs(_cc(q), d, q.dtype))
+        grid = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), hq, batch)  # noqa: E731
+        return _launch(kernel, grid, args, constexprs, None, False, autotune_configs=True)
+    if config is None:
+        config = SMOKE_FWD if interpret else pick_fwd_config(_cc(q), d, q.dtype, max_seqlen_q)
+    grid = (triton.cdiv(max_seqlen_q, config.BLOCK_M), hq, batch)
+    constexprs.update(BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N)
+    _launch(_attn_fwd, grid, args, constexprs, config, interpret)
+
+
+def attn_bwd_preprocess(out, do, delta, *, batch, seqlen_q, max_seqlen_q, cu_seqlens_q=None,
+                        interpret=False):
+    varlen = cu_seqlens_q is not None
+    d = out.shape[-1]
+    block_m = 64 if block_d(d) <= 128 else 32
+    grid = (triton.cdiv(max_seqlen_q, block_m), out.shape[1], batch)
+    args = (out, do, delta, cu_seqlens_q if varlen else out, *canonical_strides(out, varlen),
+            *canonical_strides(do, varlen), *lse_strides(delta, varlen), seqlen_q)
+    constexprs = dict(HEAD_DIM=d, BLOCK_D=block_d(d), BLOCK_M=block_m, VARLEN=varlen)
+    _launch(_attn_bwd_preprocess, grid, args, constexprs, AttnConfig(block_m, 0, 4, 1), interpret)
+
+
+def _cc(t):
+    major, minor = torch.cuda.get_device_capability(t.device)
+    return major * 10 + minor
+
+
+_AUTOTUNED = {}
+
+
+def _autotuned(kernel, cfgs):
+    """triton.autotune wrapper of ``kernel`` over ``cfgs`` (GPU only; FASTTFM_AUTOTUNE=1)."""
+    key = (kernel, tuple(cfgs))
+    if key not in _AUTOTUNED:
+        tc = [triton.Config({"BLOCK_M": c.BLOCK_M, "BLOCK_N": c.BLOCK_N}, num_warps=c.num_warps,
+                            num_stages=c.num_stages) for c in cfgs]
+        _AUTOTUNED[key] = triton.autotune(tc, key=["seqlen_q", "seqlen_k", "HEAD_DIM", "CHUNKED", "VARLEN",
+                                                   "win_left", "win_right"])(kernel)
+    return _AUTOTUNED[key]
+
+
+# -- static report -----------------------------------------------------------------------------
+_DT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+_CONSTEXPRS = {"HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "CHUNKED", "VARLEN", "INPUT_PRECISION"}
+
+
+def aot_signature(kernel, dt):
+    """Triton signature of an attention kernel for data type ``dt`` ("fp16", "bf16", "fp32")."""
+    sig = {}
+    for name in kernel.arg_names:
+        if name in _CONSTEXPRS:
+            sig[name] = "constexpr"
+        elif name in ("Lse", "Delta"):
+            sig[name] = "*fp32"
+        elif name.startswith("CuSeq"):
+            sig[name] = "*i32"
+        elif name[0].isupper():
+            sig[name] = f"*{dt}"
+        else:
+            sig[name] = "fp32" if name.endswith("scale") else "i32"
+    return sig
+
+
+def aot_attrs(kernel, signature):
+    """Divisibility-by-16 hints the JIT derives at launch: tensor pointers (torch allocations are
+    16-byte aligned) and q/k/v/o/grad strides (multiples of 16 for head dims that are)."""
+    return {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
+            if signature[n].startswith("*") or (n.startswith("stride_") and n not in ("stride_lb", "stride_lh"))}
+
+
+def aot_cases(cc):
+    """Every forward/backward config this module may launch on ``cc`` (80 or 90), fp16 and bf16
+    at the head dims that fill each bucket (64, 128, 256), plus the fp32 configs at d64."""
+    from . import attention_bwd
+
+    cases = []
+    for d in (64, 128, 256):
+        for dtype in (torch.float16, torch.bfloat16):
+            dt = _DT[dtype]
+            for cfg in fwd_configs(cc, d, dtype):
+                cx = dict(HEAD_DIM=d, BLOCK_D=block_d(d), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+                          CHUNKED=False, VARLEN=False, INPUT_PRECISION="tf32")
+                sig = aot_signature(_attn_fwd, dt)
+                cases.append(AotCase(f"attn_fwd[{dt},d{d},bm{cfg.BLOCK_M},bn{cfg.BLOCK_N},w{cfg.num_warps},"
+                                     f"s{cfg.num_stages}]", _attn_fwd, sig, cx, cfg.num_warps, cfg.num_stages,
+                                     attrs=aot_attrs(_attn_fwd, sig)))
+            cases += attention_bwd.aot_cases_bwd(cc, d, dtype, dt)
+    cases += attention_bwd.aot_cases_bwd(cc, 64, torch.float32, "fp32")
+    for d in (64, 128, 256):  # the memory-bound Delta preprocess (no tensor cores)
+        sig = aot_signature(_attn_bwd_preprocess, "bf16")
+        cx = dict(HEAD_DIM=d, BLOCK_D=block_d(d), BLOCK_M=64 if d <= 128 else 32, VARLEN=False)
+        cases.append(AotCase(f"attn_bwd_preprocess[bf16,d{d}]", _attn_bwd_preprocess, sig, cx, 4, 1,
+                             tensor_core=False, attrs=aot_attrs(_attn_bwd_preprocess, sig)))
+    # chunked + varlen variants of each kernel's default config (d128 bf16): must compile too
+    for case in [c for c in cases if ",d128," in c.name and "bf16" in c.name]:
+        first = next(c for c in cases if c.kernel is case.kernel and ",d128," in c.name and "bf16" in c.name)
+        if case is first:
+            cases.append(dataclasses.replace(case, name=case.name.replace("]", ",chunked,varlen]"),
+                                             constexprs=dict(case.constexprs, CHUNKED=True, VARLEN=True)))
+    for cfg in fwd_configs(cc, 64, torch.float32):
+        cx = dict(HEAD_DIM=64, BLOCK_D=64, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, CHUNKED=False,
+                  VARLEN=False, INPUT_PRECISION="ieee")
+        sig = aot_signature(_attn_fwd, "fp32")
+        cases.append(AotCase(f"attn_fwd[fp32,d64,bm{cfg.BLOCK_M},bn{cfg.BLOCK_N},w{cfg.num_warps},s{cfg.num_stages}]",
+                             _attn_fwd, sig, cx, cfg.num_warps, cfg.num_stages, tensor_core=False,
+                             attrs=aot_attrs(_attn_fwd, sig)))
+    return cases

@@ -1,0 +1,297 @@
+"""Flash attention backward in Triton: ``_attn_bwd_dkdv`` and ``_attn_bwd_dq`` (no atomics, so
+bitwise deterministic), their launchers and configs. Mask helpers, canonical views and the
+masking rules are those of ``kernels/attention.py``.
+
+Math (S = scale * Q K^T masked, P = exp(S - LSE), Delta = rowsum(dO * O) from the preprocess):
+    dV = P^T dO,  dP = dO V^T,  dS = P * (dP - Delta),  dQ = scale * dS K,  dK = scale * dS^T Q.
+The dK/dV kernel owns one kv tile of one kv head and loops over the q heads of its GQA group and
+the q tiles that can see the tile (the inverse of the forward's kv range), so GQA gradients are
+summed in registers in a fixed order. The dQ kernel owns one q tile and loops over the same kv
+range as the forward. Rows with LSE -inf (no visible key) and rows past the end use LSE +inf,
+so their P and gradients are exactly 0.
+"""
+from collections import namedtuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._aot import AotCase
+from .attention import (AttnConfig, _autotuned, _cc, _col_bounds, _input_precision, _launch, _load_rows,
+                        _row_bounds, _seq_info, _store_rows, _tile_ranges, autotune_enabled, block_d,
+                        canonical_strides, lse_strides, _bucket, _arch, aot_signature, aot_attrs)
+
+__all__ = ["attn_bwd_dkdv", "attn_bwd_dq", "bwd_configs", "SMOKE_BWD"]
+
+LOG2E = 1.4426950408889634
+
+BwdConfigs = namedtuple("BwdConfigs", "dkdv dq")
+# AttnConfig for dK/dV: BLOCK_M = q rows per step, BLOCK_N = kv rows owned; for dQ: BLOCK_M = q
+# rows owned, BLOCK_N = kv rows per step.
+_DKDV_CONFIGS = {  # measured (fp16): registers, smem
+    9: [(64, [AttnConfig(64, 128, 8, 3),     # 254 regs, 81 KB
+              AttnConfig(64, 64, 8, 3),      # 210 regs, 73 KB
+              AttnConfig(32, 64, 4, 3)]),    # 190 regs, 40 KB
+        (128, [AttnConfig(32, 64, 8, 2),     # 207 regs, 68 KB
+               AttnConfig(16, 64, 4, 3)]),   # 249 regs, 56 KB
+        (256, [AttnConfig(32, 64, 8, 1)])],  # 255 regs, 100 KB (the only spill-free HGMMA one found)
+    8: [(64, [AttnConfig(32, 64, 4, 2),      # 255 regs, 24 KB
+              AttnConfig(64, 32, 4, 2),      # 212 regs, 28 KB
+              AttnConfig(32, 32, 4, 3)]),    # 156 regs, 26 KB
+        (128, [AttnConfig(64, 64, 8, 2),     # 233 regs, 72 KB
+               AttnConfig(32, 32, 4, 3)]),   # 227 regs, 50 KB
+        (256, [AttnConfig(32, 64, 8, 1),     # 255 regs, 112 KB
+               AttnConfig(16, 32, 4, 2)])],  # 255 regs, 49 KB
+}
+_DQ_CONFIGS = {
+    9: [(64, [AttnConfig(128, 64, 8, 3),     # 133 regs, 80 KB
+              AttnConfig(64, 64, 4, 3)]),    # 133 regs, 64 KB
+        (128, [AttnConfig(128, 64, 8, 3),    # 174 regs, 160 KB
+               AttnConfig(64, 64, 4, 3)]),   # 180 regs, 128 KB
+        (256, [AttnConfig(64, 64, 4, 2),     # 255 regs, 192 KB
+               AttnConfig(64, 32, 4, 2)])],  # 252 regs, 128 KB
+    8: [(64, [AttnConfig(128, 64, 8, 2),     # 255 regs, 56 KB
+              AttnConfig(64, 32, 4, 2)]),    # 200 regs, 28 KB
+        (128, [AttnConfig(64, 64, 4, 2),     # 255 regs, 72 KB
+               AttnConfig(64, 32, 4, 2)]),   # 200 regs, 52 KB
+        (256, [AttnConfig(32, 32, 4, 2),     # 210 regs, 68 KB
+               AttnConfig(16, 64, 4, 2)])],  # 197 regs, 82 KB
+}
+SMOKE_BWD = BwdConfigs(AttnConfig(32, 32, 4, 1), AttnConfig(32, 32, 4, 1))
+
+
+def bwd_configs(cc, head_dim, dtype=torch.float16):
+    """(dK/dV tuning list, dQ tuning list) for compute capability ``cc`` and head dim."""
+    elt = torch.empty((), dtype=dtype).element_size()
+    if elt == 4:
+        small = [AttnConfig(32, 32, 4, 2)]
+        return BwdConfigs(small, small)
+    return BwdConfigs(list(_bucket(_DKDV_CONFIGS[_arch(cc)], head_dim)), list(_bucket(_DQ_CONFIGS[_arch(cc)], head_dim)))
+
+
+# -- dK / dV ---------------------------------------------------------------------------------
+@triton.jit
+def _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, stride_qn, stride_dn,
+                         offs_m, offs_d, cols, n_q, shift, win_left, win_right, chunk, start, end, f0, f1, qk_scale,
+                         CHUNKED: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    for start_m in range(start, end, BLOCK_M):
+        rows = start_m + offs_m
+        q = _load_rows(Q_base, rows, stride_qn, offs_d, n_q, True, HEAD_DIM, BLOCK_D)
+        lse = tl.load(L_base + rows, mask=rows < n_q, other=float("inf"))
+        delta = tl.load(D_base + rows, mask=rows < n_q, other=0.0)
+        lse = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        # -- P^T for this tile (BLOCK_N, BLOCK_M)
+        s_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale
+        p_t = tl.exp2(s_t - lse[None, :])
+        if (start_m < f0) | (start_m >= f1):  # q tile partly masked for this kv tile
+            lo_row, hi_row = _row_bounds(rows, shift, win_left, win_right, chunk, CHUNKED)
+            visible = (cols[:, None] >= lo_row[None, :]) & (cols[:, None] <= hi_row[None, :]) \
+                & (rows[None, :] < n_q)
+            p_t = tl.where(visible, p_t, 0.0)
+        do = _load_rows(DO_base, rows, stride_dn, offs_d, n_q, True, HEAD_DIM, BLOCK_D)
+        # -- dV += P^T dO ; dS^T = P^T * (dP^T - Delta) ; dK += dS^T Q
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=INPUT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, Lse, Delta, CuSeqQ, CuSeqK,
+                   stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                   stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn,
+                   stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+                   stride_lb, stride_lh,
+                   seqlen_q, seqlen_k, group, qk_scale, sm_scale, win_left, win_right, chunk,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, CHUNKED: tl.constexpr, VARLEN: tl.constexpr,
+                   INPUT_PRECISION: tl.constexpr):
+    """One (BLOCK_N kv tile, kv head, sequence) per program; grid (cdiv(max Nk, BLOCK_N), Hkv, B)."""
+    start_n = tl.program_id(0)
+    off_hk = tl.program_id(1)
+    off_b = tl.program_id(2)
+    q_start, n_q = _seq_info(CuSeqQ, off_b, seqlen_q, VARLEN)
+    k_start, n_k = _seq_info(CuSeqK, off_b, seqlen_k, VARLEN)
+    shift = n_k - n_q
+    b64 = off_b.to(tl.int64)
+    qs = q_start.to(tl.int64)
+    ks = k_start.to(tl.int64)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    cols = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    K_base = K + b64 * stride_kb + off_hk.to(tl.int64) * stride_kh + ks * stride_kn
+    V_base = V + b64 * stride_vb + off_hk.to(tl.int64) * stride_vh + ks * stride_vn
+    k = _load_rows(K_base, cols, stride_kn, offs_d, n_k, True, HEAD_DIM, BLOCK_D)
+    v = _load_rows(V_base, cols, stride_vn, offs_d, n_k, True, HEAD_DIM, BLOCK_D)
+
+    # -- q rows that may see this kv tile, and rows that see all of it
+    n_first = start_n * BLOCK_N
+    n_last = tl.minimum(n_first + BLOCK_N, n_k) - 1
+    i_first, i_last = _col_bounds(n_first, n_last, shift, win_left, win_right, chunk, CHUNKED)
+    f_first, f_last = _col_bounds(n_last, n_first, shift, win_left, win_right, chunk, CHUNKED)
+    i_last = tl.where(n_first < n_k, i_last, -1)  # tile past the end of this sequence: no work
+    begin, f0, f1, end = _tile_ranges(i_first, i_last, f_first, f_last, n_q, BLOCK_M)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for g in range(0, group):  # the q heads sharing this kv head, in a fixed order
+        off_h = (off_hk * group + g).to(tl.int64)
+        Q_base = Q + b64 * stride_qb + off_h * stride_qh + qs * stride_qn
+        DO_base = DO + b64 * stride_db + off_h * stride_dh + qs * stride_dn
+        L_base = Lse + b64 * stride_lb + off_h * stride_lh + qs
+        D_base = Delta + b64 * stride_lb + off_h * stride_lh + qs
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, stride_qn, stride_dn,
+                                      offs_m, offs_d, cols, n_q, shift, win_left, win_right, chunk,
+                                      begin, end, f0, f1, qk_scale, CHUNKED, HEAD_DIM, BLOCK_D, BLOCK_M,
+                                      INPUT_PRECISION)
+    dk = dk * sm_scale
+    _store_rows(DK + b64 * stride_dkb + off_hk.to(tl.int64) * stride_dkh + ks * stride_dkn, cols, stride_dkn,
+                offs_d, n_k, dk, HEAD_DIM, BLOCK_D)
+    _store_rows(DV + b64 * stride_dvb + off_hk.to(tl.int64) * stride_dvh + ks * stride_dvn, cols, stride_dvn,
+                offs_d, n_k, dv, HEAD_DIM, BLOCK_D)
+
+
+# -- dQ --------------------------------------------------------------------------------------
+@triton.jit
+def _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_vn, offs_n, offs_d,
+                       n_k, lo_row, hi_row, start, end, f0, f1, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                       BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        k = _load_rows(K_base, cols, stride_kn, offs_d, n_k, True, HEAD_DIM, BLOCK_D)
+        v = _load_rows(V_base, cols, stride_vn, offs_d, n_k, True, HEAD_DIM, BLOCK_D)
+        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+        p = tl.exp2(s - lse[:, None])
+        if (start_n < f0) | (start_n >= f1):  # kv tile partly masked for this q tile
+            visible = (cols[None, :] >= lo_row[:, None]) & (cols[None, :] <= hi_row[:, None])
+            p = tl.where(visible, p, 0.0)
+        # -- dS = P * (dO V^T - Delta) ; dQ += dS K
+        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, DQ, Lse, Delta, CuSeqQ, CuSeqK,
+                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                 stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn,
+                 stride_dqb, stride_dqh, stride_dqn, stride_lb, stride_lh,
+                 seqlen_q, seqlen_k, group, qk_scale, sm_scale, win_left, win_right, chunk,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, CHUNKED: tl.constexpr, VARLEN: tl.constexpr,
+                 INPUT_PRECISION: tl.constexpr):
+    """One (BLOCK_M q tile, q head, sequence) per program; grid (cdiv(max Nq, BLOCK_M), Hq, B)."""
+    start_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2)
+    off_hk = off_h // group
+    q_start, n_q = _seq_info(CuSeqQ, off_b, seqlen_q, VARLEN)
+    k_start, n_k = _seq_info(CuSeqK, off_b, seqlen_k, VARLEN)
+    shift = n_k - n_q
+    b64 = off_b.to(tl.int64)
+    h64 = off_h.to(tl.int64)
+    qs = q_start.to(tl.int64)
+    ks = k_start.to(tl.int64)
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    K_base = K + b64 * stride_kb + off_hk.to(tl.int64) * stride_kh + ks * stride_kn
+    V_base = V + b64 * stride_vb + off_hk.to(tl.int64) * stride_vh + ks * stride_vn
+
+    m_first = start_m * BLOCK_M
+    m_last = tl.minimum(m_first + BLOCK_M, n_q) - 1
+    lo_first, hi_first = _row_bounds(m_first, shift, win_left, win_right, chunk, CHUNKED)
+    lo_last, hi_last = _row_bounds(m_last, shift, win_left, win_right, chunk, CHUNKED)
+    hi_last = tl.where(m_first < n_q, hi_last, -1)
+    begin, f0, f1, end = _tile_ranges(lo_first, hi_last, lo_last, hi_first, n_k, BLOCK_N)
+    lo_row, hi_row = _row_bounds(offs_m, shift, win_left, win_right, chunk, CHUNKED)
+    hi_row = tl.minimum(hi_row, n_k - 1)
+
+    q = _load_rows(Q + b64 * stride_qb + h64 * stride_qh + qs * stride_qn, offs_m, stride_qn, offs_d, n_q,
+                   True, HEAD_DIM, BLOCK_D)
+    do = _load_rows(DO + b64 * stride_db + h64 * stride_dh + qs * stride_dn, offs_m, stride_dn, offs_d, n_q,
+                    True, HEAD_DIM, BLOCK_D)
+    L_off = b64 * stride_lb + h64 * stride_lh + qs
+    lse = tl.load(Lse + L_off + offs_m, mask=offs_m < n_q, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(Delta + L_off + offs_m, mask=offs_m < n_q, other=0.0)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_vn, offs_n, offs_d,
+                            n_k, lo_row, hi_row, begin, end, f0, f1, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N,
+                            INPUT_PRECISION)
+    dq = dq * sm_scale
+    _store_rows(DQ + b64 * stride_dqb + h64 * stride_dqh + qs * stride_dqn, offs_m, stride_dqn, offs_d, n_q,
+                dq, HEAD_DIM, BLOCK_D)
+
+
+# -- launchers ---------------------------------------------------------------------------------
+def _common(q, k, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k, sm_scale, win_left, win_right, chunk_size):
+    varlen = cu_seqlens_q is not None
+    tail = (seqlen_q, seqlen_k, q.shape[1] // k.shape[1], sm_scale * LOG2E, sm_scale, win_left, win_right,
+            chunk_size or 1)
+    cx = dict(HEAD_DIM=q.shape[-1], BLOCK_D=block_d(q.shape[-1]), CHUNKED=chunk_size is not None,
+              VARLEN=varlen, INPUT_PRECISION=_input_precision(q.dtype))
+    cus = (cu_seqlens_q, cu_seqlens_k) if varlen else (q, q)
+    return varlen, tail, cx, cus
+
+
+def attn_bwd_dkdv(q, k, v, do, dk, dv, lse, delta, *, batch, seqlen_q, seqlen_k, max_seqlen_k,
+                  cu_seqlens_q=None, cu_seqlens_k=None, sm_scale, win_left, win_right, chunk_size=None,
+                  config=None, interpret=False):
+    """Launch ``_attn_bwd_dkdv`` on canonical 4-D views (see attn_fwd); dk/dv shaped like k/v."""
+    varlen, tail, cx, cus = _common(q, k, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k, sm_scale,
+                                    win_left, win_right, chunk_size)
+    args = (q, k, v, do, dk, dv, lse, delta, *cus, *canonical_strides(q, varlen), *canonical_strides(k, varlen),
+            *canonical_strides(v, varlen), *canonical_strides(do, varlen), *canonical_strides(dk, varlen), *canonical_strides(dv, varlen),
+            *lse_strides(lse, varlen), *tail)
+    hkv = k.shape[1]
+    if config is None and not interpret and autotune_enabled():
+        kernel = _autotuned(_attn_bwd_dkdv, bwd_configs(_cc(q), q.shape[-1], q.dtype).dkdv)
+        grid = lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), hkv, batch)  # noqa: E731
+        return _launch(kernel, grid, args, cx, None, False, autotune_configs=True)
+    if config is None:
+        config = SMOKE_BWD.dkdv if interpret else bwd_configs(_cc(q), q.shape[-1], q.dtype).dkdv[0]
+    cx.update(BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N)
+    _launch(_attn_bwd_dkdv, (triton.cdiv(max_seqlen_k, config.BLOCK_N), hkv, batch), args, cx, config, interpret)
+
+
+def attn_bwd_dq(q, k, v, do, dq, lse, delta, *, batch, seqlen_q, seqlen_k, max_seqlen_q,
+                cu_seqlens_q=None, cu_seqlens_k=None, sm_scale, win_left, win_right, chunk_size=None,
+                config=None, interpret=False):
+    """Launch ``_attn_bwd_dq`` on canonical 4-D views (see attn_fwd); dq shaped like q."""
+    varlen, tail, cx, cus = _common(q, k, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k, sm_scale,
+                                    win_left, win_right, chunk_size)
+    args = (q, k, v, do, dq, lse, delta, *cus, *canonical_strides(q, varlen), *canonical_strides(k, varlen),
+            *canonical_strides(v, varlen), *canonical_strides(do, varlen), *canonical_strides(dq, varlen),
+            *lse_strides(lse, varlen), *tail)
+    hq = q.shape[1]
+    if config is None and not interpret and autotune_enabled():
+        kernel = _autotuned(_attn_bwd_dq, bwd_configs(_cc(q), q.shape[-1], q.dtype).dq)
+        grid = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), hq, batch)  # noqa: E731
+        return _launch(kernel, grid, args, cx, None, False, autotune_configs=True)
+    if config is None:
+        config = SMOKE_BWD.dq if interpret else bwd_configs(_cc(q), q.shape[-1], q.dtype).dq[0]
+    cx.update(BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N)
+    _launch(_attn_bwd_dq, (triton.cdiv(max_seqlen_q, config.BLOCK_M), hq, batch), args, cx, config, interpret)
+
+
+# -- static report -----------------------------------------------------------------------------
+def aot_cases_bwd(cc, d, dtype, dt):
+    cases = []
+    cfgs = bwd_configs(cc, d, dtype)
+    for kernel, name, lst in ((_attn_bwd_dkdv, "attn_bwd_dkdv", cfgs.dkdv), (_attn_bwd_dq, "attn_bwd_dq", cfgs.dq)):
+        for cfg in lst:
+            fp32 = dtype == torch.float32
+            cx = dict(HEAD_DIM=d, BLOCK_D=block_d(d), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+                      CHUNKED=False, VARLEN=False, INPUT_PRECISION="ieee" if fp32 else "tf32")
+            sig = aot_signature(kernel, dt)
+            cases.append(AotCase(f"{name}[{dt},d{d},bm{cfg.BLOCK_M},bn{cfg.BLOCK_N},w{cfg.num_warps},"
+                                 f"s{cfg.num_stages}]", kernel, sig, cx, cfg.num_warps, cfg.num_stages,
+                                 tensor_core=not fp32, attrs=aot_attrs(kernel, sig)))
+    return cases

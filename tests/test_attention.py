@@ -1,0 +1,492 @@
+"""fasttfm attention: kernels (through the interpreter here, compiled on a GPU runner), the CPU path,
+custom ops, torch.compile, SDPA wrapper and input checks.
+
+Reference: float64 attention from an explicit dense (Nq, Nk) mask written from the definition
+(``dense_mask``), independent of the kernels' interval/tile logic. Tolerances: FlashAttention's
+relative oracle (tests/oracle.py): error <= 2x (outputs) / 3x (gradients) the error of the same
+reference evaluated in the low precision, plus a floor. bf16 under the interpreter runs with
+``tests/triton_bf16.py``'s patch (dot, casts, arithmetic, reductions).
+"""
+import contextlib
+import itertools
+
+import pytest
+import torch
+
+from fasttfm._env import emulate
+from fasttfm.ops import attention as A
+from kernels import attention as KA, attention_bwd as KB
+from tests.oracle import assert_close_oracle, poison_, require_gpu
+from tests.triton_bf16 import bf16_interpreter
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def dense_mask(nq, nk, causal=False, window=(-1, -1), chunk=None):
+    """(nq, nk) bool: query i sees key j (FlashAttention's bottom-right conventions)."""
+    mask = torch.zeros(nq, nk, dtype=torch.bool)
+    left, right = window
+    if causal:
+        right = 0
+    for i in range(nq):
+        p = i + nk - nq
+        for j in range(nk):
+            ok = (left < 0 or j >= p - left) and (right < 0 or j <= p + right)
+            if chunk:
+                ok = ok and (p // chunk == j // chunk)  # Python floor division
+            mask[i, j] = ok
+    return mask
+
+
+def ref_attention(q, k, v, mask, scale):
+    """Dense attention on (B, Hq, N, D) tensors in their own dtype (GQA by repeat); (out, lse)."""
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    s = (q @ k.transpose(-1, -2)) * scale
+    s = s.masked_fill(~mask, float("-inf"))
+    s = s.to(torch.promote_types(s.dtype, torch.float32))  # softmax in >= fp32, as PyTorch's op
+    lse = torch.logsumexp(s, -1)
+    p = torch.softmax(s, -1).nan_to_num(0.0).to(q.dtype)
+    return p @ v, lse
+
+
+@contextlib.contextmanager
+def mode_ctx(mode, dtype):
+    with contextlib.ExitStack() as st:
+        st.enter_context(emulate(mode == "emu"))
+        if mode == "emu" and dtype == torch.bfloat16:
+            st.enter_context(bf16_interpreter())
+        yield
+
+
+def device_of(mode):
+    if mode == "cuda":
+        require_gpu()
+        return "cuda"
+    return "cpu"
+
+
+def to_layout(t, layout):
+    return t.transpose(1, 2).contiguous().transpose(1, 2) if layout == "bnhd_mem" else t
+
+
+def check_case(mode, dtype, b, hq, hkv, nq, nk, d, causal=False, window=(-1, -1), chunk=None, layout="bhnd",
+               grads=True):
+    dev = device_of(mode)
+    scale = d ** -0.5
+    q64 = torch.randn(b, hq, nq, d, dtype=torch.float64)
+    k64 = torch.randn(b, hkv, nk, d, dtype=torch.float64)
+    v64 = torch.randn(b, hkv, nk, d, dtype=torch.float64)
+    do64 = torch.randn(b, hq, nq, d, dtype=torch.float64)
+    # inputs rounded to dtype once; the references start from exactly these values
+    q, k, v, do = (t.to(dtype) for t in (q64, k64, v64, do64))
+    mask = dense_mask(nq, nk, causal, window, chunk)
+    refs = {}
+    for name, dt in (("64", torch.float64), ("lowp", dtype)):
+        qq, kk, vv = (t.to(dt).requires_grad_() for t in (q, k, v))
+        o, lse = ref_attention(qq, kk, vv, mask, scale)
+        grads_ = torch.autograd.grad(o, (qq, kk, vv), do.to(dt)) if grads else (None,) * 3
+        refs[name] = (o, lse, *grads_)
+    lse32 = ref_attention(q.float(), k.float(), v.float(), mask, scale)[1]
+
+    def put(t):  # (B, H, N, D) values in the requested memory layout
+        t = t.to(dev)
+        if layout == "bnhd":
+            return t.transpose(1, 2).contiguous()
+        if layout == "strided":  # non-contiguous: a slice of a wider (B, N, H, 2D) buffer, as bhnd view
+            buf = torch.randn(t.shape[0], t.shape[2], t.shape[1], 2 * t.shape[3], dtype=t.dtype, device=dev)
+            view = buf[..., t.shape[3]:].transpose(1, 2)
+            view.copy_(t)
+            return view
+        return t
+
+    lay = "bnhd" if layout == "bnhd" else "bhnd"
+    qd, kd, vd = (put(t).requires_grad_(grads) for t in (q, k, v))
+    with mode_ctx(mode, dtype):
+        out, lse = A.attention(qd, kd, vd, causal=causal, window=window, chunk_size=chunk, layout=lay,
+                               return_lse=True)
+        if grads:
+            dq, dk, dv = torch.autograd.grad(out, (qd, kd, vd), put(do))
+    back = (lambda t: t.transpose(1, 2)) if layout == "bnhd" else (lambda t: t)
+    assert_close_oracle(back(out), refs["64"][0], refs["lowp"][0], factor=2.0, name="out")
+    assert_close_oracle(lse, refs["64"][1], lse32, factor=2.0, floor=1e-4, name="lse")
+    if grads:
+        for i, (name, g) in enumerate((("dq", dq), ("dk", dk), ("dv", dv))):
+            assert_close_oracle(back(g), refs["64"][2 + i], refs["lowp"][2 + i], factor=3.0, name=name,
+                                floor=grad_floor(dtype, refs["64"][2:]))
+
+
+def grad_floor(dtype, grads64):
+    """Absolute floor for gradients: the dtype's floor times the problem's gradient scale (a
+    gradient can be exactly 0 in the reference, e.g. dq when each row sees one key)."""
+    return {F32: 1e-6, F16: 1e-4, BF16: 1e-3}[dtype] * max(1.0, *(g.abs().max().item() for g in grads64))
+
+
+# -- kernels vs reference ----------------------------------------------------------------------
+F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
+# (dtype, B, Hq, Hkv, Nq, Nk, D, causal, window, chunk, layout): a representative subset of the
+# cross product dtype x head dim x (Nq, Nk) x mask x GQA x layout.
+CASES = [
+    (F16, 1, 2, 2, 113, 203, 64, False, (-1, -1), None, "bhnd"),
+    (BF16, 1, 2, 1, 113, 203, 80, True, (-1, -1), None, "bnhd"),
+    (F32, 1, 2, 2, 256, 256, 32, True, (-1, -1), None, "bhnd"),
+    (F16, 2, 4, 2, 300, 128, 32, True, (-1, -1), None, "bhnd"),  # Nq > Nk: rows with no key
+    (F16, 1, 2, 2, 1, 257, 128, True, (-1, -1), None, "bhnd"),
+    (BF16, 1, 1, 1, 256, 256, 256, False, (40, 7), None, "bhnd"),
+    (F16, 1, 3, 1, 113, 203, 32, True, (50, -1), None, "strided"),
+    (F16, 1, 2, 2, 200, 200, 64, False, (-1, -1), 64, "bhnd"),
+    (BF16, 1, 2, 2, 113, 203, 64, True, (-1, -1), 48, "bnhd"),
+    (F16, 1, 4, 2, 300, 128, 64, False, (20, 10), 32, "bhnd"),
+    (F32, 1, 2, 1, 113, 203, 96, False, (0, 0), None, "bhnd"),
+    (F16, 1, 2, 2, 128, 128, 160, True, (16, -1), 40, "bhnd"),
+]
+
+
+@pytest.mark.parametrize("mode", ["emu", "cpu", "cuda"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(x).replace("torch.", "") for x in c))
+def test_attention_matches_reference(mode, case):
+    dtype, b, hq, hkv, nq, nk, d, causal, window, chunk, layout = case
+    check_case(mode, dtype, b, hq, hkv, nq, nk, d, causal, window, chunk, layout)
+
+
+def varlen_ref(q, k, v, do, cu_q, cu_k, scale, **mask_kw):
+    """Per-sequence dense reference on packed (total, H, D) tensors; returns out, lse, dq, dk, dv."""
+    out = torch.zeros_like(q)
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32 if q.dtype != torch.float64 else q.dtype)
+    qq, kk, vv = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    outs = []
+    for i in range(len(cu_q) - 1):
+        a, b_, c, e = cu_q[i], cu_q[i + 1], cu_k[i], cu_k[i + 1]
+        m = dense_mask(b_ - a, e - c, **mask_kw)
+        o, l_ = ref_attention(*(t.transpose(0, 1).unsqueeze(0) for t in (qq[a:b_], kk[c:e], vv[c:e])), m, scale)
+        outs.append((a, b_, o[0].transpose(0, 1)))
+        lse[:, a:b_] = l_[0].to(lse.dtype).detach()
+    total = sum((o * do[a:b_]).sum() for a, b_, o in outs)
+    dq, dk, dv = torch.autograd.grad(total, (qq, kk, vv), allow_unused=True)
+    for a, b_, o in outs:
+        out[a:b_] = o.detach()
+    return out, lse, dq, dk, dv
+
+
+@pytest.mark.parametrize("mode", ["emu", "cpu", "cuda"])
+@pytest.mark.parametrize("dtype,mask_kw", [
+    (F16, dict(causal=True)),
+    (BF16, dict(causal=False, window=(16, 4), chunk=32)),
+    (F16, dict(causal=True, window=(24, -1))),
+])
+def test_varlen(mode, dtype, mask_kw):
+    dev = device_of(mode)
+    lens_q, lens_k = [37, 0, 70, 5, 64], [50, 3, 70, 1, 90]
+    cu_q = torch.tensor([0] + list(itertools.accumulate(lens_q)), dtype=torch.int32)
+    cu_k = torch.tensor([0] + list(itertools.accumulate(lens_k)), dtype=torch.int32)
+    hq, hkv, d = 4, 2, 64
+    q, k, v, do = (torch.randn(n, h, d, dtype=torch.float64).to(dtype)
+                   for n, h in ((cu_q[-1], hq), (cu_k[-1], hkv), (cu_k[-1], hkv), (cu_q[-1], hq)))
+    scale = d ** -0.5
+    r64 = varlen_ref(q.double(), k.double(), v.double(), do.double(), cu_q.tolist(), cu_k.tolist(), scale, **mask_kw)
+    rlp = varlen_ref(q, k, v, do, cu_q.tolist(), cu_k.tolist(), scale, **mask_kw)
+    r32 = varlen_ref(q.float(), k.float(), v.float(), do.float(), cu_q.tolist(), cu_k.tolist(), scale, **mask_kw)
+    qd, kd, vd = (t.to(dev).requires_grad_() for t in (q, k, v))
+    with mode_ctx(mode, dtype):
+        out, lse = A.attention(qd, kd, vd, cu_seqlens_q=cu_q.to(dev), cu_seqlens_k=cu_k.to(dev),
+                               max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k), return_lse=True,
+                               causal=mask_kw.get("causal", False), window=mask_kw.get("window", (-1, -1)),
+                               chunk_size=mask_kw.get("chunk"))
+        grads = torch.autograd.grad(out, (qd, kd, vd), do.to(dev))
+    assert_close_oracle(out, r64[0], rlp[0], name="out")
+    assert_close_oracle(lse, r64[1], r32[1], floor=1e-4, name="lse")
+    for i, name in enumerate(("dq", "dk", "dv")):
+        assert_close_oracle(grads[i], r64[2 + i], rlp[2 + i], factor=3.0, name=name)
+
+
+@pytest.mark.parametrize("mode", ["emu", "cpu", "cuda"])
+def test_fully_masked_rows(mode):
+    """Rows with no visible key: out 0, LSE -inf, finite zero gradients (causal with Nq > Nk, and
+    a chunk whose aligned query position is negative)."""
+    dev = device_of(mode)
+    q = torch.randn(1, 2, 70, 32, device=dev, dtype=F16, requires_grad=True)
+    k = torch.randn(1, 2, 40, 32, device=dev, dtype=F16, requires_grad=True)
+    v = torch.randn(1, 2, 40, 32, device=dev, dtype=F16, requires_grad=True)
+    for kw in (dict(causal=True), dict(chunk_size=16), dict(window=(3, -1), causal=True)):
+        with mode_ctx(mode, F16):
+            out, lse = A.attention(q, k, v, return_lse=True, **kw)
+            dq, dk, dv = torch.autograd.grad(out.float().sum(), (q, k, v))
+        empty = ~dense_mask(70, 40, kw.get("causal", False), kw.get("window", (-1, -1)), kw.get("chunk_size")).any(1)
+        assert empty.sum() >= 30
+        assert (out[:, :, empty] == 0).all() and torch.isneginf(lse[:, :, empty]).all()
+        assert torch.isfinite(lse[:, :, ~empty]).all()
+        for g in (dq, dk, dv):
+            assert torch.isfinite(g).all()
+        assert (dq[:, :, empty] == 0).all()
+
+
+@pytest.mark.parametrize("mode", ["emu", "cuda"])
+def test_backward_is_deterministic(mode):
+    dev = device_of(mode)
+    q = torch.randn(1, 4, 150, 64, device=dev, dtype=F16, requires_grad=True)
+    k = torch.randn(1, 2, 150, 64, device=dev, dtype=F16, requires_grad=True)
+    v = torch.randn(1, 2, 150, 64, device=dev, dtype=F16, requires_grad=True)
+    do = torch.randn_like(q)
+    runs = []
+    with mode_ctx(mode, F16):
+        for _ in range(2):
+            out = A.attention(q, k, v, causal=True, window=(70, -1))
+            runs.append(torch.autograd.grad(out, (q, k, v), do))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mode", ["emu", "cpu", "cuda"])
+def test_layouts_agree_without_copies(mode):
+    """bnhd and a strided bhnd view give the same bits as contiguous bhnd (no copies are made)."""
+    dev = device_of(mode)
+    base = torch.randn(2, 90, 3, 64, device=dev, dtype=F16)  # (B, N, H, D) memory
+    k = torch.randn(2, 3, 90, 64, device=dev, dtype=F16)
+    v = torch.randn(2, 3, 90, 64, device=dev, dtype=F16)
+    with mode_ctx(mode, F16):
+        o_bnhd = A.attention(base, k.transpose(1, 2), v.transpose(1, 2), layout="bnhd", causal=True)
+        o_view = A.attention(base.transpose(1, 2), k, v, causal=True)  # non-contiguous bhnd view
+        o_cont = A.attention(base.transpose(1, 2).contiguous(), k, v, causal=True)
+    assert o_bnhd.shape == base.shape
+    assert torch.equal(o_bnhd.transpose(1, 2), o_cont) and torch.equal(o_view, o_cont)
+
+
+# -- every tuning config, run directly (the interpreter cannot autotune) ----------------------------
+def _all_configs():
+    """Every (kernel, head-dim bucket, dtype class, config) in the sm_80 and sm_90 tuning lists."""
+    out = set()
+    for cc, d, dt in itertools.product((80, 90), (64, 128, 256), (F16, F32)):
+        if dt == F32 and d != 64:
+            continue
+        bc = KB.bwd_configs(cc, d, dt)
+        out |= {("fwd", d, dt, c) for c in KA.fwd_configs(cc, d, dt)}
+        out |= {("dkdv", d, dt, c) for c in bc.dkdv} | {("dq", d, dt, c) for c in bc.dq}
+    return sorted(out, key=str)
+
+
+def run_kernels(q, k, v, do, *, scale, causal, window, chunk, fwd_cfg=None, dkdv_cfg=None, dq_cfg=None,
+                interpret=True):
+    """Direct launcher calls on (B, H, N, D) tensors with explicit configs; (out, lse, dq, dk, dv)."""
+    b, hq, nq, d = q.shape
+    nk = k.shape[2]
+    left, right = window
+    right = 0 if causal else right
+    left, right = (KA.UNBOUNDED if w < 0 else w for w in (left, right))
+    out, dq = poison_(torch.empty_like(q)), poison_(torch.empty_like(q))
+    dk, dv = poison_(torch.empty_like(k)), poison_(torch.empty_like(v))
+    lse, delta = poison_(q.new_empty(b, hq, nq, dtype=F32)), q.new_empty(b, hq, nq, dtype=F32)
+    kw = dict(batch=b, seqlen_q=nq, seqlen_k=nk, win_left=left, win_right=right, chunk_size=chunk,
+              interpret=interpret)
+    KA.attn_fwd(q, k, v, out, lse, max_seqlen_q=nq, qk_scale=scale * KA.LOG2E, config=fwd_cfg, **kw)
+    KA.attn_bwd_preprocess(out, do, delta, batch=b, seqlen_q=nq, max_seqlen_q=nq, interpret=interpret)
+    KB.attn_bwd_dkdv(q, k, v, do, dk, dv, lse, delta, max_seqlen_k=nk, sm_scale=scale, config=dkdv_cfg, **kw)
+    KB.attn_bwd_dq(q, k, v, do, dq, lse, delta, max_seqlen_q=nq, sm_scale=scale, config=dq_cfg, **kw)
+    return out, lse, dq, dk, dv
+
+
+@pytest.mark.parametrize("kind,d,dtype,cfg", _all_configs(), ids=lambda x: (
+    f"bm{x.BLOCK_M}-bn{x.BLOCK_N}-w{x.num_warps}-s{x.num_stages}" if isinstance(x, tuple) else str(x).replace("torch.", "")))
+def test_every_tuning_config(kind, d, dtype, cfg):
+    """Each shipped config (sm_80 and sm_90 lists) runs alone through the interpreter on a causal +
+    window problem with ragged lengths and GQA; backward configs get out/LSE from the reference."""
+    nq, nk = (140, 170) if d < 256 else (70, 100)
+    q, do = (torch.randn(1, 2, nq, d, dtype=torch.float64).to(dtype) for _ in range(2))
+    k, v = (torch.randn(1, 1, nk, d, dtype=torch.float64).to(dtype) for _ in range(2))
+    scale, window = d ** -0.5, (60, -1)
+    mask = dense_mask(nq, nk, True, window)
+    refs = {}
+    for name, dt in (("64", torch.float64), ("lowp", dtype)):
+        qq, kk, vv = (t.to(dt).requires_grad_() for t in (q, k, v))
+        o, lse = ref_attention(qq, kk, vv, mask, scale)
+        refs[name] = (o.detach(), lse, *torch.autograd.grad(o, (qq, kk, vv), do.to(dt)))
+    kw = dict(batch=1, seqlen_q=nq, seqlen_k=nk, win_left=60, win_right=0, chunk_size=None, config=cfg,
+              interpret=True)
+    if kind == "fwd":
+        out, lse = poison_(torch.empty_like(q)), poison_(q.new_empty(1, 2, nq, dtype=F32))
+        KA.attn_fwd(q, k, v, out, lse, max_seqlen_q=nq, qk_scale=scale * KA.LOG2E, **kw)
+        assert_close_oracle(out, refs["64"][0], refs["lowp"][0], name="out")
+        assert_close_oracle(lse, refs["64"][1], refs["64"][1].float(), floor=1e-4, name="lse")
+        return
+    out, lse = refs["64"][0].to(dtype), refs["64"][1].float()
+    delta = (out.float() * do.float()).sum(-1)
+    if kind == "dkdv":
+        dk, dv = poison_(torch.empty_like(k)), poison_(torch.empty_like(v))
+        KB.attn_bwd_dkdv(q, k, v, do, dk, dv, lse, delta, max_seqlen_k=nk, sm_scale=scale, **kw)
+        got = {"dk": (dk, 3), "dv": (dv, 4)}
+    else:
+        dq = poison_(torch.empty_like(q))
+        KB.attn_bwd_dq(q, k, v, do, dq, lse, delta, max_seqlen_q=nq, sm_scale=scale, **kw)
+        got = {"dq": (dq, 2)}
+    for name, (g, i) in got.items():
+        assert_close_oracle(g, refs["64"][i], refs["lowp"][i], factor=3.0, name=name,
+                            floor=grad_floor(dtype, refs["64"][2:]))
+
+
+# -- block sparsity: fully masked tiles are never computed ---------------------------------------
+@pytest.mark.parametrize("mask_kw", [dict(causal=True), dict(causal=True, window=(40, -1)),
+                                     dict(window=(20, 20), chunk=64), dict(causal=True, chunk=48)])
+def test_only_visible_tiles_are_computed(mask_kw, monkeypatch):
+    """Count tl.dot calls in the interpreter: fwd = 2, dK/dV = 4, dQ = 3 per (q tile, kv tile) pair
+    with at least one visible (q, k) pair; so work follows the visible area (e.g. a 16k sequence
+    with a 1k window visits ~1/8 of causal's tiles)."""
+    from triton.runtime import interpreter
+
+    nq, nk, bm, bn = 200, 260, 32, 32
+    counts = {"n": 0}
+    orig = interpreter.InterpreterBuilder.create_dot
+
+    def counting(self, *a, **kw):
+        counts["n"] += 1
+        return orig(self, *a, **kw)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", counting)
+    q, do = torch.randn(1, 1, nq, 32, dtype=F16), torch.randn(1, 1, nq, 32, dtype=F16)
+    k, v = torch.randn(1, 1, nk, 32, dtype=F16), torch.randn(1, 1, nk, 32, dtype=F16)
+    mask = dense_mask(nq, nk, mask_kw.get("causal", False), mask_kw.get("window", (-1, -1)), mask_kw.get("chunk"))
+    tiles = sum(bool(mask[i:i + bm, j:j + bn].any()) for i in range(0, nq, bm) for j in range(0, nk, bn))
+    cfg = KA.AttnConfig(bm, bn, 4, 1)
+    got = []
+    for kind in ("fwd", "dkdv", "dq"):
+        counts["n"] = 0
+        kw = {f"{x}_cfg": cfg for x in ("fwd", "dkdv", "dq")}
+        if kind == "fwd":
+            KA.attn_fwd(q, k, v, torch.empty_like(q), q.new_empty(1, 1, nq, dtype=F32), batch=1, seqlen_q=nq,
+                        seqlen_k=nk, max_seqlen_q=nq, qk_scale=1.0,
+                        win_left=_w(mask_kw, 0), win_right=_w(mask_kw, 1), chunk_size=mask_kw.get("chunk"),
+                        config=cfg, interpret=True)
+        else:
+            run_kernels(q, k, v, do, scale=0.2, causal=mask_kw.get("causal", False),
+                        window=mask_kw.get("window", (-1, -1)), chunk=mask_kw.get("chunk"), **kw)
+        got.append(counts["n"])
+    assert got[0] == 2 * tiles
+    assert got[1] == 2 * tiles + 4 * tiles + 3 * tiles  # run_kernels: fwd + dkdv + dq
+    dense_tiles = -(-nq // bm) * -(-nk // bn)
+    assert tiles < dense_tiles
+
+
+def _w(kw, side):
+    w = kw.get("window", (-1, -1))[side]
+    if side == 1 and kw.get("causal"):
+        w = 0
+    return KA.UNBOUNDED if w < 0 else w
+
+
+# -- custom ops, autograd, torch.compile --------------------------------------------------------
+@pytest.mark.parametrize("mode", ["cpu", "emu"])
+def test_opcheck(mode):
+    q = torch.randn(1, 2, 40, 32, dtype=F16, requires_grad=True)
+    k = torch.randn(1, 1, 50, 32, dtype=F16, requires_grad=True)
+    v = torch.randn(1, 1, 50, 32, dtype=F16, requires_grad=True)
+    args = (q, k, v, None, None, 40, 50, 0.2, 30, 0, 0, "bhnd")
+    with mode_ctx(mode, F16):
+        torch.library.opcheck(torch.ops.fasttfm.attn_fwd.default, args)
+        out, lse = torch.ops.fasttfm.attn_fwd(*args)
+        bargs = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), None, None, None,
+                 40, 50, 0.2, 30, 0, 0, "bhnd")
+        torch.library.opcheck(torch.ops.fasttfm.attn_bwd.default, bargs)
+
+
+def test_torch_compile_fullgraph_no_graph_breaks():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    q = torch.randn(2, 20, 4, 32, requires_grad=True)
+    k = torch.randn(2, 24, 2, 32, requires_grad=True)
+    v = torch.randn(2, 24, 2, 32, requires_grad=True)
+
+    def f(q, k, v):
+        out = A.attention(q * 2.0, k, v, layout="bnhd", causal=True, window=(8, -1))
+        return (out.float() ** 2).sum()
+
+    explain = torch._dynamo.explain(f)(q, k, v)
+    assert explain.graph_break_count == 0 and explain.graph_count == 1
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    loss = compiled(q, k, v)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    loss_e = f(q, k, v)
+    grads_e = torch.autograd.grad(loss_e, (q, k, v))
+    torch.testing.assert_close(loss, loss_e)
+    for a, b in zip(grads, grads_e):
+        torch.testing.assert_close(a, b)
+
+
+def test_lse_gradient_cpu_and_emu():
+    """LSE is differentiable: d lse_i / d s_ij = p_ij folds into Delta."""
+    q = torch.randn(1, 2, 30, 32, dtype=torch.float64)
+    k = torch.randn(1, 2, 40, 32, dtype=torch.float64)
+    v = torch.randn(1, 2, 40, 32, dtype=torch.float64)
+    w = torch.randn(1, 2, 30, dtype=torch.float64)
+    mask = dense_mask(30, 40, True)
+    qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+    o, lse = ref_attention(qq, kk, vv, mask, 0.2)
+    lse = torch.logsumexp(((qq @ kk.transpose(-1, -2)) * 0.2).masked_fill(~mask, float("-inf")), -1)
+    ref = torch.autograd.grad(o.sum() + (lse * w).sum(), (qq, kk, vv))
+    for mode in ("cpu", "emu"):
+        qf, kf, vf = (t.float().requires_grad_() for t in (q, k, v))
+        with mode_ctx(mode, F32):
+            out, lse_f = A.attention(qf, kf, vf, causal=True, softmax_scale=0.2, return_lse=True)
+            got = torch.autograd.grad(out.sum() + (lse_f * w.float()).sum(), (qf, kf, vf))
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a.double(), b, atol=2e-4, rtol=1e-3)
+
+
+# -- SDPA wrapper ----------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["cpu", "emu"])
+@pytest.mark.parametrize("L,S,is_causal,gqa", [(50, 50, True, False), (30, 70, True, True), (70, 30, True, False),
+                                               (40, 60, False, True)])
+def test_sdpa_matches_torch(mode, L, S, is_causal, gqa):
+    hkv = 2 if gqa else 4
+    q = torch.randn(2, 4, L, 32, requires_grad=True)
+    k = torch.randn(2, hkv, S, 32, requires_grad=True)
+    v = torch.randn(2, hkv, S, 32, requires_grad=True)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=gqa)
+    with mode_ctx(mode, F32):
+        out = A.scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=gqa)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    g = torch.randn_like(ref)
+    with mode_ctx(mode, F32):
+        got = torch.autograd.grad(out, (q, k, v), g)
+    for a, b in zip(got, torch.autograd.grad(ref, (q, k, v), g)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+
+
+def test_sdpa_masks_and_errors():
+    q, k, v = torch.randn(1, 2, 10, 16), torch.randn(1, 2, 12, 16), torch.randn(1, 2, 12, 16)
+    bool_mask = torch.rand(10, 12) > 0.3
+    bool_mask[:, 0] = True
+    float_mask = torch.randn(1, 2, 10, 12)
+    for m in (bool_mask, float_mask):
+        torch.testing.assert_close(A.scaled_dot_product_attention(q, k, v, attn_mask=m),
+                                   torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m))
+    with pytest.raises(NotImplementedError, match="dropout_p"):
+        A.scaled_dot_product_attention(q, k, v, dropout_p=0.1)
+    with pytest.raises(RuntimeError, match="enable_gqa"):
+        A.scaled_dot_product_attention(q, k[:, :1], v[:, :1])
+
+
+# -- input validation --------------------------------------------------------------------------
+def _t(*shape, dtype=F16):
+    return torch.randn(*shape, dtype=dtype)
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda: A.attention(_t(1, 3, 8, 32), _t(1, 2, 8, 32), _t(1, 2, 8, 32)), ValueError, "multiple of the number of k/v heads"),
+    (lambda: A.attention(_t(1, 2, 8, 300), _t(1, 2, 8, 300), _t(1, 2, 8, 300)), ValueError, r"head dim must be in 16\.\.256, got 300"),
+    (lambda: A.attention(_t(1, 2, 8, 32), _t(1, 2, 8, 32, dtype=BF16), _t(1, 2, 8, 32)), TypeError, "share one dtype"),
+    (lambda: A.attention(_t(1, 2, 8, 32, dtype=torch.float64), _t(1, 2, 8, 32, dtype=torch.float64),
+                         _t(1, 2, 8, 32, dtype=torch.float64)), TypeError, "q.dtype must be one of float16, bfloat16, float32"),
+    (lambda: A.attention(_t(1, 2, 8, 32), _t(1, 2, 8, 32), _t(1, 2, 8, 32), window=(-2, 0)), ValueError,
+     r"window must be a pair \(left, right\) of ints >= -1"),
+    (lambda: A.attention(_t(1, 2, 8, 32), _t(1, 2, 8, 32), _t(1, 2, 8, 32), chunk_size=0), ValueError, "chunk_size"),
+    (lambda: A.attention(_t(1, 2, 8, 32), _t(1, 2, 8, 32), _t(1, 2, 8, 32), layout="nhd"), ValueError, "layout must be one of"),
+    (lambda: A.attention(_t(8, 2, 32), _t(8, 2, 32), _t(8, 2, 32), cu_seqlens_q=torch.tensor([0, 8]),
+                         cu_seqlens_k=torch.tensor([0, 8], dtype=torch.int32)), ValueError, "cu_seqlens_q must be a 1-D torch.int32"),
+    (lambda: A.attention(_t(8, 2, 32), _t(8, 2, 32), _t(8, 2, 32), cu_seqlens_q=torch.tensor([0, 5, 3], dtype=torch.int32),
+                         cu_seqlens_k=torch.tensor([0, 4, 8], dtype=torch.int32)), ValueError, "non-decreasing"),
+    (lambda: A.attention(_t(8, 2, 32), _t(8, 2, 32), _t(8, 2, 32), cu_seqlens_q=torch.tensor([0, 9], dtype=torch.int32),
+                         cu_seqlens_k=torch.tensor([0, 8], dtype=torch.int32)), ValueError, "packed length 8"),
+    (lambda: A.attention(_t(1, 2, 8, 32), _t(1, 2, 8, 32), _t(1, 2, 8, 64)), ValueError, "head dims of q, k, v must be equal"),
+    (lambda: A.attention(_t(1, 2, 8, 32), _t(2, 2, 8, 32), _t(2, 2, 8, 32)), ValueError, "batch sizes"),
+])
+def test_bad_input_errors(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
