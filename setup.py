@@ -114,7 +114,7 @@ def _write_build_info(build_cuda, build_emu):
 setup(
     packages=["fasttfm", "fasttfm.ops", "fasttfm.kernels"],
     package_dir={"fasttfm": "fasttfm", "fasttfm.kernels": "kernels"},
-    package_data={"fasttfm": ["data/*.txt", "_build_info.json"]},
+    package_data={"fasttfm": ["data/*.txt", "data/README.md", "_build_info.json"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )
