@@ -163,37 +163,59 @@ def _short(demangled):
     return name
 
 
-KERNEL_MODULES = ["attention"]
+def kernel_modules():
+    """Names of the fasttfm.kernels modules that expose aot_cases (every Triton kernel file)."""
+    import pkgutil
+
+    import fasttfm.kernels as pkg
+
+    names = []
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"fasttfm.kernels.{info.name}")  # an import error is a real failure
+        if hasattr(module, "aot_cases"):
+            names.append(info.name)
+    return sorted(names)
 
 
-def triton_reports(archs=(80, 90), modules=None):
-    """Compile every aot_cases(cc) entry of the Triton kernel modules."""
+def _compile_triton_case(mod_name, arch, index):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    reports = []
+    case = importlib.import_module(f"fasttfm.kernels.{mod_name}").aot_cases(arch)[index]
+    src = ASTSource(fn=case.kernel, signature=case.signature, constexprs=case.constexprs, attrs=case.attrs)
+    k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                       options=dict(num_warps=case.num_warps, num_stages=case.num_stages))
     with tempfile.TemporaryDirectory() as tmp:
-        for mod_name in modules or KERNEL_MODULES:
-            try:
-                mod = importlib.import_module(f"fasttfm.kernels.{mod_name}")
-            except ImportError:
-                continue
-            for arch in archs:
-                for case in mod.aot_cases(arch):
-                    src = ASTSource(fn=case.kernel, signature=case.signature, constexprs=case.constexprs,
-                                    attrs=case.attrs)
-                    k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                       options=dict(num_warps=case.num_warps, num_stages=case.num_stages))
-                    cubin = os.path.join(tmp, "k.cubin")
-                    with open(cubin, "wb") as f:
-                        f.write(k.asm["cubin"])
-                    usage = _res_usage(cubin)
-                    regs, stack, _ = next(iter(usage.values())) if usage else (0, 0, 0)
-                    mma = sum(_sass_mma_counts(cubin).values())
-                    reports.append(KernelReport("triton", f"{mod_name}: {case.name}", arch, regs, stack,
-                                                int(k.metadata.shared), mma, case.tensor_core))
-    return reports
+        cubin = os.path.join(tmp, "k.cubin")
+        with open(cubin, "wb") as f:
+            f.write(k.asm["cubin"])
+        usage = _res_usage(cubin)
+        regs, stack, _ = next(iter(usage.values())) if usage else (0, 0, 0)
+        mma = sum(_sass_mma_counts(cubin).values())
+    return KernelReport("triton", f"{mod_name}: {case.name}", arch, regs, stack, int(k.metadata.shared), mma,
+                        case.tensor_core)
+
+
+def triton_reports(archs=(80, 90), modules=None, jobs=None):
+    """Compile every aot_cases(cc) entry of the Triton kernel modules (``jobs`` processes, default
+    MAX_JOBS or the CPU count)."""
+    import concurrent.futures
+    import multiprocessing
+
+    work = []
+    for mod_name in modules or kernel_modules():
+        mod = importlib.import_module(f"fasttfm.kernels.{mod_name}")
+        for arch in archs:
+            work += [(mod_name, arch, i) for i in range(len(mod.aot_cases(arch)))]
+    jobs = jobs or int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1)
+    if jobs <= 1:
+        return [_compile_triton_case(*w) for w in work]
+    ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no state inherited from the caller
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        return list(pool.map(_compile_triton_case, *zip(*work))) if work else []
 
 
 def violations(reports):
