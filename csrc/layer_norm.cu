@@ -18,18 +18,18 @@
 // Targets: forward >= 90% and backward >= 80% of copy bandwidth for cols >= 4096. Design:
 //   * 16-byte vector loads/stores (8 x fp16/bf16, 4 x fp32) when cols % VEC == 0 and all pointers and
 //     row strides are 16-byte aligned; otherwise the same kernels with VEC = 1 (any width/alignment).
-//   * Register-resident rows: a row group of `tpr` threads holds a row (ELEMS elements per thread,
-//     kept packed in the input dtype), so x (and dy) are read from HBM exactly once. tpr is a power of
-//     two <= 32 (several rows per 128-thread block, shuffles only) or a multiple of 32 up to 1024
-//     (forward) / 512 (backward), one row per block, one barrier per reduction. Warp-contiguous
-//     16-byte accesses are fully coalesced; shared memory holds only per-warp partial sums, so there
-//     are no bank conflicts. Exact two-pass statistics over the registers (no E[x^2] - mean^2).
-//     Capacity (columns): forward 16384 vectorized / 8192 scalar, backward 8192 / 4096.
-//   * Wider rows ("long" kernels, one 512-thread block per row): forward merges per-thread Chan
-//     statistics in one pass, then re-reads x to normalize (the second read of a <= 512 KiB row mostly
-//     hits L2). Backward processes 32 rows at a time: pass A computes the two row sums, pass B walks
-//     column chunks, writes dx and adds dw/db into the block's own partial row (x/dy read twice,
-//     ~60% of the floor; correctness path for very wide or misaligned rows).
+//   * Register-resident rows: a row group of `tpr` threads holds a row (ELEMS elements per thread, kept
+//     packed in the input dtype), so x (and dy) are read from HBM exactly once. tpr is a power of two
+//     <= 32 (several rows per 128-thread block, shuffles only) or a multiple of 32 up to 1024 (forward)
+//     / 512 (backward) with one row per block and one barrier per row. Warp-contiguous 16-byte accesses
+//     are fully coalesced; shared memory holds per-warp partials (and, once per backward block, padded
+//     column sums): no bank conflicts. Statistics: exact two-pass per thread, merged with Chan's formula
+//     (no E[x^2] - mean^2). Capacity (columns): forward 16384 vector / 8192 scalar, backward 8192 / 4096.
+//   * Wider rows ("long" kernels, one 512-thread block per row): forward accumulates the statistics in
+//     one pass, then re-reads x to normalize (that second read of a <= 512 KiB row mostly hits L2).
+//     Backward takes 32 rows at a time: pass A computes the two row sums, pass B walks column chunks,
+//     writes dx and adds dw/db into the block's own partial row. x and dy are read twice (~60% of the
+//     floor): fine for very wide or misaligned rows, the known gap for fp16/bf16 8192 < cols <= 16384.
 //   * Backward keeps dw/db column sums in registers across all rows of a part; weight is loaded once.
 #include "include/ftfm_cuda.h"
 #include "include/launchers.h"
@@ -66,25 +66,49 @@ struct BwdParams {
   int64_t rows; int cols; float rcols; bool rms; int tpr; int64_t rows_per_part;
 };
 
-// Exact (two-pass) statistics of a fragment's in-range elements, for chan_merge.
-template <typename T, int VEC, int ITERS>
-__device__ __forceinline__ MeanM2 frag_stats(const RowFrag<T, VEC, ITERS>& x, int col0, int lane, int tpr, int limit) {
-  float n = 0.f, s = 0.f, m2 = 0.f;
+// Per-thread forward statistics, accumulated over fragments and then reduced over the row's threads.
+// LayerNorm: exact (two-pass) count/mean/m2 of each fragment's in-range elements, Chan-merged, so one
+// reduction (one barrier) gives mean and variance without E[x^2] - mean^2 cancellation. RMS: sum(x^2).
+struct FwdStats {
+  MeanM2 st{0.f, 0.f, 0.f};
+  float sq = 0.f;
+  template <typename T, int VEC, int ITERS>
+  __device__ __forceinline__ void add(const RowFrag<T, VEC, ITERS>& x, bool rms, int col0, int lane, int tpr,
+                                      int limit) {
+    float n = 0.f, s = 0.f, m2 = 0.f;
 #pragma unroll
-  for (int i = 0; i < ITERS; ++i)
-    if (x.col(i, lane, tpr, col0) < limit) {
-      n += VEC;
+    for (int i = 0; i < ITERS; ++i)
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) s += x.f(i, j);
+      for (int j = 0; j < VEC; ++j) s += rms ? x.f(i, j) * x.f(i, j) : x.f(i, j);  // zeros out of range
+    if (rms) {
+      sq += s;
+      return;
     }
-  const float mean = n > 0.f ? __fdividef(s, n) : 0.f;
 #pragma unroll
-  for (int i = 0; i < ITERS; ++i)
-    if (x.col(i, lane, tpr, col0) < limit)
+    for (int i = 0; i < ITERS; ++i) n += x.col(i, lane, tpr, col0) < limit ? VEC : 0;
+    const float mean = n > 0.f ? __fdividef(s, n) : 0.f;
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) m2 += (x.f(i, j) - mean) * (x.f(i, j) - mean);
-  return MeanM2{n, mean, m2};
-}
+    for (int i = 0; i < ITERS; ++i)
+      if (x.col(i, lane, tpr, col0) < limit)
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) m2 += (x.f(i, j) - mean) * (x.f(i, j) - mean);
+    st = chan_merge(st, MeanM2{n, mean, m2});
+  }
+  // Row mean (0 for RMS) and rstd; every thread of the group calls it (uniform control flow).
+  __device__ __forceinline__ void finish(GroupReducer<MeanM2>& red_st, GroupReducer<float>& red_sq, bool rms,
+                                         float rcols, float eps, float& mean, float& rstd) {
+    float var;
+    if (rms) {
+      mean = 0.f;
+      var = red_sq.allreduce(sq, SumOp()) * rcols;
+    } else {
+      const MeanM2 r = red_st.allreduce(st, ChanOp());
+      mean = r.mean;
+      var = r.m2 * rcols;
+    }
+    rstd = rsqrtf(var + eps);
+  }
+};
 
 // y = (x - mean) * rstd * w + b for one fragment (w = 1 / b = 0 when absent).
 template <typename T, typename W, int VEC, int ITERS>
@@ -106,39 +130,22 @@ __device__ __forceinline__ void normalize_store(const RowFrag<T, VEC, ITERS>& x,
 // ---- forward, row in registers. grid-stride over blocks of rpb = blockDim.x / tpr rows ---------------
 template <typename T, typename W, int VEC, int ITERS>
 __global__ void __launch_bounds__(kFwdMaxThreads) layer_norm_fwd_kernel(FwdParams<T, W> p) {
-  __shared__ float red_smem[64];
+  __shared__ MeanM2 st_smem[64];
+  __shared__ float sq_smem[64];
   const int tpr = p.tpr, lane = static_cast<int>(threadIdx.x) % tpr, rpb = static_cast<int>(blockDim.x) / tpr;
   const int group = static_cast<int>(threadIdx.x) / tpr;
-  GroupReducer<float> red(red_smem, tpr);
+  GroupReducer<MeanM2> red_st(st_smem, tpr);
+  GroupReducer<float> red_sq(sq_smem, tpr);
   for (int64_t base = int64_t(blockIdx.x) * rpb; base < p.rows; base += int64_t(gridDim.x) * rpb) {
     const int64_t row = base + group;
     const bool valid = row < p.rows;  // idle groups still join the reductions
     const int limit = valid ? p.cols : 0;
     RowFrag<T, VEC, ITERS> x;
     x.load(p.x + (valid ? row : 0) * p.x_stride, 0, lane, tpr, limit);
-    float mean = 0.f, var;
-    if (!p.rms) {
-      float s = 0.f, d = 0.f;
-#pragma unroll
-      for (int i = 0; i < ITERS; ++i)
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) s += x.f(i, j);
-      mean = red.allreduce(s, SumOp()) * p.rcols;
-#pragma unroll
-      for (int i = 0; i < ITERS; ++i)
-        if (x.col(i, lane, tpr, 0) < limit)
-#pragma unroll
-          for (int j = 0; j < VEC; ++j) d += (x.f(i, j) - mean) * (x.f(i, j) - mean);
-      var = red.allreduce(d, SumOp()) * p.rcols;
-    } else {
-      float s = 0.f;
-#pragma unroll
-      for (int i = 0; i < ITERS; ++i)
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) s += x.f(i, j) * x.f(i, j);
-      var = red.allreduce(s, SumOp()) * p.rcols;
-    }
-    const float rstd = rsqrtf(var + p.eps);
+    FwdStats stats;
+    stats.add(x, p.rms, 0, lane, tpr, limit);
+    float mean, rstd;
+    stats.finish(red_st, red_sq, p.rms, p.rcols, p.eps, mean, rstd);
     if (!valid) continue;
     if (lane == 0) {
       if (p.mean) p.mean[row] = mean;
@@ -151,74 +158,108 @@ __global__ void __launch_bounds__(kFwdMaxThreads) layer_norm_fwd_kernel(FwdParam
 // ---- forward, rows of any width: one block per row, Chan statistics in one pass, then re-read x -------
 template <typename T, typename W, int VEC, int ITERS>
 __global__ void __launch_bounds__(kLongThreads, 2) layer_norm_fwd_long_kernel(FwdParams<T, W> p) {
-  __shared__ MeanM2 stat_smem[64];
+  __shared__ MeanM2 st_smem[64];
   __shared__ float sq_smem[64];
   const int tid = static_cast<int>(threadIdx.x), nthr = static_cast<int>(blockDim.x), chunk = nthr * ITERS * VEC;
-  GroupReducer<MeanM2> red_stats(stat_smem, nthr);
+  GroupReducer<MeanM2> red_st(st_smem, nthr);
   GroupReducer<float> red_sq(sq_smem, nthr);
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
     const T* xrow = p.x + row * p.x_stride;
     RowFrag<T, VEC, ITERS> x;
-    float mean = 0.f, var;
-    if (!p.rms) {
-      MeanM2 st{0.f, 0.f, 0.f};
-      for (int c0 = 0; c0 < p.cols; c0 += chunk) {
-        x.load(xrow, c0, tid, nthr, p.cols);
-        st = chan_merge(st, frag_stats(x, c0, tid, nthr, p.cols));
-      }
-      st = red_stats.allreduce(st, ChanOp());
-      mean = st.mean;
-      var = st.m2 * p.rcols;
-    } else {
-      float s = 0.f;
-      for (int c0 = 0; c0 < p.cols; c0 += chunk) {
-        x.load(xrow, c0, tid, nthr, p.cols);
-#pragma unroll
-        for (int i = 0; i < ITERS; ++i)
-#pragma unroll
-          for (int j = 0; j < VEC; ++j) s += x.f(i, j) * x.f(i, j);
-      }
-      var = red_sq.allreduce(s, SumOp()) * p.rcols;
+    FwdStats stats;
+    for (int c0 = 0; c0 < p.cols; c0 += chunk) {
+      x.load(xrow, c0, tid, nthr, p.cols);
+      stats.add(x, p.rms, c0, tid, nthr, p.cols);
     }
-    const float rstd = rsqrtf(var + p.eps);
+    float mean, rstd;
+    stats.finish(red_st, red_sq, p.rms, p.rcols, p.eps, mean, rstd);
     if (tid == 0) {
       if (p.mean) p.mean[row] = mean;
       if (p.rstd) p.rstd[row] = rstd;
     }
-    for (int c0 = 0; c0 < p.cols; c0 += chunk) {
+    for (int c0 = 0; c0 < p.cols; c0 += chunk) {  // second read of the row: mostly from L2
       x.load(xrow, c0, tid, nthr, p.cols);
       normalize_store(x, p, p.y + row * p.cols, mean, rstd, c0, tid, nthr);
     }
   }
 }
 
-// Stage-1 output of the backward: this thread's column sums `acc` into the part's row `out` [cols].
-// With several row groups per block (rpb > 1) their sums are added in group order through `comb`
-// (blockDim.x * ITERS * VEC floats of dynamic shared memory). accumulate: out += instead of out =.
+// Stage-1 output of the backward: this thread's column sums `acc` into the part's row `out` [cols]
+// (out += acc when `accumulate`). With several row groups per block (rpb > 1) the groups' sums meet in
+// `comb` (ELEMS x (blockDim.x + tpr) floats of dynamic shared memory, padded so neither phase has bank
+// conflicts) and every thread then adds the rpb values of some (element, lane) slots in group order.
 template <int VEC, int ITERS>
 __device__ __forceinline__ void store_partial(float* out, float (&acc)[ITERS][VEC], float* comb, int lane, int tpr,
                                               int group, int rpb, int col0, int cols, bool accumulate) {
-  if (rpb > 1) {
-    const int nthr = rpb * tpr, tid = group * tpr + lane;
-    __syncthreads();  // comb is free
+  if (rpb == 1) {
 #pragma unroll
-    for (int e = 0; e < ITERS * VEC; ++e) comb[e * nthr + tid] = acc[e / VEC][e % VEC];
-    __syncthreads();
-    if (group == 0)
+    for (int i = 0; i < ITERS; ++i) {
+      const int c = RowFrag<float, VEC, ITERS>::col(i, lane, tpr, col0);
+      if (c < cols)
 #pragma unroll
-      for (int e = 0; e < ITERS * VEC; ++e) {
-        float s = 0.f;
-        for (int g = 0; g < rpb; ++g) s += comb[e * nthr + g * tpr + lane];
-        acc[e / VEC][e % VEC] = s;
-      }
+        for (int j = 0; j < VEC; ++j) out[c + j] = accumulate ? out[c + j] + acc[i][j] : acc[i][j];
+    }
+    return;
   }
-  if (group != 0) return;
+  const int nthr = rpb * tpr, tid = group * tpr + lane, stride = nthr + tpr;
+  __syncthreads();  // comb is free
+#pragma unroll
+  for (int e = 0; e < ITERS * VEC; ++e) comb[e * stride + tid] = acc[e / VEC][e % VEC];
+  __syncthreads();
+  for (int slot = tid; slot < ITERS * VEC * tpr; slot += nthr) {
+    const int e = slot / tpr, l = slot % tpr;
+    const int c = RowFrag<float, VEC, ITERS>::col(e / VEC, l, tpr, col0) + e % VEC;
+    float s = 0.f;
+    for (int g = 0; g < rpb; ++g) s += comb[e * stride + g * tpr + l];
+    if (c < cols) out[c] = accumulate ? out[c] + s : s;
+  }
+}
+
+// The backward's per-element math for one fragment of one row (w = 1 outside the row / without weight):
+//   bwd_sums:  (sum g, sum g * xhat) over the fragment, g = dy * w, xhat = (x - mu) * rs
+//   bwd_apply: dx = rs * (g - c1 - xhat * c2) stored at dxrow, and dw += dy * xhat, db += dy.
+template <typename T, typename W, int VEC, int ITERS>
+__device__ __forceinline__ Sum2 bwd_sums(const RowFrag<T, VEC, ITERS>& x, const RowFrag<T, VEC, ITERS>& dy,
+                                         const Vec<W, VEC> (&w)[ITERS], float mu, float rs) {
+  Sum2 s{0.f, 0.f};
+#pragma unroll
+  for (int i = 0; i < ITERS; ++i)
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const float g = dy.f(i, j) * to_float(w[i].v[j]);
+      s.a += g;
+      s.b += g * ((x.f(i, j) - mu) * rs);
+    }
+  return s;
+}
+template <typename T, typename W, int VEC, int ITERS>
+__device__ __forceinline__ void bwd_apply(const RowFrag<T, VEC, ITERS>& x, const RowFrag<T, VEC, ITERS>& dy,
+                                          const Vec<W, VEC> (&w)[ITERS], float mu, float rs, Sum2 c, T* dxrow,
+                                          int col0, int lane, int tpr, int cols, float (&dw)[ITERS][VEC],
+                                          float (&db)[ITERS][VEC]) {
 #pragma unroll
   for (int i = 0; i < ITERS; ++i) {
-    const int c = RowFrag<float, VEC, ITERS>::col(i, lane, tpr, col0);
-    if (c < cols)
+    const int col = x.col(i, lane, tpr, col0);
+    if (col >= cols) continue;
+    Vec<T, VEC> out;
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) out[c + j] = accumulate ? out[c + j] + acc[i][j] : acc[i][j];
+    for (int j = 0; j < VEC; ++j) {
+      const float xh = (x.f(i, j) - mu) * rs, d = dy.f(i, j), g = d * to_float(w[i].v[j]);
+      out.v[j] = from_float<T>(rs * (g - c.a - xh * c.b));
+      dw[i][j] += d * xh;
+      db[i][j] += d;
+    }
+    store_vec(dxrow + col, out);
+  }
+}
+// This thread's weight vectors for the fragment at col0 (ones without weight).
+template <typename W, int VEC, int ITERS>
+__device__ __forceinline__ void load_weight(Vec<W, VEC> (&w)[ITERS], const W* wp, int col0, int lane, int tpr,
+                                            int cols) {
+#pragma unroll
+  for (int i = 0; i < ITERS; ++i) {
+    const int c = RowFrag<W, VEC, ITERS>::col(i, lane, tpr, col0);
+    w[i] = c < cols ? load_vec_or<VEC>(wp, c, 1.f) : fill_vec<W, VEC>(1.f);
   }
 }
 
@@ -232,48 +273,21 @@ __global__ void __launch_bounds__(kBwdMaxThreads) layer_norm_bwd_kernel(BwdParam
   const int group = static_cast<int>(threadIdx.x) / tpr;
   const int64_t part = blockIdx.x, r0 = part * p.rows_per_part, r1 = min64(p.rows, r0 + p.rows_per_part);
   GroupReducer<Sum2> red(red_smem, tpr);
-  Vec<W, VEC> w[ITERS];
-#pragma unroll
-  for (int i = 0; i < ITERS; ++i) {
-    const int c = RowFrag<T, VEC, ITERS>::col(i, lane, tpr, 0);
-    w[i] = c < p.cols ? load_vec_or<VEC>(p.w, c, 1.f) : fill_vec<W, VEC>(0.f);
-  }
+  Vec<W, VEC> w[ITERS];  // the same columns for every row
+  load_weight(w, p.w, 0, lane, tpr, p.cols);
   float dw[ITERS][VEC] = {}, db[ITERS][VEC] = {};
   for (int64_t base = r0; base < r1; base += rpb) {
     const int64_t row = base + group;
-    const bool valid = row < r1;
+    const bool valid = row < r1;  // idle groups still join the reduction
     const int limit = valid ? p.cols : 0;
-    RowFrag<T, VEC, ITERS> x, dy;  // zeros outside the row: no contribution to any sum
+    RowFrag<T, VEC, ITERS> x, dy;  // zeros outside the row: no contribution to the sums
     x.load(p.x + (valid ? row : 0) * p.x_stride, 0, lane, tpr, limit);
     dy.load(p.dy + (valid ? row : 0) * p.dy_stride, 0, lane, tpr, limit);
     const float mu = valid && !p.rms ? p.mean[row] : 0.f, rs = valid ? p.rstd[row] : 0.f;
-    Sum2 s{0.f, 0.f};
-#pragma unroll
-    for (int i = 0; i < ITERS; ++i)
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        const float xh = (x.f(i, j) - mu) * rs, d = dy.f(i, j), g = d * to_float(w[i].v[j]);
-        s.a += g;
-        s.b += g * xh;
-        dw[i][j] += d * xh;
-        db[i][j] += d;
-      }
-    s = red.allreduce(s, SumOp());
-    const float c1 = p.rms ? 0.f : s.a * p.rcols, c2 = s.b * p.rcols;
-    if (!valid) continue;
-    T* dxrow = p.dx + row * p.cols;
-#pragma unroll
-    for (int i = 0; i < ITERS; ++i) {
-      const int c = x.col(i, lane, tpr, 0);
-      if (c >= p.cols) continue;
-      Vec<T, VEC> out;
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        const float xh = (x.f(i, j) - mu) * rs, g = dy.f(i, j) * to_float(w[i].v[j]);
-        out.v[j] = from_float<T>(rs * (g - c1 - xh * c2));
-      }
-      store_vec(dxrow + c, out);
-    }
+    const Sum2 s = red.allreduce(bwd_sums(x, dy, w, mu, rs), SumOp());
+    if (valid)
+      bwd_apply(x, dy, w, mu, rs, Sum2{p.rms ? 0.f : s.a * p.rcols, s.b * p.rcols}, p.dx + row * p.cols, 0, lane,
+                tpr, p.cols, dw, db);
   }
   if (p.dw_part) store_partial(p.dw_part + part * p.cols, dw, comb, lane, tpr, group, rpb, 0, p.cols, false);
   if (p.db_part) store_partial(p.db_part + part * p.cols, db, comb, lane, tpr, group, rpb, 0, p.cols, false);
@@ -287,6 +301,8 @@ __global__ void __launch_bounds__(kLongThreads) layer_norm_bwd_long_kernel(BwdPa
   const int tid = static_cast<int>(threadIdx.x), nthr = static_cast<int>(blockDim.x), chunk = nthr * ITERS * VEC;
   const int64_t part = blockIdx.x, r0 = part * p.rows_per_part, r1 = min64(p.rows, r0 + p.rows_per_part);
   GroupReducer<Sum2> red(red_smem, nthr);
+  Vec<W, VEC> w[ITERS];
+  RowFrag<T, VEC, ITERS> x, dy;
   for (int64_t rb = r0; rb < r1; rb += kLongRowChunk) {
     const int nr = static_cast<int>(min64(kLongRowChunk, r1 - rb));
     // pass A: the two row sums of each row of the chunk
@@ -295,21 +311,10 @@ __global__ void __launch_bounds__(kLongThreads) layer_norm_bwd_long_kernel(BwdPa
       const float mu = p.rms ? 0.f : p.mean[row], rs = p.rstd[row];
       Sum2 s{0.f, 0.f};
       for (int c0 = 0; c0 < p.cols; c0 += chunk) {
-        RowFrag<T, VEC, ITERS> x, dy;
+        load_weight(w, p.w, c0, tid, nthr, p.cols);
         x.load(p.x + row * p.x_stride, c0, tid, nthr, p.cols);
         dy.load(p.dy + row * p.dy_stride, c0, tid, nthr, p.cols);
-#pragma unroll
-        for (int i = 0; i < ITERS; ++i) {
-          const int c = x.col(i, tid, nthr, c0);
-          if (c >= p.cols) continue;
-          const Vec<W, VEC> w = load_vec_or<VEC>(p.w, c, 1.f);
-#pragma unroll
-          for (int j = 0; j < VEC; ++j) {
-            const float g = dy.f(i, j) * to_float(w.v[j]);
-            s.a += g;
-            s.b += g * (x.f(i, j) - mu) * rs;
-          }
-        }
+        s = s + bwd_sums(x, dy, w, mu, rs);
       }
       s = red.allreduce(s, SumOp());
       if (tid == 0) coef[r] = Sum2{p.rms ? 0.f : s.a * p.rcols, s.b * p.rcols};
@@ -317,34 +322,14 @@ __global__ void __launch_bounds__(kLongThreads) layer_norm_bwd_long_kernel(BwdPa
     __syncthreads();
     // pass B: dx, and this chunk's dw/db added into the part's partial row (same thread, same columns)
     for (int c0 = 0; c0 < p.cols; c0 += chunk) {
-      Vec<W, VEC> w[ITERS];
-#pragma unroll
-      for (int i = 0; i < ITERS; ++i) {
-        const int c = RowFrag<T, VEC, ITERS>::col(i, tid, nthr, c0);
-        w[i] = c < p.cols ? load_vec_or<VEC>(p.w, c, 1.f) : fill_vec<W, VEC>(0.f);
-      }
+      load_weight(w, p.w, c0, tid, nthr, p.cols);
       float dw[ITERS][VEC] = {}, db[ITERS][VEC] = {};
       for (int r = 0; r < nr; ++r) {
         const int64_t row = rb + r;
-        const float mu = p.rms ? 0.f : p.mean[row], rs = p.rstd[row];
-        const Sum2 k = coef[r];
-        RowFrag<T, VEC, ITERS> x, dy;
         x.load(p.x + row * p.x_stride, c0, tid, nthr, p.cols);
         dy.load(p.dy + row * p.dy_stride, c0, tid, nthr, p.cols);
-#pragma unroll
-        for (int i = 0; i < ITERS; ++i) {
-          const int c = x.col(i, tid, nthr, c0);
-          if (c >= p.cols) continue;
-          Vec<T, VEC> out;
-#pragma unroll
-          for (int j = 0; j < VEC; ++j) {
-            const float xh = (x.f(i, j) - mu) * rs, d = dy.f(i, j), g = d * to_float(w[i].v[j]);
-            out.v[j] = from_float<T>(rs * (g - k.a - xh * k.b));
-            dw[i][j] += d * xh;
-            db[i][j] += d;
-          }
-          store_vec(p.dx + row * p.cols + c, out);
-        }
+        bwd_apply(x, dy, w, p.rms ? 0.f : p.mean[row], p.rstd[row], coef[r], p.dx + row * p.cols, c0, tid, nthr,
+                  p.cols, dw, db);
       }
       const bool acc = rb != r0;
       if (p.dw_part) store_partial(p.dw_part + part * p.cols, dw, nullptr, tid, nthr, 0, 1, c0, p.cols, acc);
@@ -418,7 +403,7 @@ void bwd_launch(BwdParams<T, W> p, int64_t parts, void* stream) {
   p.tpr = group_width(p.cols / VEC, ITERS);
   if (p.tpr <= kBwdMaxThreads) {
     const int rpb = p.tpr < kSmallBlock ? kSmallBlock / p.tpr : 1;
-    const size_t smem = rpb > 1 ? sizeof(float) * rpb * p.tpr * ITERS * VEC : 0;
+    const size_t smem = rpb > 1 ? sizeof(float) * (rpb + 1) * p.tpr * ITERS * VEC : 0;
     auto k = layer_norm_bwd_kernel<T, W, VEC, ITERS>;
     FTFM_LAUNCH(k, grid_size(parts), rpb * p.tpr, smem, stream, p);
   } else {

@@ -46,7 +46,9 @@ __device__ __forceinline__ MeanM2 chan_merge(const MeanM2& a, const MeanM2& b) {
   if (n == 0.f) return MeanM2{0.f, 0.f, 0.f};
   const float inv = __fdividef(1.f, n);
   const float delta = b.mean - a.mean;
-  return MeanM2{n, (a.n * a.mean + b.n * b.mean) * inv, (a.m2 + b.m2) + (delta * delta) * (a.n * b.n) * inv};
+  // __fmul_rn keeps the compiler from contracting one product into an (asymmetric) fma
+  const float mean = (__fmul_rn(a.n, a.mean) + __fmul_rn(b.n, b.mean)) * inv;
+  return MeanM2{n, mean, (a.m2 + b.m2) + (delta * delta) * (a.n * b.n) * inv};
 }
 
 // ---- ops ----------------------------------------------------------------------------------------

@@ -78,7 +78,9 @@ __device__ __forceinline__ Vec<T, N> load_vec_or(const T* p, int64_t offset, flo
 template <typename T, int VEC, int ITERS>
 struct RowFrag {
   Vec<T, VEC> v[ITERS];
-  __device__ __forceinline__ static int col(int i, int lane, int tpr, int col0) { return col0 + (i * tpr + lane) * VEC; }
+  __device__ __forceinline__ static int col(int i, int lane, int tpr, int col0) {
+    return col0 + (i * tpr + lane) * VEC;
+  }
   __device__ __forceinline__ void load(const T* row, int col0, int lane, int tpr, int limit) {
 #pragma unroll
     for (int i = 0; i < ITERS; ++i) {
