@@ -28,9 +28,10 @@ def _map_source_kernels():
 _map_source_kernels()
 
 from . import nn  # noqa: E402
-from ._env import emulate  # noqa: E402, emulate_enabled, set_emulate
+from ._env import emulate, emulate_enabled, set_emulate  # noqa: E402
 from ._ext import MissingExtensionError  # noqa: E402
 from .functional import attention, layer_norm, rms_norm, scaled_dot_product_attention  # noqa: E402
+from .patch import patch, sdpa_patched  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -45,4 +46,6 @@ __all__ = [
     "scaled_dot_product_attention",
     "layer_norm",
     "rms_norm",
+    "patch",
+    "sdpa_patched",
 ]

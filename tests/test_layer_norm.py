@@ -265,3 +265,18 @@ def test_cpu_cxx_kernels(cols, dtype, rms):
     assert_close_oracle(y, ref, low, name="y")
     for name, g, gr, gl in zip(["dx", "dweight", "dbias"], (dx, dw, db), ref_g, low_g):
         assert_close_oracle(g, gr, gl, factor=3.0, name=name)
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+def test_expanded_grad_output(kernel_device, rms):
+    """y.sum().backward() hands the op an expanded (stride 0) gradient."""
+    device, ctx = on_device(kernel_device)
+    x = randn(4, 3, 40, device=device, requires_grad=True)
+    w = randn(40, device=device, requires_grad=True)
+    with ctx:
+        y = fasttfm.rms_norm(x, [40], w, 1e-5) if rms else fasttfm.layer_norm(x, [40], w, None, 1e-5)
+        gx, gw = torch.autograd.grad(y.sum(), (x, w))
+    xr, wr = x.detach().cpu().double().requires_grad_(True), w.detach().cpu().double().requires_grad_(True)
+    rx, rw = torch.autograd.grad(_ref(xr, wr, None, 1e-5, rms).sum(), (xr, wr))
+    torch.testing.assert_close(gx.cpu().double(), rx, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gw.cpu().double(), rw, atol=1e-4, rtol=1e-4)

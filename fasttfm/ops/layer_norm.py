@@ -138,6 +138,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, _dmean, _drstd):
     x, weight, mean, rstd = ctx.saved_tensors
+    if dy.shape[1] > 1 and dy.stride(1) != 1 or dy.shape[0] > 1 and dy.stride(0) < dy.shape[1]:
+        dy = dy.contiguous()  # e.g. the expanded gradient of y.sum(): the kernels need unit column stride
     need_dw = ctx.needs_input_grad[1] and weight is not None
     need_db = ctx.needs_input_grad[2] and ctx.has_bias
     dx, dw, db = _layer_norm_bwd(dy, x, weight, mean, rstd, ctx.rms, need_dw, need_db)

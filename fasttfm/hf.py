@@ -1,0 +1,220 @@
+"""Hugging Face transformers integration: ``attn_implementation="fasttfm"`` and norm replacements.
+
+Used through ``fasttfm.patch(model)`` (rows in ``fasttfm.patch.REGISTRY``), or directly:
+
+    fasttfm.hf.register()                                   # once; imports transformers
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="fasttfm")
+
+``transformers`` is imported only when one of these functions runs, never by ``import fasttfm``.
+
+Attention (``attention_forward``, HF's attention-interface signature): query (B, Hq, Sq, D),
+key/value (B, Hkv, Skv, D) passed unexpanded (GQA is native), output (B, Sq, Hq, D).
+  * no mask -> fasttfm.attention on the (B, S, H, D) views ("bnhd", no copies): causal when the
+    module is causal and Sq > 1 (as HF's sdpa path), sliding window ``(sliding_window - 1, 0)``
+    when the model passes ``sliding_window`` (HF: kv_idx > q_idx - sliding_window);
+  * a mask (4-D bool, True = attend; padding, packed sequences, custom patterns) -> fasttfm's SDPA
+    with that mask: exact, dense math, padding never dropped;
+  * attention dropout in training, softcapping, position bias, sinks, head dims outside 16..256 ->
+    HF's own sdpa function (counted as call-time fallbacks in ``handle.report()``).
+Masks (``mask_interface``, registered under the same name, the trap in INTEGRATION.md): returns
+None, with no data inspection (so no host sync, compile-clean), when the mask is exactly the plain
+causal pattern -- or Mistral's sliding-window pattern -- over a fresh sequence with no padding mask;
+otherwise it is ``transformers.masking_utils.sdpa_mask``, told not to inspect a padding mask's values
+(HF's own skip checks ``padding_mask.all()`` on the host: a sync per forward). So a padding mask,
+even one of all ones, gives the dense masked path: pass ``attention_mask=None`` when nothing is padded.
+
+Norms: LlamaRMSNorm/MistralRMSNorm instances get a generated subclass (``rms_norm_class``) whose
+forward runs fasttfm.rms_norm with HF's numerics: fp32 statistics, the normalized value cast back
+to the input dtype, then ``weight * that`` (so bf16/fp16 results and the output dtype match HF's).
+"""
+import weakref
+from collections import Counter
+
+import torch
+
+__all__ = ["NAME", "register", "attention_forward", "mask_interface", "rms_norm_class", "use_attention",
+           "fallback_counts"]
+
+NAME = "fasttfm"
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_SLIDING_MODELS = ("mistral",)  # model types whose attention layers pass ``sliding_window`` to us
+_fallbacks = weakref.WeakKeyDictionary()  # attention module -> Counter(reason)
+_registered = False
+
+
+def register():
+    """Register "fasttfm" in HF's AttentionInterface and AttentionMaskInterface (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(NAME, attention_forward)
+    AttentionMaskInterface.register(NAME, mask_interface)
+    _registered = True
+
+
+def fallback_counts(module):
+    """Counter(reason -> calls) of HF attention calls on ``module`` that did not run the kernels."""
+    return _fallbacks.get(module, Counter())
+
+
+def _fallback(module, reason):
+    if not torch.compiler.is_compiling():
+        _fallbacks.setdefault(module, Counter())[reason] += 1
+
+
+# -- attention -------------------------------------------------------------------------------------
+def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                      sliding_window=None, **kwargs):
+    """HF attention function: returns (out (B, Sq, Hq, D), None)."""
+    d = query.shape[-1]
+    reason = None
+    if dropout:
+        reason = "attention dropout > 0 (training mode)"
+    elif any(kwargs.get(k) is not None for k in ("position_bias", "softcap", "s_aux", "sinks")):
+        reason = "position bias / softcapping / attention sinks"
+    elif not 16 <= d <= 256 or key.shape[-1] != d or value.shape[-1] != d:
+        reason = f"head dim {d} outside 16..256"
+    elif query.dtype not in _DTYPES or not (query.dtype == key.dtype == value.dtype):
+        reason = f"dtype {query.dtype}"
+    if reason is not None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        _fallback(module, reason)
+        if attention_mask is None and sliding_window and query.shape[2] > 1 and (
+                is_causal if is_causal is not None else getattr(module, "is_causal", True)):
+            # mask_interface left the window to us: give HF's sdpa the pattern as a mask
+            attention_mask = _sliding_causal_mask(query.shape[2], key.shape[2], sliding_window, query.device)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, is_causal=is_causal, sliding_window=sliding_window, **kwargs)
+
+    from .ops.attention import attention, scaled_dot_product_attention
+
+    if attention_mask is not None:
+        # dense masked path; expand GQA heads as HF's repeat_kv does (torch's SDPA CPU math needs it)
+        g = query.shape[1] // key.shape[1]
+        if g > 1:
+            key, value = key.repeat_interleave(g, dim=1), value.repeat_interleave(g, dim=1)
+        out = scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
+
+    q_len, kv_len = query.shape[2], key.shape[2]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = bool(causal) and q_len > 1  # a single query sees every cached key (HF's sdpa rule)
+    if causal and kv_len > q_len:
+        # empty static cache at prefill (HF's sdpa: top-left causal, then the cache tail is unused)
+        key, value = key[:, :, :q_len], value[:, :, :q_len]
+    window = (sliding_window - 1 if (causal and sliding_window) else -1, -1)
+    # (B, H, S, D) -> (B, S, H, D) views; out (B, Sq, Hq, D) contiguous, as HF wants it
+    out = attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=causal,
+                    window=window, softmax_scale=scaling, layout="bnhd")
+    return out, None
+
+
+def _sliding_causal_mask(q_len, kv_len, window, device):
+    """(q_len, kv_len) bool, True = attend: HF's causal sliding window, queries at the end."""
+    i = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
+    j = torch.arange(kv_len, device=device)[None, :]
+    return (j <= i) & (j > i - window)
+
+
+def _is_sliding_causal(mask_function, local_size):
+    """True when mask_function is masking_utils.sliding_window_causal_mask_function(local_size)."""
+    from transformers import masking_utils as mu
+
+    cells = getattr(mask_function, "__closure__", None) or ()
+    if getattr(mask_function, "__qualname__", "") != "and_masks.<locals>.and_mask" or len(cells) != 1:
+        return False
+    parts = cells[0].cell_contents
+    if not (isinstance(parts, tuple) and len(parts) == 2 and parts[1] is mu.causal_mask_function):
+        return False
+    overlay = parts[0]
+    inner = getattr(overlay, "__closure__", None) or ()
+    return (getattr(overlay, "__qualname__", "") == "sliding_window_overlay.<locals>.inner_mask"
+            and len(inner) == 1 and inner[0].cell_contents == local_size)
+
+
+def mask_interface(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                   attention_mask=None, local_size=None, allow_is_causal_skip=True, **kwargs):
+    """HF mask function: None for the patterns attention_forward applies itself, else sdpa_mask."""
+    from transformers import masking_utils as mu
+
+    if mask_function is None:
+        mask_function = mu.causal_mask_function
+    config = kwargs.get("config")
+    fresh = attention_mask is None and q_offset == 0 and kv_offset == 0 and q_length == kv_length
+    if allow_is_causal_skip and fresh:
+        if local_size is None and mask_function is mu.causal_mask_function:
+            return None
+        if (local_size is not None and getattr(config, "model_type", None) in _SLIDING_MODELS
+                and getattr(config, "sliding_window", None) == local_size
+                and _is_sliding_causal(mask_function, local_size)):
+            return None
+    if attention_mask is not None:
+        # HF's skips read the padding mask's values (`fast_all(...)`: a host sync); materialize instead
+        allow_is_causal_skip = False
+        kwargs["allow_is_bidirectional_skip"] = False
+    return mu.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                        kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                        local_size=local_size, allow_is_causal_skip=allow_is_causal_skip, **kwargs)
+
+
+def use_attention(model, handle, path):
+    """Model-scope registry target: switch a PreTrainedModel to "fasttfm"; returns (note, undo)."""
+    from .patch import _Keep
+
+    if not getattr(model, "_supports_attention_backend", False):
+        raise _Keep(f"{type(model).__name__} does not use HF's attention interface")
+    register()
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(NAME)
+    notes = []
+    cfg = model.config
+    for name in ("attention_dropout", "attn_pdrop"):
+        if getattr(cfg, name, 0.0):
+            notes.append(f"config.{name}={getattr(cfg, name)}: training-mode calls use HF's sdpa")
+    head_dim = getattr(cfg, "head_dim", None) or (
+        cfg.hidden_size // cfg.num_attention_heads if getattr(cfg, "num_attention_heads", None) else None)
+    if head_dim is not None and not 16 <= head_dim <= 256:
+        notes.append(f"head_dim {head_dim} outside 16..256: HF's sdpa runs")
+    prefix = f"{path}." if path else ""
+    modules = list(model.named_modules())
+    handle.fallback_sources.append(
+        lambda: [(prefix + p, reason, n) for p, m in modules for reason, n in fallback_counts(m).items()])
+
+    def undo():
+        model.set_attn_implementation(previous)
+
+    return f'attn_implementation "{previous}" -> "{NAME}"' + (f"; {'; '.join(notes)}" if notes else ""), undo
+
+
+use_attention.display = "fasttfm.hf.attention_forward"
+
+
+# -- norms -----------------------------------------------------------------------------------------
+class _RMSNormForward:
+    """forward of HF's Llama-style RMSNorm on fasttfm.rms_norm (attributes weight, variance_epsilon)."""
+
+    def forward(self, hidden_states):
+        from .ops.layer_norm import rms_norm
+
+        w = self.weight
+        shape = (hidden_states.shape[-1],)
+        if hidden_states.dtype == torch.float32 and w.dtype == torch.float32:
+            return rms_norm(hidden_states, shape, w, self.variance_epsilon)  # fused weight
+        # HF: weight * normalized.to(input_dtype): round once to the input dtype, then the weight
+        return w * rms_norm(hidden_states, shape, None, self.variance_epsilon)
+
+
+_classes = {}
+
+
+def rms_norm_class(source):
+    """The fasttfm subclass of an HF RMSNorm class (cached; same __init__, parameters, state_dict)."""
+    if source not in _classes:
+        name = f"Fasttfm{source.__name__}"
+        cls = type(name, (_RMSNormForward, source), {"__module__": __name__, "__qualname__": name})
+        globals()[name] = cls  # findable by pickle as fasttfm.hf.<name>
+        _classes[source] = cls
+    return _classes[source]

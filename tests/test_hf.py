@@ -1,0 +1,197 @@
+"""fasttfm.patch on Hugging Face transformers models (optional dependency, pinned in
+requirements.txt): attn_implementation="fasttfm" (causal, sliding window, GQA, padding masks) and
+the norm swaps. Tiny models from configs with random weights (nothing downloaded), fp32; logits and
+every parameter gradient are compared with the unpatched model (HF's sdpa implementation)."""
+import contextlib
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import fasttfm  # noqa: E402
+import fasttfm.ops.attention as attn_ops  # noqa: E402
+from tests.test_patch import NoHostSync, assert_grads_match  # noqa: E402
+
+VOCAB, SEQ = 128, 24
+
+
+def make(kind, layers=2, hidden=64, heads=4):
+    torch.manual_seed(0)
+    common = dict(num_hidden_layers=layers, hidden_size=hidden, intermediate_size=2 * hidden,
+                  num_attention_heads=heads, num_key_value_heads=heads // 2, vocab_size=VOCAB,
+                  max_position_embeddings=64, attention_dropout=0.0)
+    if kind == "gpt2":
+        cfg = transformers.GPT2Config(n_layer=layers, n_embd=hidden, n_head=heads, vocab_size=VOCAB, n_positions=64,
+                                      attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=0,
+                                      eos_token_id=0)
+        model = transformers.GPT2LMHeadModel(cfg)
+    elif kind == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+    else:  # window 8 < sequence 24: the sliding window changes the result
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(sliding_window=8, **common))
+    model.loss_type = "ForCausalLM"  # else GPT-2 warns (warning_once: a graph break under compile)
+    return model.train()
+
+
+@contextlib.contextmanager
+def count_paths():
+    """Counts fasttfm kernel calls (no mask) and masked SDPA calls made by fasttfm.hf."""
+    calls = {"kernel": 0, "masked": 0}
+    real_attention, real_sdpa = attn_ops.attention, attn_ops.scaled_dot_product_attention
+
+    def attention(*a, **k):
+        calls["kernel"] += 1
+        return real_attention(*a, **k)
+
+    def sdpa(*a, **k):
+        calls["masked"] += 1
+        return real_sdpa(*a, **k)
+
+    attn_ops.attention, attn_ops.scaled_dot_product_attention = attention, sdpa
+    try:
+        yield calls
+    finally:
+        attn_ops.attention, attn_ops.scaled_dot_product_attention = real_attention, real_sdpa
+
+
+def batch(padded):
+    ids = torch.randint(0, VOCAB, (2, SEQ))
+    mask = None
+    if padded:
+        mask = torch.ones(2, SEQ, dtype=torch.long)
+        mask[1, :5] = 0  # left padding
+    return ids, mask
+
+
+def run(model, ids, mask):
+    out = model(input_ids=ids, attention_mask=mask, labels=ids)
+    out.loss.backward()
+    return out.logits
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["nopad", "pad"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "mistral"])
+def test_logits_and_grads_match(kind, padded):
+    model = make(kind)
+    ref = copy.deepcopy(model)
+    ids, mask = batch(padded)
+    params = dict(model.named_parameters())
+    keys = list(model.state_dict())
+    handle = fasttfm.patch(model)
+    assert model.config._attn_implementation == "fasttfm"
+    assert dict(model.named_parameters()) == params and list(model.state_dict()) == keys
+    norms = [e for e in handle.replaced if "norm" in e.target.lower()]
+    assert len(norms) == 5, handle.report()
+    with count_paths() as calls:
+        logits = run(model, ids, mask)
+    # no padding: the flash kernel (causal, GQA, Mistral's window); padding: SDPA with HF's mask
+    assert calls == ({"kernel": 0, "masked": 2} if padded else {"kernel": 2, "masked": 0}), calls
+    ref_logits = run(ref, ids, mask)
+    torch.testing.assert_close(logits, ref_logits)
+    assert_grads_match(ref, model)
+
+    handle.undo()
+    assert model.config._attn_implementation == ref.config._attn_implementation
+    assert all(type(m).__module__.startswith(("transformers", "torch")) for m in model.modules())
+    model.zero_grad()
+    torch.testing.assert_close(run(model, ids, mask), ref_logits)
+
+
+def test_rms_norm_matches_hf_numerics_in_low_precision():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    for x_dtype, w_dtype in ((torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+                             (torch.float16, torch.float16)):
+        ref = LlamaRMSNorm(64, eps=1e-6).to(w_dtype)
+        with torch.no_grad():
+            ref.weight.normal_()
+        norm = copy.deepcopy(ref)
+        handle = fasttfm.patch(norm)
+        assert type(norm).__name__ == "FasttfmLlamaRMSNorm" and isinstance(norm, LlamaRMSNorm)
+        x = torch.randn(3, 5, 64).to(x_dtype)
+        y, y_ref = norm(x), ref(x)
+        assert y.dtype == y_ref.dtype  # bf16 input, fp32 weight -> fp32 output, as HF
+        torch.testing.assert_close(y, y_ref)
+        handle.undo()
+        assert type(norm) is LlamaRMSNorm
+
+
+def test_decoding_with_cache_and_report():
+    model = make("mistral").eval()
+    ref = copy.deepcopy(model)
+    handle = fasttfm.patch(model)
+    ids = torch.randint(0, VOCAB, (1, 12))
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=6, do_sample=False)
+        out_ref = ref.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(out, out_ref)
+    text = handle.report()
+    assert 'attn_implementation "sdpa" -> "fasttfm"' in text and "FasttfmMistralRMSNorm" in text
+    handle.undo()
+
+
+def test_sliding_window_fallback_keeps_the_window():
+    """Attention dropout (no kernel yet): HF's sdpa runs, with Mistral's window as a mask."""
+    model = make("mistral")
+    model.config.attention_dropout = 0.2
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.2
+    ref = copy.deepcopy(model)
+    handle = fasttfm.patch(model)
+    ids, _ = batch(False)
+    torch.manual_seed(1)
+    logits = run(model, ids, None)
+    torch.manual_seed(1)  # the same dropout draws in both runs
+    torch.testing.assert_close(logits, run(ref, ids, None))
+    assert_grads_match(ref, model)
+    assert "attention dropout > 0" in handle.report()
+
+
+def test_fallbacks_are_reported():
+    cfg = transformers.LlamaConfig(num_hidden_layers=1, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=VOCAB, attention_dropout=0.1)
+    model = transformers.LlamaForCausalLM(cfg).train()
+    handle = fasttfm.patch(model)
+    assert "attention_dropout=0.1" in handle.report()
+    model(input_ids=torch.randint(0, VOCAB, (1, 8)))
+    assert "attention dropout > 0" in handle.report()
+    handle.undo()
+
+
+@pytest.mark.parametrize("kind,padded", [("mistral", False), ("gpt2", True)])
+def test_compile_fullgraph_and_no_host_sync(kind, padded):
+    """Kernel path (Mistral: GQA + sliding window) and masked path (GPT-2 with padding)."""
+    torch._dynamo.reset()
+    model = make(kind)
+    ref = copy.deepcopy(model)
+    fasttfm.patch(model)
+    ids, mask = batch(padded)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    logits = run(compiled, ids, mask)
+    torch.testing.assert_close(logits, run(ref, ids, mask))
+    assert_grads_match(ref, model)
+    torch._dynamo.reset()
+    with NoHostSync():
+        run(model, ids, None)
+        run(model, ids, batch(True)[1])  # a padding mask: no peeking at its values either
+
+
+def test_tiny_model_under_emulation():
+    """The GPU kernels' own source (Triton interpreter, SIMT emulator) inside a patched model."""
+    model = make("llama", layers=1, hidden=64, heads=4)
+    ref = copy.deepcopy(model)
+    fasttfm.patch(model)
+    ids = torch.randint(0, VOCAB, (1, 16))
+    launches = []
+    real_launch = attn_ops._kf.attn_fwd
+    attn_ops._kf.attn_fwd = lambda *a, **k: launches.append(k.get("interpret")) or real_launch(*a, **k)
+    try:
+        with fasttfm.emulate(True), count_paths() as calls:
+            logits = run(model, ids, None)
+    finally:
+        attn_ops._kf.attn_fwd = real_launch
+    assert calls["kernel"] == 1 and launches == [True]  # the Triton kernel, interpreted
+    torch.testing.assert_close(logits, run(ref, ids, None), rtol=1e-4, atol=1e-4)
+    assert_grads_match(ref, model)
