@@ -19,7 +19,7 @@ import subprocess
 import torch
 
 __all__ = ["Row", "device_info", "time_fn", "copy_bandwidth", "gemm_tflops", "write_results", "add_common_args",
-           "Rotating"]
+           "Rotating", "peak_memory_mb", "measure_peaks", "peers", "PEERS", "dtype_name"]
 
 
 @dataclasses.dataclass
@@ -104,6 +104,51 @@ def gemm_tflops(device, n=8192):
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     ms, _, _ = time_fn(lambda: a @ b, device)
     return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def measure_peaks(device, quick=False):
+    """The device's measured peaks, once per run: copy GB/s (bytes read + written) and a large GEMM.
+
+    On a GPU the GEMM is bf16 8192^3 (4096^3 with ``quick``); on the CPU it is fp32 1024^3 and the
+    key says so (CPU bf16 GEMMs are emulated on many CPUs and would understate the peak)."""
+    if device == "cuda":
+        n = 4096 if quick else 8192
+        return {"copy_gbps": copy_bandwidth(device, mb=256 if quick else 1024),
+                "gemm_tflops": gemm_tflops(device, n=n), "gemm": f"bf16 {n}^3"}
+    n = 1024
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    ms, _, _ = time_fn(lambda: a @ b, device, min_run_time=0.2)
+    return {"copy_gbps": copy_bandwidth(device, mb=64), "gemm_tflops": 2 * n**3 / (ms * 1e-3) / 1e12,
+            "gemm": f"fp32 {n}^3 (CPU)"}
+
+
+# Peers a user might compare with: name -> (import name, what it provides).
+PEERS = {
+    "flash_attn": ("flash_attn", "attention (FlashAttention-2/3)"),
+    "flex_attention": ("torch.nn.attention.flex_attention", "attention (FlexAttention, torch.compile)"),
+    "xformers": ("xformers", "attention (memory_efficient_attention)"),
+    "liger_kernel": ("liger_kernel", "layer_norm, rms_norm, cross_entropy (Triton)"),
+    "apex": ("apex", "layer_norm, rms_norm, softmax (CUDA)"),
+    "quack": ("quack", "softmax, rms_norm, cross_entropy (CuTe DSL)"),
+}
+
+
+def peers():
+    """{peer: (installed, note)}: which peers this environment has (they run only on a GPU)."""
+    import importlib.util
+
+    out = {}
+    for name, (module, what) in PEERS.items():
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        out[name] = (found, what)
+    return out
+
+
+def dtype_name(dtype):
+    return str(dtype).replace("torch.", "")
 
 
 def peak_memory_mb(fn, device):

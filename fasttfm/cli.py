@@ -117,6 +117,8 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train"]:  # its own parser, --help included
         return train_command(argv[1:])
+    if argv[:1] == ["bench"]:  # bench/suite.py's parser, --help included
+        return bench(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m fasttfm")
     parser.add_argument("command", choices=["info", "aot", "demo", "train", "bench"], help="what to run")
     args, rest = parser.parse_known_args(argv)
@@ -205,18 +207,20 @@ def train_command(argv) -> int:
 
 
 def bench(argv) -> int:
-    """``python -m fasttfm bench <op> [options]``: runs bench/bench_<op>.py from the checkout."""
-    import importlib
+    """``python -m fasttfm bench all|<op>[,<op>...] [--quick] [--dtype ...] [--seqlens ...] [--out DIR]``:
+    runs bench/bench_<op>.py from the checkout through bench/suite.py (peaks, skipped cases, summary, plots)."""
     import os
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if not os.path.isdir(os.path.join(root, "bench")):
+    if not os.path.isfile(os.path.join(root, "bench", "suite.py")):
         print("fasttfm bench: the bench/ folder of a source checkout is needed", file=sys.stderr)
         return 2
     if not argv:
-        print("usage: python -m fasttfm bench <op> [--quick] [--dtype ...] [--out DIR]", file=sys.stderr)
+        print("usage: python -m fasttfm bench all|<op>[,<op>...] [--quick] [--dtype ...] [--seqlens ...] [--out DIR]"
+              " (--list: the ops)", file=sys.stderr)
         return 2
-    sys.path.insert(0, root)
-    module = importlib.import_module(f"bench.bench_{argv[0]}")
-    module.main(argv[1:])
-    return 0
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from bench.suite import main as suite_main
+
+    return suite_main(argv)
