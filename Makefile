@@ -47,5 +47,8 @@ info: build
 aot: build
 	$(PY) -m fasttfm aot
 
+bench: build
+	$(PY) -m fasttfm bench all --quick
+
 clean:
 	rm -rf build fasttfm/_C*.so fasttfm/_build_info.json
