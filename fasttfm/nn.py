@@ -32,19 +32,21 @@ class RMSNorm(torch.nn.RMSNorm):
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     """``torch.nn.CrossEntropyLoss`` (same constructor, ``weight`` buffer and state_dict keys) on the fused
     cross-entropy kernels, plus ``smoothing`` ("torch": eps / C, or "fairseq": eps / (C - 1)) and
-    ``z_loss`` (adds z_loss * lse^2 per non-ignored row). Input (C,), (N, C) or (N, C, d1, ...) logits,
-    target int64 class indices; the loss is float32 (see :func:`fasttfm.cross_entropy`).
+    ``z_loss`` (adds z_loss * lse^2 per non-ignored row), and the opt-in ``inplace_backward``. Input (C,),
+    (N, C) or (N, C, d1, ...) logits, target int64 class indices; the loss is float32 (see
+    :func:`fasttfm.cross_entropy`).
     """
 
     def __init__(self, weight=None, size_average=None, ignore_index=-100, reduce=None, reduction="mean",
-                 label_smoothing=0.0, smoothing="torch", z_loss=0.0):
+                 label_smoothing=0.0, smoothing="torch", z_loss=0.0, inplace_backward=False):
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
         self.smoothing = smoothing
         self.z_loss = z_loss
+        self.inplace_backward = inplace_backward
 
     def forward(self, input, target):
         return F.cross_entropy(input, target, self.weight, self.ignore_index, self.reduction, self.label_smoothing,
-                               self.smoothing, self.z_loss)
+                               self.smoothing, self.z_loss, self.inplace_backward)
 
 
 class FusedLinearCrossEntropyLoss(torch.nn.modules.loss._WeightedLoss):

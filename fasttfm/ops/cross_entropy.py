@@ -43,8 +43,8 @@ from torch import Tensor
 
 from .._ext import MissingExtensionError, backend, cpu_lib, cuda_lib, emu_lib
 
-__all__ = ["cross_entropy", "smoothing_coefficients", "class_rows", "ce_fwd_rows", "ce_bwd_rows_", "REDUCTIONS",
-           "SMOOTHINGS"]
+__all__ = ["cross_entropy", "smoothing_coefficients", "class_rows", "reduce_rows", "ce_fwd_rows", "ce_bwd_rows",
+           "ce_bwd_rows_", "REDUCTIONS", "SMOOTHINGS"]
 
 _KERNEL_TYPES = (torch.float32, torch.float16, torch.bfloat16)
 REDUCTIONS = ("none", "mean", "sum")
@@ -183,13 +183,14 @@ def _loss_dtype(logits):
 
 @torch.library.custom_op("fasttfm::cross_entropy_fwd", mutates_args=())
 def _ce_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int, a: float, b: float,
-            z: float) -> Tuple[Tensor, Tensor]:
-    """logits [rows, C] (unit class stride), target [rows] int64. Returns loss [rows], lse [rows]."""
+            z: float, inplace_backward: bool) -> Tuple[Tensor, Tensor]:
+    """logits [rows, C] (unit class stride), target [rows] int64. Returns loss [rows], lse [rows].
+    inplace_backward only changes the autograd backward (see cross_entropy)."""
     return ce_fwd_rows(logits, target, weight, ignore_index, a, b, z)
 
 
 @_ce_fwd.register_fake
-def _(logits, target, weight, ignore_index, a, b, z):
+def _(logits, target, weight, ignore_index, a, b, z, inplace_backward):
     rows = logits.shape[0]
     dt = _loss_dtype(logits)
     return logits.new_empty((rows,), dtype=dt), logits.new_empty((rows,), dtype=dt)
@@ -207,17 +208,36 @@ def _(dloss, logits, target, weight, lse, ignore_index, a, b, z):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
+@torch.library.custom_op("fasttfm::cross_entropy_bwd_", mutates_args=("logits",))
+def _ce_bwd_inplace(logits: Tensor, dloss: Tensor, target: Tensor, weight: Optional[Tensor], lse: Tensor,
+                    ignore_index: int, a: float, b: float, z: float) -> None:
+    """Overwrites logits [rows, C] (non-overlapping rows) with their gradient; bumps its version counter."""
+    ce_bwd_rows_(logits, dloss, target, weight, lse, ignore_index, a, b, z)
+
+
+@_ce_bwd_inplace.register_fake
+def _(logits, dloss, target, weight, lse, ignore_index, a, b, z):
+    return None
+
+
 def _setup_context(ctx, inputs, output):
-    logits, target, weight, ignore_index, a, b, z = inputs
+    logits, target, weight, ignore_index, a, b, z, inplace_backward = inputs
     _, lse = output
     ctx.args = (ignore_index, a, b, z)
+    ctx.inplace = inplace_backward and (logits.shape[0] <= 1 or logits.stride(0) >= logits.shape[1])
     ctx.save_for_backward(logits, target, weight, lse)
 
 
 def _backward(ctx, dloss, _dlse):
+    if not ctx.needs_input_grad[0]:
+        return None, None, None, None, None, None, None, None
     logits, target, weight, lse = ctx.saved_tensors
-    dlogits = _ce_bwd(dloss.to(lse.dtype), logits, target, weight, lse, *ctx.args) if ctx.needs_input_grad[0] else None
-    return dlogits, None, None, None, None, None, None
+    if ctx.inplace:  # the logits' storage becomes their gradient (opt-in; see cross_entropy)
+        _ce_bwd_inplace(logits, dloss.to(lse.dtype), target, weight, lse, *ctx.args)
+        dlogits = logits
+    else:
+        dlogits = _ce_bwd(dloss.to(lse.dtype), logits, target, weight, lse, *ctx.args)
+    return dlogits, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("fasttfm::cross_entropy_fwd", _backward, setup_context=_setup_context)
@@ -299,7 +319,7 @@ def reduce_rows(loss: Tensor, target1d: Tensor, weight: Optional[Tensor], ignore
 
 def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, ignore_index: int = -100,
                   reduction: str = "mean", label_smoothing: float = 0.0, smoothing: str = "torch",
-                  z_loss: float = 0.0) -> Tensor:
+                  z_loss: float = 0.0, inplace_backward: bool = False) -> Tensor:
     """Drop-in ``F.cross_entropy`` for class-index targets, plus fairseq smoothing and z-loss.
 
     input: (C,), (N, C) or (N, C, d1, ...) logits, fp32/fp16/bf16 (float64 on the plain CPU path);
@@ -309,6 +329,15 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     "mean"/"sum", the target's shape for "none". Float (class-probability) targets are passed to
     ``torch.nn.functional.cross_entropy`` when smoothing="torch" and z_loss=0 (not fused).
     See the module docstring for the exact formulas, layouts and out-of-range targets.
+
+    ``inplace_backward=True`` (opt-in) writes the gradient into the logits' own storage during the
+    backward instead of a new (N x C) buffer: less memory and no page faults for a fresh buffer. The
+    logits' values are gone after backward, so use it only for logits nobody reads afterwards (an LM
+    head's output). The write goes through a mutating op, so autograd's version counter sees it: any
+    other autograd node that saved these logits raises "modified by an inplace operation" instead of
+    using corrupted values. Reading the logits yourself after backward (e.g. for accuracy) is NOT
+    detected. Inputs whose class-rows view had to be copied (see the module docstring) overwrite that
+    private copy, and inputs with overlapping rows (stride-0 broadcasts) use a new buffer.
     """
     num_classes = _check("cross_entropy", input, target, weight, reduction, label_smoothing, smoothing, z_loss)
     if target.is_floating_point():
@@ -320,5 +349,5 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     t = _check_target("cross_entropy", input, target)
     w = None if weight is None else weight.detach().to(_loss_dtype(input)).contiguous()
     a, b = smoothing_coefficients(label_smoothing, smoothing, num_classes)
-    loss, _ = _ce_fwd(class_rows(input), t, w, int(ignore_index), a, b, float(z_loss))
+    loss, _ = _ce_fwd(class_rows(input), t, w, int(ignore_index), a, b, float(z_loss), bool(inplace_backward))
     return reduce_rows(loss, t, w, int(ignore_index), reduction, target.shape)
