@@ -35,7 +35,8 @@ import torch.nn.functional as TF
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fasttfm  # noqa: E402
-from bench.common import Row, add_common_args, copy_bandwidth, device_info, time_fn, write_results  # noqa: E402
+from bench.common import (Row, add_common_args, copy_bandwidth, device_info, peak_memory_mb, time_fn,  # noqa: E402
+                          write_results)
 
 __all__ = ["peak_alloc_bytes", "peak_rss_bytes", "ce_bytes", "main"]
 
@@ -109,16 +110,17 @@ def ce_providers(device):
     return fns, skipped
 
 
-def run_gpu_ce(args, peak, rows_out):
+def run_gpu_ce(args, peak, rows_out, device="cuda", vocabs=None, max_rows=16384):
+    """GB/s and peak memory over vocabularies (device/vocabs/max_rows only change for the CPU smoke test)."""
     dtypes = [getattr(torch, d) for d in args.dtype.split(",")]
-    vocabs = VOCABS[:2] if args.quick else VOCABS
-    fns, skipped = ce_providers("cuda")
+    vocabs = vocabs or (VOCABS[:2] if args.quick else VOCABS)
+    fns, skipped = ce_providers(device)
     for dtype in dtypes:
         es = torch.tensor([], dtype=dtype).element_size()
         for vocab in vocabs:
-            rows = min(16384, 2**28 // vocab)
-            x = torch.randn(rows, vocab, device="cuda", dtype=dtype, requires_grad=True)
-            t = torch.randint(0, vocab, (rows,), device="cuda")
+            rows = min(max_rows, 2**28 // vocab)
+            x = torch.randn(rows, vocab, device=device, dtype=dtype, requires_grad=True)
+            t = torch.randint(0, vocab, (rows,), device=device)
             for name, fn in fns.items():
                 def fwd():
                     with torch.no_grad():
@@ -128,35 +130,30 @@ def run_gpu_ce(args, peak, rows_out):
                     return torch.autograd.grad(fn(x, t), x)
 
                 for direction, f in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
-                    ms, lo, hi = time_fn(f, "cuda")
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                    base = torch.cuda.memory_allocated()
-                    f()
-                    torch.cuda.synchronize()
-                    mem = (torch.cuda.max_memory_allocated() - base) / 2**20
+                    ms, lo, hi = time_fn(f, device)
+                    mem = peak_memory_mb(f, device)
                     gbps = ce_bytes(rows, vocab, es, direction) / (ms * 1e-3) / 1e9
                     rows_out.append(Row("cross_entropy", name, f"rows={rows} vocab={vocab}", str(dtype)[6:], direction,
-                                        "cuda", ms, lo, hi, gbps, float("nan"), gbps / peak, mem))
+                                        device, ms, lo, hi, gbps, float("nan"), gbps / peak, mem))
                     print(f"ce  {name:14s} rows={rows:6d} V={vocab:6d} {str(dtype)[6:]:8s} {direction:8s} {ms:8.3f} ms "
                           f"{gbps:7.0f} GB/s {gbps / peak:6.1%} of copy  peak {mem:8.0f} MiB", flush=True)
     return skipped
 
 
-def run_gpu_lce(args, rows_out):
+def run_gpu_lce(args, rows_out, device="cuda", tokens=8192, hidden=4096, vocabs=None):
+    """Fused linear + CE: time and peak memory vs unfused torch and Liger (bf16)."""
     skipped = []
     liger = None
-    if importlib.util.find_spec("liger_kernel") is not None:
+    if importlib.util.find_spec("liger_kernel") is not None and device == "cuda":
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
         liger = LigerFusedLinearCrossEntropyLoss(label_smoothing=0.1)
     else:
         skipped.append("liger fused linear + CE: not installed")
-    tokens, hidden = 8192, 4096
-    for vocab in (VOCABS[:2] if args.quick else VOCABS):
-        h = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        w = (torch.randn(vocab, hidden, device="cuda", dtype=torch.bfloat16) / hidden**0.5).requires_grad_(True)
-        t = torch.randint(0, vocab, (tokens,), device="cuda")
+    for vocab in vocabs or (VOCABS[:2] if args.quick else VOCABS):
+        h = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16, requires_grad=True)
+        w = (torch.randn(vocab, hidden, device=device, dtype=torch.bfloat16) / hidden**0.5).requires_grad_(True)
+        t = torch.randint(0, vocab, (tokens,), device=device)
         provs = {"fasttfm": lambda: fasttfm.linear_cross_entropy(h, w, t, label_smoothing=0.1),
                  "torch (unfused)": lambda: TF.cross_entropy(TF.linear(h, w).float(), t, label_smoothing=0.1)}
         if liger is not None:
@@ -166,19 +163,14 @@ def run_gpu_lce(args, rows_out):
                 return torch.autograd.grad(loss_fn(), (h, w))
 
             try:
-                ms, lo, hi = time_fn(step, "cuda")
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-                step()
-                torch.cuda.synchronize()
-                mem = (torch.cuda.max_memory_allocated() - base) / 2**20
+                ms, lo, hi = time_fn(step, device)
+                mem = peak_memory_mb(step, device)
             except torch.OutOfMemoryError:
                 skipped.append(f"linear_cross_entropy {name} V={vocab}: out of memory")
                 torch.cuda.empty_cache()
                 continue
             rows_out.append(Row("linear_cross_entropy", name, f"tokens={tokens} hidden={hidden} vocab={vocab}",
-                                "bfloat16", "fwd+bwd", "cuda", ms, lo, hi, peak_mem_mb=mem))
+                                "bfloat16", "fwd+bwd", device, ms, lo, hi, peak_mem_mb=mem))
             print(f"lce {name:16s} V={vocab:6d} bf16 fwd+bwd {ms:8.3f} ms  peak {mem:8.0f} MiB", flush=True)
     return skipped
 
@@ -228,7 +220,6 @@ def run_cpu(args, peak, rows_out):
     print(f"  for scale: a fresh {rows}x{vocab} fp32 buffer (allocate + first touch) takes {fresh:.3f} s here; "
           f"reading it once {statistics.median([_timed(lambda: x.detach().sum()) for _ in range(repeats)]):.3f} s")
     del x
-    run_cpu_lce(args, rows_out)
 
 
 def _timed(fn):
@@ -270,11 +261,16 @@ def run(args):
     print(f"{info['device']}: measured copy bandwidth {peak:.1f} GB/s" + (" (CPU)" if device == "cpu" else ""))
     rows_out, skipped = [], []
     if device == "cuda":
-        skipped += run_gpu_ce(args, peak, rows_out)
-        skipped += run_gpu_lce(args, rows_out)
+        if args.only in (None, "ce"):
+            skipped += run_gpu_ce(args, peak, rows_out)
+        if args.only in (None, "lce"):
+            skipped += run_gpu_lce(args, rows_out)
     else:
         skipped += ["liger: GPU only"]
-        run_cpu(args, peak, rows_out)
+        if args.only in (None, "ce"):
+            run_cpu(args, peak, rows_out)
+        if args.only in (None, "lce"):
+            run_cpu_lce(args, rows_out)
     write_results(rows_out, info, args.out, f"cross_entropy_{device}", sorted(set(skipped)))
     for s in sorted(set(skipped)):
         print("skipped:", s)
@@ -284,6 +280,7 @@ def run(args):
 def main(argv=None):
     parser = add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--repeats", type=int, default=5, help="CPU: interleaved repeats per provider")
+    parser.add_argument("--only", choices=["ce", "lce"], default=None, help="only cross-entropy / fused linear + CE")
     args = parser.parse_args(argv)
     if args.dtype == "float32,float16,bfloat16" and args.device == "cuda":
         args.dtype = "float32,bfloat16"

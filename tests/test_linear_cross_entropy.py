@@ -214,3 +214,19 @@ def test_peak_memory_quarter_of_unfused():
     peak_unfused = peak_alloc_bytes(unfused)
     assert peak_unfused >= rows * vocab * 4  # the logits at least: the measurement sees big tensors
     assert peak_fused <= 0.25 * peak_unfused, (peak_fused, peak_unfused)
+
+
+def test_benchmark_code_paths_smoke():
+    """The GPU benchmark loops (run on CUDA only) and the CPU helpers, at toy sizes on CPU tensors."""
+    import argparse
+
+    from bench import bench_cross_entropy as bce
+
+    args = argparse.Namespace(dtype="float32", quick=True)
+    rows = []
+    bce.run_gpu_ce(args, 10.0, rows, device="cpu", vocabs=[1000], max_rows=8)
+    bce.run_gpu_lce(args, rows, device="cpu", tokens=8, hidden=16, vocabs=[100])
+    assert {r.provider for r in rows} >= {"fasttfm", "torch", "torch (unfused)"}
+    assert all(r.ms > 0 for r in rows)
+    assert bce.ce_bytes(2, 10, 4, "fwd+bwd") == 3 * 2 * 10 * 4 + 2 * 32
+    assert bce.peak_alloc_bytes(lambda: torch.ones(1 << 20)) >= 4 << 20
