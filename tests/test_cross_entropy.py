@@ -397,10 +397,12 @@ def test_opcheck():
                           (x.detach().clone(), torch.ones(()), t, w, lse, -100, 0.9, 0.1 / 37, 0.0))
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("inplace", [False, True], ids=["new_buffer", "inplace_backward"])
+def test_torch_compile_fullgraph(inplace):
     torch._dynamo.reset()
     lin = torch.nn.Linear(16, 50)
-    crit = fasttfm.nn.CrossEntropyLoss(weight=torch.rand(50), label_smoothing=0.1, z_loss=1e-3, ignore_index=0)
+    crit = fasttfm.nn.CrossEntropyLoss(weight=torch.rand(50), label_smoothing=0.1, z_loss=1e-3, ignore_index=0,
+                                       inplace_backward=inplace)
 
     def step(h, t):
         return crit(lin(h).transpose(1, 2), t)  # (B, C, T) logits, class dim 1, read in place

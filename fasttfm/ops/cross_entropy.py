@@ -19,12 +19,14 @@ torch returns the logits' dtype) and float64 for float64 logits (plain CPU path 
 
 Kernels (csrc/cross_entropy.cu, csrc/cpu/cross_entropy_cpu.cpp): the forward reads each row once
 (online max and sum-exp, target logit, sum of logits) and saves only the fp32 LSE per row; the
-backward recomputes softmax from it and writes the gradient to a new buffer. It takes autograd's
+backward recomputes softmax from it and writes the gradient to a new buffer (or, opt-in, into the
+logits' own storage: ``inplace_backward``, guarded by the version counter). It takes autograd's
 gradient of the row losses (a [rows] tensor, stride 0 after ``sum``/``mean``), so one kernel serves
 every reduction. No host synchronization (CUDA graphs, torch.compile). Dispatch: CUDA tensors -> CUDA
 kernels; ``FASTTFM_EMULATE=1`` CPU tensors -> the same kernels in the SIMT emulator; otherwise CPU
 tensors -> the fused C++ kernel (fp32/fp16/bf16) or, for float64 or without fasttfm._C, the same math
-in torch ops.
+in torch ops. The CUDA forward uses one thread block per row (several rows per block for C <= ~2k):
+with fewer rows than a few per SM the GPU is underused (the backward splits long rows instead).
 
 Out-of-range targets (not ignore_index, outside [0, C)): the CPU path raises IndexError; the GPU
 kernels cannot raise without a host sync, so they write NaN into that row's loss (hence a NaN mean or
