@@ -247,8 +247,9 @@ def run_cpu_lce(args, rows_out):
         rows_out.append(Row("linear_cross_entropy", name, f"tokens={tokens} vocab={vocab} hidden={hidden}", "float32",
                             "fwd+bwd", "CPU", elapsed * 1e3, peak_mem_mb=alloc / 2**20,
                             note=f"peak RSS {rss / 2**20:.0f} MiB" if rss is not None else "no RSS on this OS"))
+        rss_mb = rss / 2**20 if rss is not None else float("nan")
         print(f"lce {name:14s} {tokens}x{vocab}x{hidden} fp32 fwd+bwd {elapsed:.2f} s  peak extra: allocator "
-              f"{alloc / 2**20:.0f} MiB, RSS {rss / 2**20 if rss is not None else float('nan'):.0f} MiB [CPU]", flush=True)
+              f"{alloc / 2**20:.0f} MiB, RSS {rss_mb:.0f} MiB [CPU]", flush=True)
     (fa, fr), (ua, ur) = res["fasttfm fused"], res["torch unfused"]
     print(f"fused / unfused peak extra memory: allocator {fa / ua:.3f}" +
           (f", RSS {fr / ur:.3f}" if fr is not None and ur else "") + " (target <= 0.25)", flush=True)

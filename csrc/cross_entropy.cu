@@ -219,7 +219,8 @@ __global__ void __launch_bounds__(kMaxThreads, 2) cross_entropy_bwd_kernel(BwdPa
         for (int c = lane; c < head; c += tpr) dxr[c] = from_float<T>(fill);
         for (int c = tail0 + lane; c < p.cols; c += tpr) dxr[c] = from_float<T>(fill);
       }
-      for (int v = v_begin + lane; v < v_end; v += tpr) store_vec(dxr + head + static_cast<int64_t>(v) * VEC, fill_vec<T, VEC>(fill));
+      for (int v = v_begin + lane; v < v_end; v += tpr)
+        store_vec(dxr + head + static_cast<int64_t>(v) * VEC, fill_vec<T, VEC>(fill));
       continue;
     }
     const float g = p.dloss[row * p.dloss_stride], lse = p.lse[row];
@@ -284,7 +285,8 @@ void bwd_launch(BwdParams<T> p, void* stream) {
   // Few long rows: split each row's body over blockIdx.y so ~2048 blocks run (each split keeps at
   // least one full unrolled iteration of work).
   const int64_t body_iters = std::max<int64_t>(1, p.cols / VEC / (int64_t(p.tpr) * bwd_unroll<T>()));
-  const int64_t splits = rpb > 1 ? 1 : std::clamp<int64_t>((2048 + row_blocks - 1) / row_blocks, 1, std::min<int64_t>(body_iters, 2048));
+  const int64_t splits =
+      rpb > 1 ? 1 : std::clamp<int64_t>((2048 + row_blocks - 1) / row_blocks, 1, std::min<int64_t>(body_iters, 2048));
   auto k = cross_entropy_bwd_kernel<T, VEC, WEIGHTED>;
   FTFM_LAUNCH(k, dim3(grid_size(row_blocks), static_cast<unsigned>(splits)), rpb * p.tpr, 0, stream, p);
 }

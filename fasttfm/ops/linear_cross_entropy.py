@@ -120,7 +120,8 @@ def _lce_fwd(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tens
     if reduction == 1:
         loss = loss.sum()
     elif reduction == 2:
-        loss = loss.sum() * (dloss if dloss is not None else _mean_scale(target, class_weight, ignore_index, loss.dtype))
+        scale = dloss if dloss is not None else _mean_scale(target, class_weight, ignore_index, loss.dtype)
+        loss = loss.sum() * scale
     return (loss, _empty(hidden) if gh is None else gh, _empty(weight) if gw is None else gw,
             _empty(weight) if gb is None else gb)
 
