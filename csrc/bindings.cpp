@@ -200,6 +200,148 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& dy, const Tensor
   return {dx, dweight, dbias};
 }
 
+// ---- cross_entropy (cross-entropy section: csrc/cross_entropy.cu, csrc/cpu/cross_entropy_cpu.cpp) -------
+// logits [rows, classes] (class stride 1, any row stride >= 0), target [rows] int64 contiguous, weight
+// [classes] fp32 contiguous or None. Coefficients a, b, z as in launchers.h. The CPU target raises
+// IndexError for a target outside [0, classes) that is not ignore_index; the GPU target writes NaN
+// for that row (no sync).
+
+void check_ce(const Tensor& logits, const Tensor& target, const OptTensor& weight, Target where) {
+  check_tensor(logits, "logits", where);
+  check_tensor(target, "target", where);
+  TORCH_CHECK(logits.dim() == 2 && (logits.size(1) <= 1 || logits.stride(1) == 1) && logits.stride(0) >= 0,
+              "fasttfm: cross_entropy: logits must be 2-D [rows, classes] with unit class stride, got shape ",
+              logits.sizes(), " and strides ", logits.strides());
+  TORCH_CHECK(logits.size(1) >= 1, "fasttfm: cross_entropy: logits need at least one class");
+  TORCH_CHECK(target.scalar_type() == at::kLong, "fasttfm: cross_entropy: target dtype must be int64, got ",
+              target.scalar_type());
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0) && target.is_contiguous(),
+              "fasttfm: cross_entropy: target must be a contiguous 1-D tensor of ", logits.size(0),
+              " rows, got shape ", target.sizes());
+  if (weight.has_value() && weight->defined()) {
+    check_tensor(*weight, "weight", where);
+    TORCH_CHECK(weight->scalar_type() == at::kFloat && weight->dim() == 1 && weight->size(0) == logits.size(1) &&
+                    weight->is_contiguous(),
+                "fasttfm: cross_entropy: weight must be a contiguous float32 tensor of ", logits.size(1),
+                " classes, got ", weight->scalar_type(), " of shape ", weight->sizes());
+  }
+}
+
+// Per-row gradient: [rows] with any stride (0 broadcasts), or one element; fp32.
+int64_t check_dloss(const Tensor& dloss, int64_t rows) {
+  TORCH_CHECK(dloss.scalar_type() == at::kFloat, "fasttfm: cross_entropy: grad of the row losses must be float32");
+  if (dloss.dim() == 0 || (dloss.dim() == 1 && dloss.size(0) == 1 && rows != 1)) return 0;
+  TORCH_CHECK(dloss.dim() == 1 && dloss.size(0) == rows, "fasttfm: cross_entropy: grad of the row losses must have ",
+              rows, " elements, got shape ", dloss.sizes());
+  return dloss.stride(0);
+}
+
+[[maybe_unused]] void raise_bad_target(int64_t bad, const Tensor& target, int64_t classes, int64_t ignore_index) {
+  if (bad < 0) return;
+  TORCH_CHECK_INDEX(false, "fasttfm: cross_entropy: target ", target.data_ptr<int64_t>()[bad], " at row ", bad,
+                    " is out of bounds for ", classes, " classes (and is not ignore_index=", ignore_index, ")");
+}
+
+std::tuple<Tensor, Tensor> cross_entropy_fwd(const Tensor& logits, const Tensor& target, const OptTensor& weight,
+                                             int64_t ignore_index, double a, double b, double z, Target where) {
+  check_ce(logits, target, weight, where);
+  DeviceGuard guard(logits, where);
+  const int64_t rows = logits.size(0), cols = logits.size(1);
+  auto f32 = logits.options().dtype(at::kFloat);
+  Tensor loss = at::empty({rows}, f32), lse = at::empty({rows}, f32);
+  if (rows == 0) return {loss, lse};
+  const bool has_w = weight.has_value() && weight->defined();
+  Tensor wsum = has_w ? weight->sum() : Tensor();  // device scalar: no host read
+  const float* w = has_w ? weight->data_ptr<float>() : nullptr;
+  const float* ws = has_w ? wsum.data_ptr<float>() : nullptr;
+  const auto xd = to_dtype(logits, "logits");
+  const int64_t* t = target.data_ptr<int64_t>();
+#ifdef FTFM_KERNELS
+  if (where == Target::Gpu) {
+    ftfm::cross_entropy_fwd(logits.data_ptr(), logits.stride(0), t, w, ws, loss.data_ptr<float>(),
+                            lse.data_ptr<float>(), rows, cols, ignore_index, static_cast<float>(a),
+                            static_cast<float>(b), static_cast<float>(z), xd, stream_of(logits));
+    return {loss, lse};
+  }
+#endif
+#ifndef FASTTFM_EMU
+  const int64_t bad = ftfm::cross_entropy_fwd_cpu(logits.data_ptr(), logits.stride(0), t, w, ws,
+                                                  loss.data_ptr<float>(), lse.data_ptr<float>(), rows, cols,
+                                                  ignore_index, static_cast<float>(a), static_cast<float>(b),
+                                                  static_cast<float>(z), xd);
+  raise_bad_target(bad, target, cols, ignore_index);
+#endif
+  return {loss, lse};
+}
+
+// Writes the gradient into `out` ([rows, classes], unit class stride; may be `logits` itself).
+void cross_entropy_bwd_into(const Tensor& dloss, const Tensor& logits, const Tensor& target, const OptTensor& weight,
+                            const Tensor& lse, int64_t ignore_index, double a, double b, double z, Tensor& out,
+                            Target where) {
+  check_ce(logits, target, weight, where);
+  const int64_t rows = logits.size(0), cols = logits.size(1);
+  check_tensor(dloss, "grad", where);
+  check_tensor(lse, "lse", where);
+  const int64_t ds = check_dloss(dloss, rows);
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 1 && lse.size(0) == rows && lse.is_contiguous(),
+              "fasttfm: cross_entropy: saved lse must be a contiguous float32 [rows] tensor");
+  TORCH_CHECK(out.sizes() == logits.sizes() && out.scalar_type() == logits.scalar_type() &&
+                  (cols <= 1 || out.stride(1) == 1) && (rows <= 1 || out.stride(0) >= cols),
+              "fasttfm: cross_entropy: gradient buffer must match the logits' shape and dtype, with unit class "
+              "stride and non-overlapping rows");
+  DeviceGuard guard(logits, where);
+  if (rows == 0) return;
+  const bool has_w = weight.has_value() && weight->defined();
+  Tensor wsum = has_w ? weight->sum() : Tensor();
+  const float* w = has_w ? weight->data_ptr<float>() : nullptr;
+  const float* ws = has_w ? wsum.data_ptr<float>() : nullptr;
+  const auto xd = to_dtype(logits, "logits");
+  const int64_t* t = target.data_ptr<int64_t>();
+#ifdef FTFM_KERNELS
+  if (where == Target::Gpu) {
+    ftfm::cross_entropy_bwd(dloss.data_ptr<float>(), ds, logits.data_ptr(), logits.stride(0), t, w, ws,
+                            lse.data_ptr<float>(), out.data_ptr(), out.stride(0), rows, cols, ignore_index,
+                            static_cast<float>(a), static_cast<float>(b), static_cast<float>(z), xd,
+                            stream_of(logits));
+    return;
+  }
+#endif
+#ifndef FASTTFM_EMU
+  const int64_t bad = ftfm::cross_entropy_bwd_cpu(dloss.data_ptr<float>(), ds, logits.data_ptr(), logits.stride(0), t,
+                                                  w, ws, lse.data_ptr<float>(), out.data_ptr(), out.stride(0), rows,
+                                                  cols, ignore_index, static_cast<float>(a), static_cast<float>(b),
+                                                  static_cast<float>(z), xd);
+  raise_bad_target(bad, target, cols, ignore_index);
+#endif
+}
+
+template <Target T>
+std::tuple<Tensor, Tensor> cross_entropy_fwd_on(const Tensor& logits, const Tensor& target, const OptTensor& weight,
+                                                int64_t ignore_index, double a, double b, double z) {
+  return cross_entropy_fwd(logits, target, weight, ignore_index, a, b, z, T);
+}
+template <Target T>
+Tensor cross_entropy_bwd_on(const Tensor& dloss, const Tensor& logits, const Tensor& target, const OptTensor& weight,
+                            const Tensor& lse, int64_t ignore_index, double a, double b, double z) {
+  Tensor out = at::empty({logits.size(0), logits.size(1)}, logits.options());  // a new buffer, never the input
+  cross_entropy_bwd_into(dloss, logits, target, weight, lse, ignore_index, a, b, z, out, T);
+  return out;
+}
+template <Target T>
+void cross_entropy_bwd_inplace_on(Tensor logits, const Tensor& dloss, const Tensor& target, const OptTensor& weight,
+                                  const Tensor& lse, int64_t ignore_index, double a, double b, double z) {
+  cross_entropy_bwd_into(dloss, logits, target, weight, lse, ignore_index, a, b, z, logits, T);
+}
+
+constexpr const char* kCeFwd = "(Tensor logits, Tensor target, Tensor? weight, int ignore_index, float a, float b, "
+                               "float z) -> (Tensor, Tensor)";
+constexpr const char* kCeBwd = "(Tensor dloss, Tensor logits, Tensor target, Tensor? weight, Tensor lse, "
+                               "int ignore_index, float a, float b, float z) -> Tensor";
+// Internal (fused linear + cross-entropy): overwrites its own temporary logits with their gradient.
+constexpr const char* kCeBwdInplace = "(Tensor(a!) logits, Tensor dloss, Tensor target, Tensor? weight, Tensor lse, "
+                                      "int ignore_index, float a, float b, float z) -> ()";
+// ---- end of the cross-entropy section ---------------------------------------------------------------
+
 #ifdef FASTTFM_EMU
 void emu_set_order(int64_t order, int64_t seed) {
   TORCH_CHECK(order >= 0 && order <= 2, "fasttfm: emulator order must be 0 (forward), 1 (reverse) or 2 (random)");
@@ -240,6 +382,18 @@ TORCH_LIBRARY(FTFM_LIB, m) {
 #else
   m.def("set_order(int order, int seed) -> ()", &emu_set_order);
 #endif
+  // ---- cross-entropy section ----
+#ifdef FTFM_KERNELS
+  def("cross_entropy_fwd", kCeFwd, &cross_entropy_fwd_on<Target::Gpu>);
+  def("cross_entropy_bwd", kCeBwd, &cross_entropy_bwd_on<Target::Gpu>);
+  def("cross_entropy_bwd_inplace", kCeBwdInplace, &cross_entropy_bwd_inplace_on<Target::Gpu>);
+#endif
+#ifndef FASTTFM_EMU
+  def("cross_entropy_fwd_cpu", kCeFwd, &cross_entropy_fwd_on<Target::Cpu>);
+  def("cross_entropy_bwd_cpu", kCeBwd, &cross_entropy_bwd_on<Target::Cpu>);
+  def("cross_entropy_bwd_inplace_cpu", kCeBwdInplace, &cross_entropy_bwd_inplace_on<Target::Cpu>);
+#endif
+  // ---- end of the cross-entropy section ----
   m.def("has_kernels() -> bool", []() -> bool {
 #ifdef FTFM_KERNELS
     return true;

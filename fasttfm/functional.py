@@ -4,6 +4,9 @@ Each function has the signature of the PyTorch op it replaces; see the op module
 ``fasttfm/ops/`` for shapes, layouts, dtype rules and masking conventions.
 """
 from .ops.attention import attention, scaled_dot_product_attention
+from .ops.cross_entropy import cross_entropy
 from .ops.layer_norm import layer_norm, rms_norm
+from .ops.linear_cross_entropy import linear_cross_entropy
 
-__all__ = ["attention", "scaled_dot_product_attention", "layer_norm", "rms_norm"]
+__all__ = ["attention", "scaled_dot_product_attention", "layer_norm", "rms_norm", "cross_entropy",
+           "linear_cross_entropy"]

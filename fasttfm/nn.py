@@ -26,3 +26,54 @@ class RMSNorm(torch.nn.RMSNorm):
 
     def forward(self, input):
         return F.rms_norm(input, self.normalized_shape, self.weight, self.eps)
+
+
+# ---- cross-entropy section ------------------------------------------------------------------------
+
+class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
+    """``torch.nn.CrossEntropyLoss`` (same constructor, ``weight`` buffer and state_dict keys) on the fused
+    cross-entropy kernels, plus ``smoothing`` ("torch": eps / C, or "fairseq": eps / (C - 1)) and
+    ``z_loss`` (adds z_loss * lse^2 per non-ignored row), and the opt-in ``inplace_backward``. Input (C,),
+    (N, C) or (N, C, d1, ...) logits, target int64 class indices; the loss is float32 (see
+    :func:`fasttfm.cross_entropy`).
+    """
+
+    def __init__(self, weight=None, size_average=None, ignore_index=-100, reduce=None, reduction="mean",
+                 label_smoothing=0.0, smoothing="torch", z_loss=0.0, inplace_backward=False):
+        super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
+        self.smoothing = smoothing
+        self.z_loss = z_loss
+        self.inplace_backward = inplace_backward
+
+    def forward(self, input, target):
+        return F.cross_entropy(input, target, self.weight, self.ignore_index, self.reduction, self.label_smoothing,
+                               self.smoothing, self.z_loss, self.inplace_backward)
+
+
+class FusedLinearCrossEntropyLoss(torch.nn.modules.loss._WeightedLoss):
+    """Cross-entropy of a linear layer's output without materializing the logits.
+
+    Constructor as ``torch.nn.CrossEntropyLoss`` (``weight`` = class weights, a buffer) plus
+    ``smoothing``, ``z_loss`` and ``chunk_size`` (rows per chunk; None adapts it to the sizes).
+    ``forward(hidden, lin_weight, target, lin_bias=None)``: hidden (*, H), lin_weight (V, H) -- e.g. an
+    LM head's ``weight`` --, lin_bias (V,) or None, target (*) int64. Equals
+    ``CrossEntropyLoss(...)(F.linear(hidden, lin_weight, lin_bias).view(-1, V), target.view(-1))`` (for
+    reduction "none" the loss has the target's shape). See :func:`fasttfm.linear_cross_entropy`.
+    """
+
+    def __init__(self, weight=None, size_average=None, ignore_index=-100, reduce=None, reduction="mean",
+                 label_smoothing=0.0, smoothing="torch", z_loss=0.0, chunk_size=None):
+        super().__init__(weight, size_average, reduce, reduction)
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.smoothing = smoothing
+        self.z_loss = z_loss
+        self.chunk_size = chunk_size
+
+    def forward(self, hidden, lin_weight, target, lin_bias=None):
+        return F.linear_cross_entropy(hidden, lin_weight, target, lin_bias, self.ignore_index, self.reduction,
+                                      self.label_smoothing, self.smoothing, self.z_loss, self.weight, self.chunk_size)
+
+
+__all__ += ["CrossEntropyLoss", "FusedLinearCrossEntropyLoss"]
+# ---- end of the cross-entropy section ----
