@@ -30,7 +30,7 @@ _map_source_kernels()
 from . import nn  # noqa: E402
 from ._env import emulate, emulate_enabled, set_emulate  # noqa: E402
 from ._ext import MissingExtensionError  # noqa: E402
-from .functional import (attention, cross_entropy, layer_norm, linear_cross_entropy, rms_norm,  # noqa: E402
+from .functional import (attention, attention_with_kvcache, cross_entropy, layer_norm, linear_cross_entropy, rms_norm,  # noqa: E402
                          scaled_dot_product_attention)
 from .patch import patch, sdpa_patched  # noqa: E402
 
@@ -44,6 +44,7 @@ __all__ = [
     "set_emulate",
     "MissingExtensionError",
     "attention",
+    "attention_with_kvcache",
     "scaled_dot_product_attention",
     "layer_norm",
     "rms_norm",

@@ -4,9 +4,10 @@ Each function has the signature of the PyTorch op it replaces; see the op module
 ``fasttfm/ops/`` for shapes, layouts, dtype rules and masking conventions.
 """
 from .ops.attention import attention, scaled_dot_product_attention
+from .ops.attention_decode import attention_with_kvcache
 from .ops.cross_entropy import cross_entropy
 from .ops.layer_norm import layer_norm, rms_norm
 from .ops.linear_cross_entropy import linear_cross_entropy
 
-__all__ = ["attention", "scaled_dot_product_attention", "layer_norm", "rms_norm", "cross_entropy",
+__all__ = ["attention", "attention_with_kvcache", "scaled_dot_product_attention", "layer_norm", "rms_norm", "cross_entropy",
            "linear_cross_entropy"]

@@ -2,13 +2,15 @@
 
 Same constructor, parameters and state_dict keys (it subclasses the torch module), same forward
 signature and results. The fused path runs when the call needs no attention weights
-(``need_weights=False``), no dropout is active, and ``add_bias_kv``/``add_zero_attn`` are off:
+(``need_weights=False``) and ``add_bias_kv``/``add_zero_attn`` are off. Attention dropout
+(``dropout`` > 0, training mode only; a no-op in eval mode as in torch) runs inside the kernels:
   * no masks                                -> fasttfm.attention (no mask);
   * ``is_causal=True`` hint, no padding mask -> fasttfm causal kernel (top-left, as torch's SDPA);
   * ``key_padding_mask`` and/or ``attn_mask`` -> masks merged exactly as torch does, then SDPA
     with that additive mask (a correct dense path; padded keys are not skipped by the kernel).
-Anything else (weights requested, dropout in training, bias_kv/zero_attn) calls torch's own
-forward, so results always match ``nn.MultiheadAttention``.
+Anything else (weights requested, bias_kv/zero_attn) calls torch's own forward, so results always
+match ``nn.MultiheadAttention`` (with dropout: in distribution -- the kernels draw their own
+Philox mask, seeded from torch's default generator, so ``torch.manual_seed`` reproduces runs).
 """
 import torch
 import torch.nn.functional as F
@@ -29,7 +31,7 @@ class MultiheadAttention(nn.MultiheadAttention):
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
         dropout = self.dropout if self.training else 0.0
-        if (need_weights or dropout > 0.0 or self.bias_k is not None or self.add_zero_attn
+        if (need_weights or self.bias_k is not None or self.add_zero_attn
                 or query.dim() != 3 or self.head_dim < 16 or self.head_dim > 256
                 or query.dtype not in (torch.float16, torch.bfloat16, torch.float32)):
             return super().forward(query, key, value, key_padding_mask=key_padding_mask,
@@ -56,13 +58,13 @@ class MultiheadAttention(nn.MultiheadAttention):
         if is_causal and key_padding_mask is None:
             # torch uses the hint as SDPA's is_causal (top-left): right = L - S in bottom-right terms
             out = scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               is_causal=True).transpose(1, 2)
+                                               is_causal=True, dropout_p=dropout).transpose(1, 2)
         elif key_padding_mask is None and attn_mask is None:
-            out = attention(q, k, v, layout="bnhd")
+            out = attention(q, k, v, layout="bnhd", dropout_p=dropout)
         else:
             mask = self._merged_mask(key_padding_mask, attn_mask, query, n, tgt_len, src_len)
             out = scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               attn_mask=mask).transpose(1, 2)
+                                               attn_mask=mask, dropout_p=dropout).transpose(1, 2)
         out = F.linear(out.reshape(n, tgt_len, e), self.out_proj.weight, self.out_proj.bias)
         if not self.batch_first:
             out = out.transpose(0, 1)

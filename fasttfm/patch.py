@@ -40,7 +40,7 @@ from typing import Callable, List, Optional
 import torch
 from torch import nn
 
-__all__ = ["patch", "PatchHandle", "REGISTRY", "Row", "sdpa_patched"]
+__all__ = ["patch", "PatchHandle", "REGISTRY", "EXPLICIT_ONLY", "Row", "sdpa_patched"]
 
 GROUPS = ("attention", "norms", "softmax", "loss")
 
@@ -115,6 +115,13 @@ REGISTRY = (
     Row("norms", f"{_LLAMA}.LlamaRMSNorm", "fasttfm.hf.rms_norm_class"),
     Row("norms", f"{_MISTRAL}.MistralRMSNorm", "fasttfm.hf.rms_norm_class"),
 )
+
+# fasttfm.nn classes that no existing module can be swapped for, with the reason; report() and the
+# registry test read this, so a new class must land either in REGISTRY or here.
+EXPLICIT_ONLY = {
+    "fasttfm.nn.FusedLinearCrossEntropyLoss": "fuses the output projection with the loss (its forward takes "
+    "hidden states and the projection weight), so models opt in explicitly; no torch module has that interface",
+}
 
 
 class _Keep(Exception):

@@ -23,6 +23,13 @@ Numerics: scores in log2 units (``qk_scale = softmax_scale * log2(e)`` folded in
 multiply, ``exp2``); fp32 statistics and accumulators; P is rounded to the input dtype before
 the P @ V product (fp16/bf16 tensor cores). fp32 inputs use IEEE fp32 dots (no TF32). Rows with
 no visible key give output 0 and LSE -inf.
+
+Score modifiers, constexpr-gated (SOFTCAP, ALIBI, DROPOUT all False compile the plain kernel):
+softcap s = cap * tanh(s / cap) and ALiBi bias -slope_h * |i + shift - j| (``_scores``, after the
+cap), dropout of P by Philox keyed on (batch, head, row, col) (``_dropout_keep``; the LSE stays that
+of the full softmax, the output is sum(P o Z) V / (1 - p) / l). Modified problems use smaller
+tiles (``_MOD_FWD`` here, ``_MOD_DKDV``/``_MOD_DQ`` in the backward). Helpers live in
+``kernels/attention_common.py``; KV-cache decoding in ``kernels/attention_decode.py``.
 """
 import dataclasses
 import os
@@ -33,6 +40,9 @@ import triton
 import triton.language as tl
 
 from ._aot import AotCase
+from .attention_common import (_alibi_slope, _col_bounds, _drop_rows, _dropout_keep, _dropout_mask,  # noqa: F401
+                               _floor_div, _launch, _load_rows, _row_bounds, _scores, _seq_info, _store_rows,
+                               _tile_ranges, dropout_args, dropout_mask, score_args)
 
 __all__ = ["AttnConfig", "attn_fwd", "attn_bwd_preprocess", "fwd_configs", "pick_fwd_config",
            "canonical_strides", "UNBOUNDED", "aot_cases", "SMOKE_FWD"]
@@ -63,6 +73,10 @@ _FWD_CONFIGS = {  # measured (fp16, sm_90 / sm_80): registers, smem -- see aot_c
         (256, [AttnConfig(128, 64, 8, 2),    # 255 regs, 144 KB
                AttnConfig(64, 64, 4, 2)])],  # 255 regs, 104 KB
 }
+# With score modifiers (softcap / ALiBi / dropout: tanh, bias and Philox add ~30-90 registers) the
+# big tiles spill (e.g. dK/dV d64 64x128 sm_90: 88 B with all three): one smaller config per bucket.
+_MOD_FWD = {9: {64: AttnConfig(64, 64, 4, 3), 128: AttnConfig(64, 64, 4, 3), 256: AttnConfig(64, 32, 4, 2)},
+            8: {64: AttnConfig(64, 64, 4, 3), 128: AttnConfig(128, 32, 8, 2), 256: AttnConfig(64, 32, 4, 2)}}
 SMOKE_FWD = AttnConfig(32, 32, 4, 1)  # cheap config for interpreter tests
 
 
@@ -82,17 +96,25 @@ def _bucket(table, head_dim):
     raise ValueError(f"head dim {head_dim} > 256 is not supported")
 
 
-def fwd_configs(cc, head_dim, dtype=torch.float16):
-    """The forward tuning list for compute capability ``cc`` (80, 86, 89, 90...) and head dim."""
+def fwd_configs(cc, head_dim, dtype=torch.float16, mods=False):
+    """The forward tuning list for compute capability ``cc`` (80, 86, 89, 90...) and head dim;
+    ``mods``: softcap, ALiBi or dropout active (smaller tiles, see _MOD_FWD)."""
     elt = torch.empty((), dtype=dtype).element_size()
     if elt == 4:  # fp32 (IEEE dots on CUDA cores): small tiles (64x32 spills 80 B on sm_80)
-        return ([AttnConfig(64, 32, 4, 2)] if cc >= 90 else []) + [AttnConfig(32, 32, 4, 2)]
+        return ([AttnConfig(64, 32, 4, 2)] if cc >= 90 and not mods else []) + [AttnConfig(32, 32, 4, 2)]
+    if mods:
+        return [_MOD_FWD[_arch(cc)][_bucket_dim(head_dim)]]
     return list(_bucket(_FWD_CONFIGS[_arch(cc)], head_dim))
 
 
-def pick_fwd_config(cc, head_dim, dtype, seqlen_q):
+def _bucket_dim(head_dim):
+    bd = block_d(head_dim)
+    return 64 if bd <= 64 else 128 if bd <= 128 else 256
+
+
+def pick_fwd_config(cc, head_dim, dtype, seqlen_q, mods=False):
     """Heuristic (autotuning off): first listed config, or the smallest BLOCK_M one for short q."""
-    cfgs = fwd_configs(cc, head_dim, dtype)
+    cfgs = fwd_configs(cc, head_dim, dtype, mods)
     if seqlen_q <= 64:
         return min(cfgs, key=lambda c: (c.BLOCK_M, -c.BLOCK_N))
     return cfgs[0]
@@ -102,105 +124,20 @@ def autotune_enabled():
     return os.environ.get("FASTTFM_AUTOTUNE", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
-# -- mask helpers (shared with kernels/attention_bwd.py) --------------------------------------
-@triton.jit
-def _floor_div(a, c):
-    """floor(a / c) for c > 0 and a of any sign (integer ``//`` truncates toward zero)."""
-    return tl.where(a >= 0, a // c, -((c - 1 - a) // c))
-
-
-@triton.jit
-def _row_bounds(rows, shift, win_left, win_right, chunk, CHUNKED: tl.constexpr):
-    """First and last key index visible to query ``rows`` (scalar or vector), before clamping."""
-    p = rows + shift
-    lo = p - win_left
-    hi = p + win_right
-    if CHUNKED:
-        start = _floor_div(p, chunk) * chunk
-        lo = tl.maximum(lo, start)
-        hi = tl.minimum(hi, start + chunk - 1)
-    return lo, hi
-
-
-@triton.jit
-def _col_bounds(col_a, col_b, shift, win_left, win_right, chunk, CHUNKED: tl.constexpr):
-    """Query rows i with hi(i) >= col_a (first) and lo(i) <= col_b (last), inverting _row_bounds.
-
-    (col_a, col_b) = (first, last) column of a kv tile gives the rows that may see the tile;
-    (last, first) gives the rows that see every column of it.
-    """
-    i_first = col_a - shift - win_right
-    i_last = col_b - shift + win_left
-    if CHUNKED:
-        i_first = tl.maximum(i_first, _floor_div(col_a, chunk) * chunk - shift)
-        i_last = tl.minimum(i_last, _floor_div(col_b, chunk) * chunk + chunk - 1 - shift)
-    return i_first, i_last
-
-
-@triton.jit
-def _tile_ranges(first, last, full_first, full_last, n, BLOCK: tl.constexpr):
-    """Tile bounds of the visible index range [first, last] of a dimension of length n: loop over
-    [begin, end); tiles in [f0, f1) are inside the fully visible range [full_first, full_last]."""
-    begin = (tl.maximum(first, 0) // BLOCK) * BLOCK
-    end = tl.minimum(last + 1, n)
-    f0 = ((tl.maximum(full_first, 0) + BLOCK - 1) // BLOCK) * BLOCK
-    f1 = tl.minimum((tl.minimum(full_last + 1, n) // BLOCK) * BLOCK, end)
-    f0 = tl.maximum(f0, begin)
-    empty = f1 <= f0
-    f0 = tl.where(empty, begin, f0)
-    f1 = tl.where(empty, begin, f1)
-    return begin, f0, f1, end
-
-
-@triton.jit
-def _seq_info(CuSeq, off_b, seqlen, VARLEN: tl.constexpr):
-    """(start offset in the packed dim, length) of sequence off_b."""
-    if VARLEN:
-        start = tl.load(CuSeq + off_b)
-        n = tl.load(CuSeq + off_b + 1) - start
-    else:
-        start = off_b * 0
-        n = seqlen + off_b * 0
-    return start, n
-
-
-@triton.jit
-def _load_rows(Base, rows, stride_n, offs_d, n_rows, CHECK_ROWS: tl.constexpr,
-               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Load a (len(rows), BLOCK_D) tile; rows >= n_rows (when CHECK_ROWS) and d >= HEAD_DIM read 0."""
-    ptrs = Base + rows.to(tl.int64)[:, None] * stride_n + offs_d[None, :]
-    if CHECK_ROWS:
-        if BLOCK_D == HEAD_DIM:
-            t = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
-        else:
-            t = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    else:
-        if BLOCK_D == HEAD_DIM:
-            t = tl.load(ptrs)
-        else:
-            t = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-    return t
-
-
-@triton.jit
-def _store_rows(Base, rows, stride_n, offs_d, n_rows, value, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    ptrs = Base + rows.to(tl.int64)[:, None] * stride_n + offs_d[None, :]
-    if BLOCK_D == HEAD_DIM:
-        tl.store(ptrs, value.to(Base.dtype.element_ty), mask=rows[:, None] < n_rows)
-    else:
-        tl.store(ptrs, value.to(Base.dtype.element_ty), mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM))
-
-
 # -- forward ---------------------------------------------------------------------------------
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, offs_n, offs_d,
-                    n_k, lo_row, hi_row, start, end, f0, f1, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                    n_k, lo_row, hi_row, start, end, f0, f1, qk_scale, pos_q, softcap, slope,
+                    drop_rows, seed, dropout_p,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
+                    ALIBI: tl.constexpr, DROPOUT: tl.constexpr):
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
         k = _load_rows(K_base, cols, stride_kn, offs_d, n_k, True, HEAD_DIM, BLOCK_D)
         # -- scores in log2 units
-        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+        s, _t = _scores(tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION), pos_q[:, None], cols[None, :],
+                        qk_scale, softcap, slope, SOFTCAP, ALIBI)
         if (start_n < f0) | (start_n >= f1):  # kv tile partly masked for this q tile
             visible = (cols[None, :] >= lo_row[:, None]) & (cols[None, :] <= hi_row[:, None])
             s = tl.where(visible, s, float("-inf"))
@@ -212,20 +149,24 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, offs
         # -- update the output accumulator
         v = _load_rows(V_base, cols, stride_vn, offs_d, n_k, True, HEAD_DIM, BLOCK_D)
         acc = acc * alpha[:, None]
+        if DROPOUT:  # l_i keeps the full softmax sum; dropped P entries do not reach the output
+            p = tl.where(_dropout_keep(seed, drop_rows[:, None] + cols[None, :], dropout_p), p, 0.0)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, Out, Lse, CuSeqQ, CuSeqK,
+def _attn_fwd(Q, K, V, Out, Lse, CuSeqQ, CuSeqK, Alibi,
               stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
               stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
-              stride_lb, stride_lh,
-              seqlen_q, seqlen_k, group, qk_scale, win_left, win_right, chunk,
+              stride_lb, stride_lh, stride_ab,
+              seqlen_q, seqlen_k, group, qk_scale, softcap, win_left, win_right, chunk,
+              seed, dropout_p, drop_nq, drop_nk,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, CHUNKED: tl.constexpr, VARLEN: tl.constexpr,
-              INPUT_PRECISION: tl.constexpr):
+              INPUT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+              DROPOUT: tl.constexpr):
     """One (BLOCK_M query tile, q head, sequence) per program; grid (cdiv(max Nq, BLOCK_M), Hq, B).
 
     Heaviest tiles (last rows, causal) are scheduled first.
@@ -260,14 +201,21 @@ def _attn_fwd(Q, K, V, Out, Lse, CuSeqQ, CuSeqK,
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: no inf - inf on empty rows
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    slope = _alibi_slope(Alibi, off_b, off_h, stride_ab, ALIBI)
+    drop_rows = _drop_rows(off_b, off_h, tl.num_programs(1), offs_m, q_start, k_start, drop_nq, drop_nk, VARLEN)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, offs_n,
                                     offs_d, n_k, lo_row, hi_row, begin, end, f0, f1, qk_scale,
-                                    HEAD_DIM, BLOCK_D, BLOCK_N, INPUT_PRECISION)
+                                    offs_m + shift, softcap, slope, drop_rows, seed, dropout_p,
+                                    HEAD_DIM, BLOCK_D, BLOCK_N, INPUT_PRECISION, SOFTCAP, ALIBI, DROPOUT)
 
     # -- epilogue: rows with no visible key -> output 0, LSE -inf
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
+    if DROPOUT:
+        l_safe = l_safe * (1.0 - dropout_p)  # kept entries scaled by 1 / (1 - p)
     out = acc / l_safe[:, None]
+    if DROPOUT:
+        l_safe = l_safe / (1.0 - dropout_p)
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
     O_base = Out + b64 * stride_ob + off_h.to(tl.int64) * stride_oh + q_start.to(tl.int64) * stride_on
     _store_rows(O_base, offs_m, stride_on, offs_d, n_q, out, HEAD_DIM, BLOCK_D)
@@ -306,16 +254,6 @@ def canonical_strides(t, varlen=False):
     return 0 if varlen else t.stride(0), t.stride(1), t.stride(2)
 
 
-def _launch(kernel, grid, args, constexprs, cfg, interpret, autotune_configs=None):
-    if interpret:
-        from ._interp import interpreted
-
-        return interpreted(kernel)[grid](*args, **constexprs)
-    if autotune_configs is not None:
-        return kernel[grid](*args, **constexprs)
-    return kernel[grid](*args, **constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
-
 def _input_precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -326,29 +264,36 @@ def lse_strides(lse, varlen):
 
 
 def attn_fwd(q, k, v, out, lse, *, batch, seqlen_q, seqlen_k, max_seqlen_q, cu_seqlens_q=None,
-             cu_seqlens_k=None, qk_scale, win_left, win_right, chunk_size=None, config=None,
-             interpret=False):
+             cu_seqlens_k=None, qk_scale, win_left, win_right, chunk_size=None, softcap=0.0,
+             alibi_slopes=None, dropout_p=0.0, seed=0, config=None, interpret=False):
     """Launch ``_attn_fwd`` on canonical 4-D views q (.., Hq, N, D), k/v (.., Hkv, N, D), out like q.
 
     win_left/win_right: window sizes with UNBOUNDED for -1 (causal already folded into right=0).
     qk_scale = softmax_scale * log2(e). config: AttnConfig (None: heuristic or autotune on GPU).
+    softcap > 0: scores cap * tanh(score / cap); alibi_slopes: fp32 (Hq,) or (B, Hq), contiguous
+    last dim, bias -slope * |i + Nk - Nq - j| added after the cap (FlashAttention's order).
+    dropout_p > 0: attention probabilities dropped by Philox(seed) (see ``_dropout_keep``).
     """
     varlen = cu_seqlens_q is not None
     hq, hkv, d = q.shape[1], k.shape[1], q.shape[-1]
     bd = block_d(d)
     cu_q = cu_seqlens_q if varlen else q  # dummy pointer when dense (never read)
     cu_k = cu_seqlens_k if varlen else q
-    args = (q, k, v, out, lse, cu_q, cu_k, *canonical_strides(q, varlen), *canonical_strides(k, varlen),
-            *canonical_strides(v, varlen), *canonical_strides(out, varlen), *lse_strides(lse, varlen),
-            seqlen_q, seqlen_k, hq // hkv, qk_scale, win_left, win_right, chunk_size or 1)
+    kscale, kcap, alibi, stride_ab, has_cap, has_alibi = score_args(qk_scale, softcap, alibi_slopes, lse)
+    args = (q, k, v, out, lse, cu_q, cu_k, alibi, *canonical_strides(q, varlen), *canonical_strides(k, varlen),
+            *canonical_strides(v, varlen), *canonical_strides(out, varlen), *lse_strides(lse, varlen), stride_ab,
+            seqlen_q, seqlen_k, hq // hkv, kscale, kcap, win_left, win_right, chunk_size or 1,
+            *dropout_args(q, k, varlen, dropout_p, seed))
     constexprs = dict(HEAD_DIM=d, BLOCK_D=bd, CHUNKED=chunk_size is not None, VARLEN=varlen,
-                      INPUT_PRECISION=_input_precision(q.dtype))
+                      INPUT_PRECISION=_input_precision(q.dtype), SOFTCAP=has_cap, ALIBI=has_alibi,
+                      DROPOUT=dropout_p > 0)
+    mods = bool(softcap) or alibi_slopes is not None or dropout_p > 0
     if config is None and not interpret and autotune_enabled():
-        kernel = _autotuned(_attn_fwd, fwd_configs(_cc(q), d, q.dtype))
+        kernel = _autotuned(_attn_fwd, fwd_configs(_cc(q), d, q.dtype, mods))
         grid = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), hq, batch)  # noqa: E731
         return _launch(kernel, grid, args, constexprs, None, False, autotune_configs=True)
     if config is None:
-        config = SMOKE_FWD if interpret else pick_fwd_config(_cc(q), d, q.dtype, max_seqlen_q)
+        config = SMOKE_FWD if interpret else pick_fwd_config(_cc(q), d, q.dtype, max_seqlen_q, mods)
     grid = (triton.cdiv(max_seqlen_q, config.BLOCK_M), hq, batch)
     constexprs.update(BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N)
     _launch(_attn_fwd, grid, args, constexprs, config, interpret)
@@ -381,7 +326,7 @@ def _autotuned(kernel, cfgs):
         tc = [triton.Config({"BLOCK_M": c.BLOCK_M, "BLOCK_N": c.BLOCK_N}, num_warps=c.num_warps,
                             num_stages=c.num_stages) for c in cfgs]
         _AUTOTUNED[key] = triton.autotune(tc, key=["seqlen_q", "seqlen_k", "HEAD_DIM", "CHUNKED", "VARLEN",
-                                                   "win_left", "win_right"])(kernel)
+                                                   "win_left", "win_right", "SOFTCAP", "ALIBI", "DROPOUT"])(kernel)
     return _AUTOTUNED[key]
 
 
@@ -389,7 +334,8 @@ def _autotuned(kernel, cfgs):
 _DT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
-_CONSTEXPRS = {"HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "CHUNKED", "VARLEN", "INPUT_PRECISION"}
+_CONSTEXPRS = {"HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "CHUNKED", "VARLEN", "INPUT_PRECISION", "SOFTCAP",
+               "ALIBI", "DROPOUT", "SPLIT", "BLOCK_S", "GQA_ROWS"}
 
 
 def aot_signature(kernel, dt):
@@ -398,22 +344,26 @@ def aot_signature(kernel, dt):
     for name in kernel.arg_names:
         if name in _CONSTEXPRS:
             sig[name] = "constexpr"
-        elif name in ("Lse", "Delta"):
+        elif name in ("Lse", "Delta", "Alibi") or name.startswith("Part"):
             sig[name] = "*fp32"
-        elif name.startswith("CuSeq"):
+        elif name.startswith("CuSeq") or name == "SeqLens":
             sig[name] = "*i32"
         elif name[0].isupper():
             sig[name] = f"*{dt}"
         else:
-            sig[name] = "fp32" if name.endswith("scale") else "i32"
+            sig[name] = "fp32" if name.endswith("scale") or name in ("softcap", "dropout_p") else \
+                "i64" if name == "seed" else "i32"
     return sig
+
+
+_NO_DIV16 = ("stride_lb", "stride_lh", "stride_ab", "stride_pb", "stride_ph", "stride_pn", "stride_ps")
 
 
 def aot_attrs(kernel, signature):
     """Divisibility-by-16 hints the JIT derives at launch: tensor pointers (torch allocations are
     16-byte aligned) and q/k/v/o/grad strides (multiples of 16 for head dims that are)."""
     return {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
-            if signature[n].startswith("*") or (n.startswith("stride_") and n not in ("stride_lb", "stride_lh"))}
+            if signature[n].startswith("*") or (n.startswith("stride_") and n not in _NO_DIV16)}
 
 
 def aot_cases(cc):
@@ -427,7 +377,8 @@ def aot_cases(cc):
             dt = _DT[dtype]
             for cfg in fwd_configs(cc, d, dtype):
                 cx = dict(HEAD_DIM=d, BLOCK_D=block_d(d), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
-                          CHUNKED=False, VARLEN=False, INPUT_PRECISION="tf32")
+                          CHUNKED=False, VARLEN=False, INPUT_PRECISION="tf32", SOFTCAP=False, ALIBI=False,
+                          DROPOUT=False)
                 sig = aot_signature(_attn_fwd, dt)
                 cases.append(AotCase(f"attn_fwd[{dt},d{d},bm{cfg.BLOCK_M},bn{cfg.BLOCK_N},w{cfg.num_warps},"
                                      f"s{cfg.num_stages}]", _attn_fwd, sig, cx, cfg.num_warps, cfg.num_stages,
@@ -445,9 +396,26 @@ def aot_cases(cc):
         if case is first:
             cases.append(dataclasses.replace(case, name=case.name.replace("]", ",chunked,varlen]"),
                                              constexprs=dict(case.constexprs, CHUNKED=True, VARLEN=True)))
+    # softcap + ALiBi + dropout together (the heaviest score path) for the configs modified problems
+    # launch (fwd_configs/bwd_configs with mods=True): fp16 at every head-dim bucket, bf16 at d128
+    for d, dtype in ((64, torch.float16), (128, torch.float16), (256, torch.float16), (128, torch.bfloat16)):
+        dt = _DT[dtype]
+        bc = attention_bwd.bwd_configs(cc, d, dtype, mods=True)
+        for kernel, name, cfg in ((_attn_fwd, "attn_fwd", fwd_configs(cc, d, dtype, True)[0]),
+                                  (attention_bwd._attn_bwd_dkdv, "attn_bwd_dkdv", bc.dkdv[0]),
+                                  (attention_bwd._attn_bwd_dq, "attn_bwd_dq", bc.dq[0])):
+            cx = dict(HEAD_DIM=d, BLOCK_D=block_d(d), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, CHUNKED=False,
+                      VARLEN=False, INPUT_PRECISION="tf32", SOFTCAP=True, ALIBI=True, DROPOUT=True)
+            sig = aot_signature(kernel, dt)
+            cases.append(AotCase(f"{name}[{dt},d{d},bm{cfg.BLOCK_M},bn{cfg.BLOCK_N},w{cfg.num_warps},"
+                                 f"s{cfg.num_stages},softcap,alibi,dropout]", kernel, sig, cx, cfg.num_warps,
+                                 cfg.num_stages, attrs=aot_attrs(kernel, sig)))
+    from . import attention_decode
+
+    cases += attention_decode.aot_cases_decode(cc)
     for cfg in fwd_configs(cc, 64, torch.float32):
         cx = dict(HEAD_DIM=64, BLOCK_D=64, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, CHUNKED=False,
-                  VARLEN=False, INPUT_PRECISION="ieee")
+                  VARLEN=False, INPUT_PRECISION="ieee", SOFTCAP=False, ALIBI=False, DROPOUT=False)
         sig = aot_signature(_attn_fwd, "fp32")
         cases.append(AotCase(f"attn_fwd[fp32,d64,bm{cfg.BLOCK_M},bn{cfg.BLOCK_N},w{cfg.num_warps},s{cfg.num_stages}]",
                              _attn_fwd, sig, cx, cfg.num_warps, cfg.num_stages, tensor_core=False,

@@ -4,6 +4,8 @@ masking rules are those of ``kernels/attention.py``.
 
 Math (S = scale * Q K^T masked, P = exp(S - LSE), Delta = rowsum(dO * O) from the preprocess):
     dV = P^T dO,  dP = dO V^T,  dS = P * (dP - Delta),  dQ = scale * dS K,  dK = scale * dS^T Q.
+Softcap (s = cap * tanh(x), x = scale q.k / cap) multiplies dS by 1 - tanh(x)^2 before the
+dQ/dK products; the ALiBi bias is constant in q and k (recomputed for P only).
 The dK/dV kernel owns one kv tile of one kv head and loops over the q heads of its GQA group and
 the q tiles that can see the tile (the inverse of the forward's kv range), so GQA gradients are
 summed in registers in a fixed order. The dQ kernel owns one q tile and loops over the same kv
@@ -17,9 +19,9 @@ import triton
 import triton.language as tl
 
 from ._aot import AotCase
-from .attention import (AttnConfig, _autotuned, _cc, _col_bounds, _input_precision, _launch, _load_rows,
+from .attention import (AttnConfig, _alibi_slope, _dropout_keep, _drop_rows, _scores, dropout_args, score_args, _autotuned, _cc, _col_bounds, _input_precision, _launch, _load_rows,
                         _row_bounds, _seq_info, _store_rows, _tile_ranges, autotune_enabled, block_d,
-                        canonical_strides, lse_strides, _bucket, _arch, aot_signature, aot_attrs)
+                        canonical_strides, lse_strides, _bucket, _bucket_dim, _arch, aot_signature, aot_attrs)
 
 __all__ = ["attn_bwd_dkdv", "attn_bwd_dq", "bwd_configs", "SMOKE_BWD"]
 
@@ -58,14 +60,31 @@ _DQ_CONFIGS = {
                AttnConfig(16, 64, 4, 2)])],  # 197 regs, 82 KB
 }
 SMOKE_BWD = BwdConfigs(AttnConfig(32, 32, 4, 1), AttnConfig(32, 32, 4, 1))
+# softcap / ALiBi / dropout active: one smaller config per bucket (see kernels/attention.py _MOD_FWD)
+_MOD_DKDV = {9: {64: AttnConfig(32, 64, 8, 3),      # 214 regs (softcap + ALiBi + dropout), 0 spills
+                 128: AttnConfig(32, 64, 8, 2),     # 255 regs, 0 (16x64 w4 spilled 104 B)
+                 256: AttnConfig(16, 32, 8, 1)},    # 171 regs, 0 (16x64 w8 spilled 56 B)
+             8: {64: AttnConfig(32, 32, 4, 3),      # 213 regs
+                 128: AttnConfig(32, 32, 4, 3),     # 243 regs
+                 256: AttnConfig(16, 32, 8, 2)}}    # 206 regs (w4 spilled 72 B)
+_MOD_DQ = {9: {64: AttnConfig(64, 64, 4, 3),        # 197 regs
+               128: AttnConfig(64, 64, 8, 3),       # 255 regs, 0 (w4 spilled 120 B)
+               256: AttnConfig(32, 32, 4, 2)},      # 243 regs
+           8: {64: AttnConfig(64, 32, 4, 2),        # 251 regs
+               128: AttnConfig(64, 32, 4, 2),       # 255 regs
+               256: AttnConfig(16, 64, 4, 2)}}      # 247 regs
 
 
-def bwd_configs(cc, head_dim, dtype=torch.float16):
-    """(dK/dV tuning list, dQ tuning list) for compute capability ``cc`` and head dim."""
+def bwd_configs(cc, head_dim, dtype=torch.float16, mods=False):
+    """(dK/dV tuning list, dQ tuning list) for compute capability ``cc`` and head dim; ``mods``:
+    softcap, ALiBi or dropout active."""
     elt = torch.empty((), dtype=dtype).element_size()
     if elt == 4:
         small = [AttnConfig(32, 32, 4, 2)]
         return BwdConfigs(small, small)
+    if mods:
+        bucket = _bucket_dim(head_dim)
+        return BwdConfigs([_MOD_DKDV[_arch(cc)][bucket]], [_MOD_DQ[_arch(cc)][bucket]])
     return BwdConfigs(list(_bucket(_DKDV_CONFIGS[_arch(cc)], head_dim)), list(_bucket(_DQ_CONFIGS[_arch(cc)], head_dim)))
 
 
@@ -73,8 +92,10 @@ def bwd_configs(cc, head_dim, dtype=torch.float16):
 @triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, stride_qn, stride_dn,
                          offs_m, offs_d, cols, n_q, shift, win_left, win_right, chunk, start, end, f0, f1, qk_scale,
+                         softcap, slope, drop_base, seed, dropout_p, drop_nk,
                          CHUNKED: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                         BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                         SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr):
     for start_m in range(start, end, BLOCK_M):
         rows = start_m + offs_m
         q = _load_rows(Q_base, rows, stride_qn, offs_d, n_q, True, HEAD_DIM, BLOCK_D)
@@ -82,7 +103,8 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, stride_q
         delta = tl.load(D_base + rows, mask=rows < n_q, other=0.0)
         lse = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
         # -- P^T for this tile (BLOCK_N, BLOCK_M)
-        s_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale
+        s_t, t_t = _scores(tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION), cols[:, None],
+                           (rows + shift)[None, :], qk_scale, softcap, slope, SOFTCAP, ALIBI)
         p_t = tl.exp2(s_t - lse[None, :])
         if (start_m < f0) | (start_m >= f1):  # q tile partly masked for this kv tile
             lo_row, hi_row = _row_bounds(rows, shift, win_left, win_right, chunk, CHUNKED)
@@ -91,23 +113,34 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, stride_q
             p_t = tl.where(visible, p_t, 0.0)
         do = _load_rows(DO_base, rows, stride_dn, offs_d, n_q, True, HEAD_DIM, BLOCK_D)
         # -- dV += P^T dO ; dS^T = P^T * (dP^T - Delta) ; dK += dS^T Q
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+        if DROPOUT:  # dV = (P o Z / (1 - p))^T dO ; dP = Z / (1 - p) o dO V^T  (Z: the kept mask)
+            keep_t = _dropout_keep(seed, drop_base + rows.to(tl.int64)[None, :] * drop_nk + cols[:, None], dropout_p)
+            dv = tl.dot(tl.where(keep_t, p_t * (1.0 / (1.0 - dropout_p)), 0.0).to(do.dtype), do, dv,
+                        input_precision=INPUT_PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+            dp_t = tl.where(keep_t, dp_t * (1.0 / (1.0 - dropout_p)), 0.0)
+        else:
+            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
+        if SOFTCAP:
+            ds_t = ds_t * (1.0 - t_t * t_t)
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=INPUT_PRECISION)
     return dk, dv
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, Lse, Delta, CuSeqQ, CuSeqK,
+def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, Lse, Delta, CuSeqQ, CuSeqK, Alibi,
                    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn,
                    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-                   stride_lb, stride_lh,
-                   seqlen_q, seqlen_k, group, qk_scale, sm_scale, win_left, win_right, chunk,
+                   stride_lb, stride_lh, stride_ab,
+                   seqlen_q, seqlen_k, group, qk_scale, softcap, sm_scale, win_left, win_right, chunk,
+                   seed, dropout_p, drop_nq, drop_nk,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, CHUNKED: tl.constexpr, VARLEN: tl.constexpr,
-                   INPUT_PRECISION: tl.constexpr):
+                   INPUT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+                   DROPOUT: tl.constexpr):
     """One (BLOCK_N kv tile, kv head, sequence) per program; grid (cdiv(max Nk, BLOCK_N), Hkv, B)."""
     start_n = tl.program_id(0)
     off_hk = tl.program_id(1)
@@ -143,10 +176,14 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, Lse, Delta, CuSeqQ, CuSeqK,
         DO_base = DO + b64 * stride_db + off_h * stride_dh + qs * stride_dn
         L_base = Lse + b64 * stride_lb + off_h * stride_lh + qs
         D_base = Delta + b64 * stride_lb + off_h * stride_lh + qs
+        slope = _alibi_slope(Alibi, off_b, off_h, stride_ab, ALIBI)
+        # Philox counters: ((b * Hq + h) * NQ + q_start) * NK + k_start, plus row * NK + col
+        drop_base = _drop_rows(off_b, off_h, tl.num_programs(1) * group, 0, q_start, k_start, drop_nq, drop_nk, VARLEN)
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, stride_qn, stride_dn,
                                       offs_m, offs_d, cols, n_q, shift, win_left, win_right, chunk,
-                                      begin, end, f0, f1, qk_scale, CHUNKED, HEAD_DIM, BLOCK_D, BLOCK_M,
-                                      INPUT_PRECISION)
+                                      begin, end, f0, f1, qk_scale, softcap, slope, drop_base, seed, dropout_p,
+                                      drop_nk, CHUNKED, HEAD_DIM, BLOCK_D, BLOCK_M, INPUT_PRECISION, SOFTCAP,
+                                      ALIBI, DROPOUT)
     dk = dk * sm_scale
     _store_rows(DK + b64 * stride_dkb + off_hk.to(tl.int64) * stride_dkh + ks * stride_dkn, cols, stride_dkn,
                 offs_d, n_k, dk, HEAD_DIM, BLOCK_D)
@@ -157,33 +194,44 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, Lse, Delta, CuSeqQ, CuSeqK,
 # -- dQ --------------------------------------------------------------------------------------
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_vn, offs_n, offs_d,
-                       n_k, lo_row, hi_row, start, end, f0, f1, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                       BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                       n_k, lo_row, hi_row, start, end, f0, f1, qk_scale, pos_q, softcap, slope,
+                       drop_rows, seed, dropout_p,
+                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                       BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
+                       ALIBI: tl.constexpr, DROPOUT: tl.constexpr):
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
         k = _load_rows(K_base, cols, stride_kn, offs_d, n_k, True, HEAD_DIM, BLOCK_D)
         v = _load_rows(V_base, cols, stride_vn, offs_d, n_k, True, HEAD_DIM, BLOCK_D)
-        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+        s, t = _scores(tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION), pos_q[:, None], cols[None, :],
+                       qk_scale, softcap, slope, SOFTCAP, ALIBI)
         p = tl.exp2(s - lse[:, None])
         if (start_n < f0) | (start_n >= f1):  # kv tile partly masked for this q tile
             visible = (cols[None, :] >= lo_row[:, None]) & (cols[None, :] <= hi_row[:, None])
             p = tl.where(visible, p, 0.0)
         # -- dS = P * (dO V^T - Delta) ; dQ += dS K
         dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+        if DROPOUT:
+            keep = _dropout_keep(seed, drop_rows[:, None] + cols[None, :], dropout_p)
+            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
     return dq
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, DQ, Lse, Delta, CuSeqQ, CuSeqK,
+def _attn_bwd_dq(Q, K, V, DO, DQ, Lse, Delta, CuSeqQ, CuSeqK, Alibi,
                  stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                  stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn,
-                 stride_dqb, stride_dqh, stride_dqn, stride_lb, stride_lh,
-                 seqlen_q, seqlen_k, group, qk_scale, sm_scale, win_left, win_right, chunk,
+                 stride_dqb, stride_dqh, stride_dqn, stride_lb, stride_lh, stride_ab,
+                 seqlen_q, seqlen_k, group, qk_scale, softcap, sm_scale, win_left, win_right, chunk,
+                 seed, dropout_p, drop_nq, drop_nk,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, CHUNKED: tl.constexpr, VARLEN: tl.constexpr,
-                 INPUT_PRECISION: tl.constexpr):
+                 INPUT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+                 DROPOUT: tl.constexpr):
     """One (BLOCK_M q tile, q head, sequence) per program; grid (cdiv(max Nq, BLOCK_M), Hq, B)."""
     start_m = tl.num_programs(0) - 1 - tl.program_id(0)
     off_h = tl.program_id(1)
@@ -222,61 +270,71 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, Lse, Delta, CuSeqQ, CuSeqK,
     delta = tl.load(Delta + L_off + offs_m, mask=offs_m < n_q, other=0.0)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    slope = _alibi_slope(Alibi, off_b, off_h, stride_ab, ALIBI)
+    drop_rows = _drop_rows(off_b, off_h, tl.num_programs(1), offs_m, q_start, k_start, drop_nq, drop_nk, VARLEN)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_vn, offs_n, offs_d,
-                            n_k, lo_row, hi_row, begin, end, f0, f1, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N,
-                            INPUT_PRECISION)
+                            n_k, lo_row, hi_row, begin, end, f0, f1, qk_scale, offs_m + shift, softcap, slope,
+                            drop_rows, seed, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_N, INPUT_PRECISION, SOFTCAP, ALIBI,
+                            DROPOUT)
     dq = dq * sm_scale
     _store_rows(DQ + b64 * stride_dqb + h64 * stride_dqh + qs * stride_dqn, offs_m, stride_dqn, offs_d, n_q,
                 dq, HEAD_DIM, BLOCK_D)
 
 
 # -- launchers ---------------------------------------------------------------------------------
-def _common(q, k, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k, sm_scale, win_left, win_right, chunk_size):
+def _mods(cx):
+    return cx["SOFTCAP"] or cx["ALIBI"] or cx["DROPOUT"]
+
+
+def _common(q, k, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k, sm_scale, win_left, win_right, chunk_size,
+            softcap, alibi_slopes, lse, dropout_p=0.0, seed=0):
     varlen = cu_seqlens_q is not None
-    tail = (seqlen_q, seqlen_k, q.shape[1] // k.shape[1], sm_scale * LOG2E, sm_scale, win_left, win_right,
-            chunk_size or 1)
+    kscale, kcap, alibi, stride_ab, has_cap, has_alibi = score_args(sm_scale * LOG2E, softcap, alibi_slopes, lse)
+    tail = (stride_ab, seqlen_q, seqlen_k, q.shape[1] // k.shape[1], kscale, kcap, sm_scale, win_left, win_right,
+            chunk_size or 1, *dropout_args(q, k, varlen, dropout_p, seed))
     cx = dict(HEAD_DIM=q.shape[-1], BLOCK_D=block_d(q.shape[-1]), CHUNKED=chunk_size is not None,
-              VARLEN=varlen, INPUT_PRECISION=_input_precision(q.dtype))
-    cus = (cu_seqlens_q, cu_seqlens_k) if varlen else (q, q)
+              VARLEN=varlen, INPUT_PRECISION=_input_precision(q.dtype), SOFTCAP=has_cap, ALIBI=has_alibi,
+              DROPOUT=dropout_p > 0)
+    cus = (cu_seqlens_q, cu_seqlens_k, alibi) if varlen else (q, q, alibi)
     return varlen, tail, cx, cus
 
 
 def attn_bwd_dkdv(q, k, v, do, dk, dv, lse, delta, *, batch, seqlen_q, seqlen_k, max_seqlen_k,
                   cu_seqlens_q=None, cu_seqlens_k=None, sm_scale, win_left, win_right, chunk_size=None,
-                  config=None, interpret=False):
+                  softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=0, config=None, interpret=False):
     """Launch ``_attn_bwd_dkdv`` on canonical 4-D views (see attn_fwd); dk/dv shaped like k/v."""
     varlen, tail, cx, cus = _common(q, k, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k, sm_scale,
-                                    win_left, win_right, chunk_size)
+                                    win_left, win_right, chunk_size, softcap, alibi_slopes, lse, dropout_p, seed)
     args = (q, k, v, do, dk, dv, lse, delta, *cus, *canonical_strides(q, varlen), *canonical_strides(k, varlen),
             *canonical_strides(v, varlen), *canonical_strides(do, varlen), *canonical_strides(dk, varlen), *canonical_strides(dv, varlen),
             *lse_strides(lse, varlen), *tail)
     hkv = k.shape[1]
     if config is None and not interpret and autotune_enabled():
-        kernel = _autotuned(_attn_bwd_dkdv, bwd_configs(_cc(q), q.shape[-1], q.dtype).dkdv)
+        kernel = _autotuned(_attn_bwd_dkdv, bwd_configs(_cc(q), q.shape[-1], q.dtype, _mods(cx)).dkdv)
         grid = lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), hkv, batch)  # noqa: E731
         return _launch(kernel, grid, args, cx, None, False, autotune_configs=True)
     if config is None:
-        config = SMOKE_BWD.dkdv if interpret else bwd_configs(_cc(q), q.shape[-1], q.dtype).dkdv[0]
+        config = SMOKE_BWD.dkdv if interpret else bwd_configs(_cc(q), q.shape[-1], q.dtype, _mods(cx)).dkdv[0]
     cx.update(BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N)
     _launch(_attn_bwd_dkdv, (triton.cdiv(max_seqlen_k, config.BLOCK_N), hkv, batch), args, cx, config, interpret)
 
 
 def attn_bwd_dq(q, k, v, do, dq, lse, delta, *, batch, seqlen_q, seqlen_k, max_seqlen_q,
                 cu_seqlens_q=None, cu_seqlens_k=None, sm_scale, win_left, win_right, chunk_size=None,
-                config=None, interpret=False):
+                softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=0, config=None, interpret=False):
     """Launch ``_attn_bwd_dq`` on canonical 4-D views (see attn_fwd); dq shaped like q."""
     varlen, tail, cx, cus = _common(q, k, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k, sm_scale,
-                                    win_left, win_right, chunk_size)
+                                    win_left, win_right, chunk_size, softcap, alibi_slopes, lse, dropout_p, seed)
     args = (q, k, v, do, dq, lse, delta, *cus, *canonical_strides(q, varlen), *canonical_strides(k, varlen),
             *canonical_strides(v, varlen), *canonical_strides(do, varlen), *canonical_strides(dq, varlen),
             *lse_strides(lse, varlen), *tail)
     hq = q.shape[1]
     if config is None and not interpret and autotune_enabled():
-        kernel = _autotuned(_attn_bwd_dq, bwd_configs(_cc(q), q.shape[-1], q.dtype).dq)
+        kernel = _autotuned(_attn_bwd_dq, bwd_configs(_cc(q), q.shape[-1], q.dtype, _mods(cx)).dq)
         grid = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), hq, batch)  # noqa: E731
         return _launch(kernel, grid, args, cx, None, False, autotune_configs=True)
     if config is None:
-        config = SMOKE_BWD.dq if interpret else bwd_configs(_cc(q), q.shape[-1], q.dtype).dq[0]
+        config = SMOKE_BWD.dq if interpret else bwd_configs(_cc(q), q.shape[-1], q.dtype, _mods(cx)).dq[0]
     cx.update(BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N)
     _launch(_attn_bwd_dq, (triton.cdiv(max_seqlen_q, config.BLOCK_M), hq, batch), args, cx, config, interpret)
 
@@ -289,7 +347,8 @@ def aot_cases_bwd(cc, d, dtype, dt):
         for cfg in lst:
             fp32 = dtype == torch.float32
             cx = dict(HEAD_DIM=d, BLOCK_D=block_d(d), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
-                      CHUNKED=False, VARLEN=False, INPUT_PRECISION="ieee" if fp32 else "tf32")
+                      CHUNKED=False, VARLEN=False, INPUT_PRECISION="ieee" if fp32 else "tf32", SOFTCAP=False,
+                      ALIBI=False, DROPOUT=False)
             sig = aot_signature(kernel, dt)
             cases.append(AotCase(f"{name}[{dt},d{d},bm{cfg.BLOCK_M},bn{cfg.BLOCK_N},w{cfg.num_warps},"
                                  f"s{cfg.num_stages}]", kernel, sig, cx, cfg.num_warps, cfg.num_stages,

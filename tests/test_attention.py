@@ -37,16 +37,31 @@ def dense_mask(nq, nk, causal=False, window=(-1, -1), chunk=None):
     return mask
 
 
-def ref_attention(q, k, v, mask, scale):
-    """Dense attention on (B, Hq, N, D) tensors in their own dtype (GQA by repeat); (out, lse)."""
+def alibi_bias(slopes, nq, nk):
+    """(B or 1, H, nq, nk) ALiBi bias -slope * |i + nk - nq - j| in float64, from the definition."""
+    pos = torch.arange(nq, dtype=torch.float64)[:, None] + (nk - nq)
+    dist = (pos - torch.arange(nk, dtype=torch.float64)[None, :]).abs()
+    sl = slopes.double() if slopes.dim() == 2 else slopes.double()[None]
+    return -sl[:, :, None, None] * dist
+
+
+def ref_attention(q, k, v, mask, scale, softcap=0.0, alibi=None, drop=None):
+    """Dense attention on (B, Hq, N, D) tensors in their own dtype (GQA by repeat); (out, lse).
+    softcap: s = c * tanh(s / c); alibi: an additive bias from ``alibi_bias`` (after the cap)."""
     g = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
     s = (q @ k.transpose(-1, -2)) * scale
+    if softcap:
+        s = torch.tanh(s / softcap) * softcap
+    if alibi is not None:
+        s = s + alibi.to(s.dtype)
     s = s.masked_fill(~mask, float("-inf"))
     s = s.to(torch.promote_types(s.dtype, torch.float32))  # softmax in >= fp32, as PyTorch's op
     lse = torch.logsumexp(s, -1)
-    p = torch.softmax(s, -1).nan_to_num(0.0).to(q.dtype)
-    return p @ v, lse
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    if drop is not None:  # (keep mask, dropout_p): P o Z / (1 - p)
+        p = p * drop[0] / (1.0 - drop[1])
+    return p.to(q.dtype) @ v, lse
 
 
 @contextlib.contextmanager
@@ -70,23 +85,25 @@ def to_layout(t, layout):
 
 
 def check_case(mode, dtype, b, hq, hkv, nq, nk, d, causal=False, window=(-1, -1), chunk=None, layout="bhnd",
-               grads=True):
+               grads=True, softcap=0.0, slopes=None, qscale=1.0):
     dev = device_of(mode)
     scale = d ** -0.5
-    q64 = torch.randn(b, hq, nq, d, dtype=torch.float64)
+    q64 = torch.randn(b, hq, nq, d, dtype=torch.float64) * qscale
     k64 = torch.randn(b, hkv, nk, d, dtype=torch.float64)
     v64 = torch.randn(b, hkv, nk, d, dtype=torch.float64)
     do64 = torch.randn(b, hq, nq, d, dtype=torch.float64)
     # inputs rounded to dtype once; the references start from exactly these values
     q, k, v, do = (t.to(dtype) for t in (q64, k64, v64, do64))
     mask = dense_mask(nq, nk, causal, window, chunk)
+    bias = None if slopes is None else alibi_bias(slopes, nq, nk)
+    mod = dict(softcap=softcap, alibi=bias)
     refs = {}
     for name, dt in (("64", torch.float64), ("lowp", dtype)):
         qq, kk, vv = (t.to(dt).requires_grad_() for t in (q, k, v))
-        o, lse = ref_attention(qq, kk, vv, mask, scale)
+        o, lse = ref_attention(qq, kk, vv, mask, scale, **mod)
         grads_ = torch.autograd.grad(o, (qq, kk, vv), do.to(dt)) if grads else (None,) * 3
         refs[name] = (o, lse, *grads_)
-    lse32 = ref_attention(q.float(), k.float(), v.float(), mask, scale)[1]
+    lse32 = ref_attention(q.float(), k.float(), v.float(), mask, scale, **mod)[1]
 
     def put(t):  # (B, H, N, D) values in the requested memory layout
         t = t.to(dev)
@@ -103,7 +120,8 @@ def check_case(mode, dtype, b, hq, hkv, nq, nk, d, causal=False, window=(-1, -1)
     qd, kd, vd = (put(t).requires_grad_(grads) for t in (q, k, v))
     with mode_ctx(mode, dtype):
         out, lse = A.attention(qd, kd, vd, causal=causal, window=window, chunk_size=chunk, layout=lay,
-                               return_lse=True)
+                               return_lse=True, softcap=softcap,
+                               alibi_slopes=None if slopes is None else slopes.to(dev))
         if grads:
             dq, dk, dv = torch.autograd.grad(out, (qd, kd, vd), put(do))
     back = (lambda t: t.transpose(1, 2)) if layout == "bnhd" else (lambda t: t)
@@ -146,6 +164,183 @@ CASES = [
 def test_attention_matches_reference(mode, case):
     dtype, b, hq, hkv, nq, nk, d, causal, window, chunk, layout = case
     check_case(mode, dtype, b, hq, hkv, nq, nk, d, causal, window, chunk, layout)
+
+
+# -- softcap and ALiBi (with every mask variant: a representative subset) ----------------------
+# (dtype, B, Hq, Hkv, Nq, Nk, D, causal, window, chunk, layout, softcap, alibi: None / "h" / "bh")
+MOD_CASES = [
+    (F16, 1, 2, 2, 113, 203, 64, False, (-1, -1), None, "bhnd", 5.0, None),
+    (F32, 1, 2, 1, 90, 70, 32, True, (-1, -1), None, "bhnd", 3.0, "h"),  # Nq > Nk, GQA
+    (BF16, 2, 2, 2, 100, 100, 64, True, (30, -1), None, "bnhd", 0.0, "bh"),
+    (F16, 1, 4, 2, 120, 150, 32, False, (20, 10), 32, "bhnd", 4.0, "h"),
+    (F16, 1, 2, 2, 130, 130, 64, True, (-1, -1), 48, "strided", 2.0, "bh"),
+]
+
+
+@pytest.mark.parametrize("mode", ["emu", "cpu", "cuda"])
+@pytest.mark.parametrize("case", MOD_CASES, ids=lambda c: "-".join(str(x).replace("torch.", "") for x in c))
+def test_softcap_alibi_match_reference(mode, case):
+    """Kernels (fwd, dK/dV, dQ) with softcap and/or ALiBi vs the fp64 dense reference; q scaled
+    up so scores reach the tanh's saturation (|s| > cap) and the softcap gradient matters."""
+    dtype, b, hq, hkv, nq, nk, d, causal, window, chunk, layout, cap, alibi = case
+    slopes = None
+    if alibi is not None:
+        slopes = torch.rand(b, hq) * 0.5 + 0.05 if alibi == "bh" else 2.0 ** -(torch.arange(hq) + 1.0)
+    check_case(mode, dtype, b, hq, hkv, nq, nk, d, causal, window, chunk, layout, softcap=cap, slopes=slopes,
+               qscale=3.0 if cap else 1.0)
+
+
+def test_softcap_alibi_varlen_emu():
+    """Varlen with per-sequence slopes (B, H) and softcap, fwd + bwd, interpreter vs CPU path."""
+    lens_q, lens_k = [37, 20, 5], [50, 20, 40]
+    cu_q = torch.tensor([0] + list(itertools.accumulate(lens_q)), dtype=torch.int32)
+    cu_k = torch.tensor([0] + list(itertools.accumulate(lens_k)), dtype=torch.int32)
+    q = torch.randn(cu_q[-1], 2, 32) * 2
+    k, v = torch.randn(cu_k[-1], 1, 32), torch.randn(cu_k[-1], 1, 32)
+    do = torch.randn_like(q)
+    slopes = torch.rand(3, 2)
+    res = {}
+    for mode in ("cpu", "emu"):
+        qd, kd, vd = (t.clone().requires_grad_() for t in (q, k, v))
+        with mode_ctx(mode, F32):
+            out, lse = A.attention(qd, kd, vd, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=True, softcap=3.0,
+                                   alibi_slopes=slopes, return_lse=True)
+            res[mode] = (out, lse, *torch.autograd.grad(out, (qd, kd, vd), do))
+    # per sequence, against the dense reference in fp64
+    for i in range(3):
+        a, b_, c, e = cu_q[i], cu_q[i + 1], cu_k[i], cu_k[i + 1]
+        m = dense_mask(int(b_ - a), int(e - c), causal=True)
+        qs, ks, vs = (t.double().transpose(0, 1)[None] for t in (q[a:b_], k[c:e], v[c:e]))
+        o, _ = ref_attention(qs, ks, vs, m, 32 ** -0.5, 3.0, alibi_bias(slopes[i:i + 1], int(b_ - a), int(e - c)))
+        torch.testing.assert_close(res["emu"][0][a:b_].double(), o[0].transpose(0, 1), atol=1e-5, rtol=1e-4)
+    for x, y in zip(res["cpu"], res["emu"]):
+        torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
+
+
+# -- dropout ------------------------------------------------------------------------------------
+# (dtype, B, Hq, Hkv, Nq, Nk, D, causal, window, chunk, dropout_p)
+DROP_CASES = [
+    (F16, 1, 2, 2, 113, 150, 64, False, (-1, -1), None, 0.2),
+    (F32, 2, 4, 2, 70, 90, 32, True, (-1, -1), None, 0.5),
+    (BF16, 1, 2, 1, 100, 100, 64, True, (30, -1), 32, 0.1),
+]
+
+
+@pytest.mark.parametrize("mode", ["emu", "cpu", "cuda"])
+@pytest.mark.parametrize("case", DROP_CASES, ids=lambda c: "-".join(str(x).replace("torch.", "") for x in c))
+def test_dropout_matches_reference_with_kernel_mask(mode, case):
+    """Output and gradients vs the fp64 reference that applies the keep mask the kernel returns
+    (``return_dropout_mask``: the dropout-mask kernel from the same helpers); with softcap too."""
+    dtype, b, hq, hkv, nq, nk, d, causal, window, chunk, p = case
+    dev = device_of(mode)
+    scale = d ** -0.5
+    q, do = (torch.randn(b, hq, nq, d, dtype=torch.float64).to(dtype) for _ in range(2))
+    k, v = (torch.randn(b, hkv, nk, d, dtype=torch.float64).to(dtype) for _ in range(2))
+    qd, kd, vd = (t.to(dev).requires_grad_() for t in (q, k, v))
+    with mode_ctx(mode, dtype):
+        out, lse, keep = A.attention(qd, kd, vd, causal=causal, window=window, chunk_size=chunk, dropout_p=p,
+                                     seed=2024, return_lse=True, return_dropout_mask=True)
+        grads = torch.autograd.grad(out, (qd, kd, vd), do.to(dev))
+    keep = keep.cpu()
+    assert keep.dtype == torch.bool and keep.shape == (b, hq, nq, nk)
+    mask = dense_mask(nq, nk, causal, window, chunk)
+    refs = {}
+    for name, dt in (("64", torch.float64), ("lowp", dtype)):
+        qq, kk, vv = (t.to(dt).requires_grad_() for t in (q, k, v))
+        o, l_ = ref_attention(qq, kk, vv, mask, scale, drop=(keep, p))
+        refs[name] = (o, l_, *torch.autograd.grad(o, (qq, kk, vv), do.to(dt)))
+    assert_close_oracle(out, refs["64"][0], refs["lowp"][0], name="out")
+    assert_close_oracle(lse, refs["64"][1], refs["64"][1].float(), floor=1e-4, name="lse")
+    for i, name in enumerate(("dq", "dk", "dv")):
+        assert_close_oracle(grads[i], refs["64"][2 + i], refs["lowp"][2 + i], factor=3.0, name=name,
+                            floor=grad_floor(dtype, refs["64"][2:]))
+
+
+def test_dropout_mask_replica_and_keep_rate():
+    """The CPU path's torch Philox replica equals the kernels' mask bit for bit (seeds past 2**32,
+    counters past 2**32), and the keep rate is 1 - p within 5 sigma for several p."""
+    from kernels.attention import dropout_mask
+
+    for p, seed in ((0.1, 7), (0.5, 2**40 + 3), (0.9, 123456789)):
+        b, h, nq, nk = 2, 3, 70, 130
+        kern = dropout_mask(b, h, nq, nk, dropout_p=p, seed=seed, device="cpu", interpret=True)
+        cpu = A._keep_mask(seed, p, [0, 1], h, 0, nq, 0, nk, nq, nk, False, "cpu")
+        assert torch.equal(kern, cpu)
+        n = kern.numel()
+        rate = kern.float().mean().item()
+        assert abs(rate - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5, (p, rate)
+    big = A.philox_keep(99, torch.arange(2**33, 2**33 + 200000, dtype=torch.int64), 0.3).float().mean().item()
+    assert abs(big - 0.7) < 5 * (0.21 / 200000) ** 0.5
+    # the replica against Triton's own tl.rand at 64-bit counters (through the interpreter)
+    import triton
+    import triton.language as tl
+    from kernels._interp import interpreted
+
+    @triton.jit
+    def _rand(Out, seed, base, N: tl.constexpr):
+        offs = base + tl.arange(0, N).to(tl.int64)
+        tl.store(Out + tl.arange(0, N), tl.rand(seed, offs))
+
+    out = torch.empty(256)
+    interpreted(_rand)[(1,)](out, 2**35 + 11, 2**33 + 5, N=256)
+    ref = A.philox_keep(2**35 + 11, torch.arange(2**33 + 5, 2**33 + 5 + 256), 0.5)
+    assert torch.equal(out >= 0.5, ref)
+
+
+@pytest.mark.parametrize("mode", ["cpu", "emu"])
+def test_dropout_seeded_reproducible_and_varlen(mode):
+    """Same seed -> same bits (also via torch.manual_seed); different seeds differ; varlen packed
+    problems give the same result on the CPU path and the interpreted kernels."""
+    q, k, v = torch.randn(1, 2, 40, 32), torch.randn(1, 2, 50, 32), torch.randn(1, 2, 50, 32)
+    with mode_ctx(mode, F32):
+        a = A.attention(q, k, v, dropout_p=0.3, seed=5)
+        b = A.attention(q, k, v, dropout_p=0.3, seed=5)
+        c = A.attention(q, k, v, dropout_p=0.3, seed=6)
+        torch.manual_seed(0)
+        d = A.attention(q, k, v, dropout_p=0.3)
+        torch.manual_seed(0)
+        e = A.attention(q, k, v, dropout_p=0.3)
+    assert torch.equal(a, b) and not torch.equal(a, c) and torch.equal(d, e)
+    lens_q, lens_k = [17, 30], [25, 9]
+    cu_q = torch.tensor([0, 17, 47], dtype=torch.int32)
+    cu_k = torch.tensor([0, 25, 34], dtype=torch.int32)
+    qv, kv, vv = torch.randn(47, 2, 32, requires_grad=True), torch.randn(34, 1, 32), torch.randn(34, 1, 32)
+    res = {}
+    for m in ("cpu", mode):
+        with mode_ctx(m, F32):
+            o = A.attention(qv, kv, vv, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=True, dropout_p=0.25, seed=11)
+            res[m] = (o, *torch.autograd.grad(o.sum(), (qv,)))
+    for x, y in zip(res["cpu"], res[mode]):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
+
+
+def test_sdpa_and_mha_dropout():
+    """SDPA with dropout_p: keep rate of the output's implied mask, and nn.MultiheadAttention-style
+    modules: training applies dropout (seeded, reproducible), eval mode is a no-op."""
+    from fasttfm.mha import MultiheadAttention
+
+    q, k = torch.randn(1, 2, 30, 16), torch.randn(1, 2, 40, 16)
+    v = torch.eye(40).repeat(1, 2, 1, 1)[..., :16].contiguous()  # identity-like v exposes P columns
+    torch.manual_seed(1)
+    a = A.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+    torch.manual_seed(1)
+    b = A.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+    assert torch.equal(a, b)
+    zeros = (a == 0).float().mean().item()
+    assert 0.4 < zeros < 0.6, zeros
+    torch.manual_seed(0)
+    m = MultiheadAttention(32, 2, dropout=0.3, batch_first=True)
+    x = torch.randn(2, 20, 32)
+    m.train()
+    torch.manual_seed(3)
+    t1 = m(x, x, x, need_weights=False)[0]
+    torch.manual_seed(3)
+    t2 = m(x, x, x, need_weights=False)[0]
+    m.eval()
+    e = m(x, x, x, need_weights=False)[0]
+    ref = torch.nn.MultiheadAttention.forward(m, x, x, x, need_weights=False)[0]
+    assert torch.equal(t1, t2) and not torch.allclose(t1, e)
+    torch.testing.assert_close(e, ref, atol=1e-5, rtol=1e-4)
 
 
 def varlen_ref(q, k, v, do, cu_q, cu_k, scale, **mask_kw):
@@ -264,7 +459,7 @@ def _all_configs():
 
 
 def run_kernels(q, k, v, do, *, scale, causal, window, chunk, fwd_cfg=None, dkdv_cfg=None, dq_cfg=None,
-                interpret=True):
+                interpret=True, **mods):
     """Direct launcher calls on (B, H, N, D) tensors with explicit configs; (out, lse, dq, dk, dv)."""
     b, hq, nq, d = q.shape
     nk = k.shape[2]
@@ -275,7 +470,7 @@ def run_kernels(q, k, v, do, *, scale, causal, window, chunk, fwd_cfg=None, dkdv
     dk, dv = poison_(torch.empty_like(k)), poison_(torch.empty_like(v))
     lse, delta = poison_(q.new_empty(b, hq, nq, dtype=F32)), q.new_empty(b, hq, nq, dtype=F32)
     kw = dict(batch=b, seqlen_q=nq, seqlen_k=nk, win_left=left, win_right=right, chunk_size=chunk,
-              interpret=interpret)
+              interpret=interpret, **mods)
     KA.attn_fwd(q, k, v, out, lse, max_seqlen_q=nq, qk_scale=scale * KA.LOG2E, config=fwd_cfg, **kw)
     KA.attn_bwd_preprocess(out, do, delta, batch=b, seqlen_q=nq, max_seqlen_q=nq, interpret=interpret)
     KB.attn_bwd_dkdv(q, k, v, do, dk, dv, lse, delta, max_seqlen_k=nk, sm_scale=scale, config=dkdv_cfg, **kw)
@@ -319,6 +514,39 @@ def test_every_tuning_config(kind, d, dtype, cfg):
     for name, (g, i) in got.items():
         assert_close_oracle(g, refs["64"][i], refs["lowp"][i], factor=3.0, name=name,
                             floor=grad_floor(dtype, refs["64"][2:]))
+
+
+def _mod_configs():
+    """(head dim, fwd, dK/dV, dQ) configs launched when softcap/ALiBi/dropout are active."""
+    out = set()
+    for cc, d in itertools.product((80, 90), (64, 128, 256)):
+        bc = KB.bwd_configs(cc, d, F16, mods=True)
+        out.add((d, KA.fwd_configs(cc, d, F16, mods=True)[0], bc.dkdv[0], bc.dq[0]))
+    return sorted(out, key=str)
+
+
+@pytest.mark.parametrize("d,fwd,dkdv,dq", _mod_configs(), ids=lambda x: (
+    f"bm{x.BLOCK_M}-bn{x.BLOCK_N}-w{x.num_warps}-s{x.num_stages}" if isinstance(x, tuple) else str(x)))
+def test_every_modifier_config(d, fwd, dkdv, dq):
+    """Each config shipped for modified problems runs fwd + bwd through the interpreter with softcap
+    and ALiBi on a causal + window problem with GQA, against the fp64 reference."""
+    nq, nk = (90, 110) if d < 256 else (40, 60)
+    q, do = (torch.randn(1, 2, nq, d, dtype=torch.float64).to(F16) for _ in range(2))
+    k, v = (torch.randn(1, 1, nk, d, dtype=torch.float64).to(F16) for _ in range(2))
+    q = (q.float() * 3).to(F16)
+    scale, slopes = d ** -0.5, torch.tensor([0.25, 0.0625])
+    mask = dense_mask(nq, nk, True, (50, -1))
+    refs = {}
+    for name, dt in (("64", torch.float64), ("lowp", F16)):
+        qq, kk, vv = (t.to(dt).requires_grad_() for t in (q, k, v))
+        o, lse = ref_attention(qq, kk, vv, mask, scale, 4.0, alibi_bias(slopes, nq, nk))
+        refs[name] = (o.detach(), lse, *torch.autograd.grad(o, (qq, kk, vv), do.to(dt)))
+    got = run_kernels(q, k, v, do, scale=scale, causal=True, window=(50, -1), chunk=None, fwd_cfg=fwd,
+                      dkdv_cfg=dkdv, dq_cfg=dq, softcap=4.0, alibi_slopes=slopes)
+    assert_close_oracle(got[0], refs["64"][0], refs["lowp"][0], name="out")
+    for i, name in ((2, "dq"), (3, "dk"), (4, "dv")):
+        assert_close_oracle(got[i], refs["64"][i], refs["lowp"][i], factor=3.0, name=name,
+                            floor=grad_floor(F16, refs["64"][2:]))
 
 
 # -- block sparsity: fully masked tiles are never computed ---------------------------------------
@@ -383,6 +611,10 @@ def test_opcheck(mode):
         bargs = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), None, None, None,
                  40, 50, 0.2, 30, 0, 0, "bhnd")
         torch.library.opcheck(torch.ops.fasttfm.attn_bwd.default, bargs)
+        # softcap + ALiBi + dropout arguments (schema, fake tensors, autograd registration)
+        margs = args + (3.0, torch.tensor([0.5, 0.25]), 0.2, 1234)
+        torch.library.opcheck(torch.ops.fasttfm.attn_fwd.default, margs)
+        torch.library.opcheck(torch.ops.fasttfm.attn_bwd.default, bargs + (3.0, torch.tensor([0.5, 0.25]), 0.2, 1234))
 
 
 def test_torch_compile_fullgraph_no_graph_breaks():
@@ -457,8 +689,8 @@ def test_sdpa_masks_and_errors():
     for m in (bool_mask, float_mask):
         torch.testing.assert_close(A.scaled_dot_product_attention(q, k, v, attn_mask=m),
                                    torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m))
-    with pytest.raises(NotImplementedError, match="dropout_p"):
-        A.scaled_dot_product_attention(q, k, v, dropout_p=0.1)
+    with pytest.raises(ValueError, match="dropout_p"):
+        A.scaled_dot_product_attention(q, k, v, dropout_p=1.5)
     with pytest.raises(RuntimeError, match="enable_gqa"):
         A.scaled_dot_product_attention(q, k[:, :1], v[:, :1])
 
@@ -486,6 +718,13 @@ def _t(*shape, dtype=F16):
                          cu_seqlens_k=torch.tensor([0, 8], dtype=torch.int32)), ValueError, "packed length 8"),
     (lambda: A.attention(_t(1, 2, 8, 32), _t(1, 2, 8, 32), _t(1, 2, 8, 64)), ValueError, "head dims of q, k, v must be equal"),
     (lambda: A.attention(_t(1, 2, 8, 32), _t(2, 2, 8, 32), _t(2, 2, 8, 32)), ValueError, "batch sizes"),
+    (lambda: A.attention(_t(1, 2, 8, 32), _t(1, 2, 8, 32), _t(1, 2, 8, 32), softcap=-1.0), ValueError, "softcap must be"),
+    (lambda: A.attention(_t(1, 2, 8, 32), _t(1, 2, 8, 32), _t(1, 2, 8, 32), dropout_p=1.0), ValueError,
+     r"dropout_p must be in \[0, 1\)"),
+    (lambda: A.attention(_t(1, 2, 8, 32), _t(1, 2, 8, 32), _t(1, 2, 8, 32), alibi_slopes=torch.ones(3)), ValueError,
+     r"alibi_slopes must be a torch.float32 tensor of shape \(2,\) or \(1, 2\)"),
+    (lambda: A.attention(_t(1, 2, 8, 32), _t(1, 2, 8, 32), _t(1, 2, 8, 32), alibi_slopes=torch.ones(2, dtype=F16)),
+     ValueError, "alibi_slopes must be a torch.float32"),
 ])
 def test_bad_input_errors(call, exc, match):
     with pytest.raises(exc, match=match):

@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fasttfm
 import fasttfm.mha
 import fasttfm.ops.attention as attn_ops
-from fasttfm.patch import REGISTRY, Row, sdpa_patched
+from fasttfm.patch import EXPLICIT_ONLY, REGISTRY, Row, sdpa_patched
 
 E, H = 64, 4
 
@@ -78,7 +78,8 @@ def test_every_fasttfm_nn_class_is_in_the_registry():
     for name in fasttfm.nn.__all__:
         obj = getattr(fasttfm.nn, name)
         if isinstance(obj, type) and issubclass(obj, nn.Module):
-            assert f"fasttfm.nn.{name}" in targets, f"fasttfm.nn.{name} has no row in fasttfm.patch.REGISTRY"
+            assert f"fasttfm.nn.{name}" in targets or f"fasttfm.nn.{name}" in EXPLICIT_ONLY, \
+                f"fasttfm.nn.{name} has no row in fasttfm.patch.REGISTRY (nor a reason in EXPLICIT_ONLY)"
 
 
 def test_registry_rows_name_real_classes():

@@ -61,11 +61,22 @@ def _visible(nq, nk, left, right, chunk, device):
     return vis
 
 
-def _cpu_probs(q, k, lse, vis, scale, g):
-    """Scores and probabilities (fp32) of one problem; q (B, Hq, n, D), k (B, Hkv, m, D)."""
+def _cpu_probs(q, k, lse, vis, scale, g, softcap=0.0, slopes=None, t_out=None):
+    """Scores and probabilities (fp32) of one problem; q (B, Hq, n, D), k (B, Hkv, m, D).
+    softcap: s = cap * tanh(s / cap) (tanh stored in t_out[0] for the gradient); slopes: fp32
+    (B or 1, Hq) ALiBi slopes, bias -slope * |i + m - n - j| added after the cap."""
     b, hq, n, d = q.shape
+    m = k.shape[2]
     qg = q.float().reshape(b, hq // g, g, n, d)
     s = torch.einsum("bhgnd,bhmd->bhgnm", qg, k.float()) * scale
+    if softcap:
+        t = torch.tanh(s / softcap)
+        if t_out is not None:
+            t_out.append(t)
+        s = t * softcap
+    if slopes is not None:
+        dist = (torch.arange(n, device=q.device)[:, None] + (m - n) - torch.arange(m, device=q.device)[None, :]).abs()
+        s = s - slopes.float().reshape(slopes.shape[0], hq // g, g, 1, 1) * dist
     s = s.masked_fill(~vis, float("-inf"))
     if lse is None:
         lse = torch.logsumexp(s, -1)
@@ -75,18 +86,73 @@ def _cpu_probs(q, k, lse, vis, scale, g):
     return qg, p, lse
 
 
+# -- dropout: Triton's Philox, replicated in torch ------------------------------------------------
+_M32 = 0xFFFFFFFF
+
+
+def philox_keep(seed: int, offset: Tensor, dropout_p: float) -> Tensor:
+    """Bool keep mask, bit-identical to the kernels' ``_dropout_keep``: Philox-4x32-10 of counter
+    (offset lo, offset hi, 0, 0) and key (seed lo, seed hi) as ``tl.rand`` computes it, its first
+    word mapped to U(0, 1) as ``uint_to_uniform_float``, kept iff >= dropout_p (fp32). offset int64."""
+    c0, c1 = offset & _M32, (offset >> 32) & _M32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    for _ in range(10):
+        p0, p1 = c2 * 0xCD9E8D57, c0 * 0xD2511F53  # wraps mod 2**64: bits 0..63 exact
+        c0, c1, c2, c3 = ((p0 >> 32) & _M32) ^ c1 ^ k0, p0 & _M32, ((p1 >> 32) & _M32) ^ c3 ^ k1, p1 & _M32
+        k0, k1 = (k0 + 0x9E3779B9) & _M32, (k1 + 0xBB67AE85) & _M32
+    x = torch.where(c0 >= 2**31, c0 - 2**32, c0)  # bitcast to int32
+    x = torch.where(x < 0, -x - 1, x).to(torch.int32).float()
+    u = x * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+    return u >= torch.tensor(dropout_p, dtype=torch.float32)
+
+
+def _keep_mask(seed, p, b_idx, hq, q0, n, k0, m, nq_tot, nk_tot, varlen, device):
+    """(len(b_idx), Hq, n, m) keep mask of one problem: counters ((b * Hq + h) * NQ + q0 + i) * NK + k0 + j
+    (varlen: b = 0, q0/k0 the packed starts, NQ/NK the packed totals)."""
+    bs = torch.tensor([0] if varlen else b_idx, dtype=torch.int64, device=device)
+    h = torch.arange(hq, dtype=torch.int64, device=device)
+    bh = bs[:, None] * hq + h[None, :]
+    rows = q0 + torch.arange(n, dtype=torch.int64, device=device)
+    cols = k0 + torch.arange(m, dtype=torch.int64, device=device)
+    off = ((bh[:, :, None] * nq_tot + rows[None, None, :]) * nk_tot)[..., None] + cols
+    return philox_keep(seed, off, p)
+
+
 # -- custom ops ------------------------------------------------------------------------------
 @torch.library.custom_op("fasttfm::attn_fwd", mutates_args=(), device_types="cpu")
 def attn_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
              max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, window_left: int, window_right: int,
-             chunk_size: int, layout: str) -> tuple[Tensor, Tensor]:
+             chunk_size: int, layout: str, softcap: float = 0.0,
+             alibi_slopes: Optional[Tensor] = None, dropout_p: float = 0.0, seed: int = 0) -> tuple[Tensor, Tensor]:
     """(out, lse). Window sides are UNBOUNDED (2**30) for no limit and may be negative (any
-    integer offset); chunk_size 0 = no chunking. out: q's shape, contiguous; lse fp32."""
+    integer offset); chunk_size 0 = no chunking. out: q's shape, contiguous; lse fp32.
+    softcap 0 = off; alibi_slopes fp32 (Hq,) or (B, Hq); dropout_p with Philox ``seed`` (the LSE is
+    that of the undropped softmax)."""
     return _fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                     window_left, window_right, chunk_size, layout)
+                     window_left, window_right, chunk_size, layout, softcap, alibi_slopes, dropout_p, seed)
 
 
-def _fwd_impl(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, chunk, layout):
+def _slopes_of(slopes, b, varlen_index=None):
+    """(B-or-1, Hq) slopes for the CPU path's batch slice ``b`` (dense) or sequence ``varlen_index``."""
+    if slopes is None:
+        return None
+    if slopes.dim() == 1:
+        return slopes[None]
+    return slopes[varlen_index:varlen_index + 1] if varlen_index is not None else slopes[b]
+
+
+def _seq_keep(seed, p, b, idx, q4, k4, q0, q1, k0, k1, varlen, g):
+    """Keep mask of one CPU-path problem, shaped (B, Hkv, g, n, m) like ``_cpu_probs``'s P."""
+    b_idx = [0] if varlen else list(range(q4.shape[0]))
+    keep = _keep_mask(seed, p, b_idx, q4.shape[1], q0, q1 - q0, k0, k1 - k0, q4.shape[2], k4.shape[2],
+                      varlen, q4.device)
+    return keep.reshape(keep.shape[0], q4.shape[1] // g, g, q1 - q0, k1 - k0)
+
+
+def _fwd_impl(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, chunk, layout, softcap=0.0, slopes=None,
+              dropout_p=0.0, seed=0):
     # varlen: rows past cu_seqlens_q[-1] belong to no sequence and keep 0 / -inf
     new = torch.zeros if cu_q is not None else torch.empty
     out = new(q.shape, dtype=q.dtype, device=q.device)
@@ -103,13 +169,17 @@ def _fwd_impl(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, chunk, layo
                          seqlen_q=0 if varlen else q4.shape[2], seqlen_k=0 if varlen else k4.shape[2],
                          max_seqlen_q=max_q, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
                          qk_scale=scale * _kf.LOG2E, win_left=left, win_right=right,
-                         chunk_size=chunk or None, interpret=not q.is_cuda)
+                         chunk_size=chunk or None, softcap=softcap, alibi_slopes=slopes, dropout_p=dropout_p,
+                         seed=seed, interpret=not q.is_cuda)
         return out, lse
     lse4 = lse.unsqueeze(0) if layout == "thd" else lse
     g = q4.shape[1] // k4.shape[1]
-    for b, q0, q1, k0, k1 in _sequences(cu_q, cu_k, q4, k4):
+    for idx, (b, q0, q1, k0, k1) in enumerate(_sequences(cu_q, cu_k, q4, k4)):
         vis = _visible(q1 - q0, k1 - k0, left, right, chunk, q.device)
-        _, p, l = _cpu_probs(q4[b, :, q0:q1], k4[b, :, k0:k1], None, vis, scale, g)
+        sl = _slopes_of(slopes, b, idx if cu_q is not None else None)
+        _, p, l = _cpu_probs(q4[b, :, q0:q1], k4[b, :, k0:k1], None, vis, scale, g, softcap, sl)
+        if dropout_p > 0:
+            p = p * _seq_keep(seed, dropout_p, b, idx, q4, k4, q0, q1, k0, k1, cu_q is not None, g) / (1 - dropout_p)
         o = torch.einsum("bhgnm,bhmd->bhgnd", p, v4[b, :, k0:k1].float())
         o4[b, :, q0:q1] = o.flatten(1, 2).to(q.dtype)
         lse4[b, :, q0:q1] = l.flatten(1, 2)
@@ -118,28 +188,31 @@ def _fwd_impl(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, chunk, layo
 
 @attn_fwd.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
-      window_right, chunk_size, layout):
+      window_right, chunk_size, layout, softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=0):
     return q.new_empty(q.shape), q.new_empty(_lse_shape(q, layout), dtype=torch.float32)
 
 
 @attn_fwd.register_kernel("cuda")
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
-      window_right, chunk_size, layout):
+      window_right, chunk_size, layout, softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=0):
     return _fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                     window_left, window_right, chunk_size, layout)
+                     window_left, window_right, chunk_size, layout, softcap, alibi_slopes, dropout_p, seed)
 
 
 @torch.library.custom_op("fasttfm::attn_bwd", mutates_args=(), device_types="cpu")
 def attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
              cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int,
              max_seqlen_k: int, softmax_scale: float, window_left: int, window_right: int, chunk_size: int,
-             layout: str) -> tuple[Tensor, Tensor, Tensor]:
+             layout: str, softcap: float = 0.0,
+             alibi_slopes: Optional[Tensor] = None, dropout_p: float = 0.0, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) shaped like q, k, v (contiguous). dlse: optional gradient of the LSE output."""
     return _bwd_impl(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                     softmax_scale, window_left, window_right, chunk_size, layout)
+                     softmax_scale, window_left, window_right, chunk_size, layout, softcap, alibi_slopes, dropout_p,
+                     seed)
 
 
-def _bwd_impl(dout, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, left, right, chunk, layout):
+def _bwd_impl(dout, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, left, right, chunk, layout,
+              softcap=0.0, slopes=None, dropout_p=0.0, seed=0):
     new = torch.zeros if cu_q is not None else torch.empty  # varlen: rows of no sequence get 0
     dq = new(q.shape, dtype=q.dtype, device=q.device)
     dk = new(k.shape, dtype=k.dtype, device=k.device)
@@ -153,7 +226,8 @@ def _bwd_impl(dout, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, le
         kw = dict(batch=cu_q.numel() - 1 if varlen else q4.shape[0], seqlen_q=0 if varlen else q4.shape[2],
                   cu_seqlens_q=cu_q, interpret=not q.is_cuda)
         kw2 = dict(kw, seqlen_k=0 if varlen else k4.shape[2], cu_seqlens_k=cu_k, sm_scale=scale,
-                   win_left=left, win_right=right, chunk_size=chunk or None)
+                   win_left=left, win_right=right, chunk_size=chunk or None, softcap=softcap, alibi_slopes=slopes,
+                   dropout_p=dropout_p, seed=seed)
         with torch.cuda.device(q.device) if q.is_cuda else _nullctx():
             delta = torch.empty_like(lse)
             _kf.attn_bwd_preprocess(o4, do4, delta, max_seqlen_q=max_q, **kw)
@@ -165,17 +239,27 @@ def _bwd_impl(dout, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, le
     lse4 = lse.unsqueeze(0) if layout == "thd" else lse
     dlse4 = None if dlse is None else (dlse.unsqueeze(0) if layout == "thd" else dlse)
     g = q4.shape[1] // k4.shape[1]
-    for b, q0, q1, k0, k1 in _sequences(cu_q, cu_k, q4, k4):
+    for idx, (b, q0, q1, k0, k1) in enumerate(_sequences(cu_q, cu_k, q4, k4)):
         vis = _visible(q1 - q0, k1 - k0, left, right, chunk, q.device)
         qs, ks, vs, os_, dos = q4[b, :, q0:q1], k4[b, :, k0:k1], v4[b, :, k0:k1], o4[b, :, q0:q1], do4[b, :, q0:q1]
-        qg, p, _ = _cpu_probs(qs, ks, lse4[b, :, q0:q1], vis, scale, g)
+        tanh = []
+        qg, p, _ = _cpu_probs(qs, ks, lse4[b, :, q0:q1], vis, scale, g, softcap,
+                              _slopes_of(slopes, b, idx if cu_q is not None else None), tanh)
         bb, hq, n, d = qs.shape
         dog = dos.float().reshape(bb, hq // g, g, n, d)
         delta = (dog * os_.float().reshape(bb, hq // g, g, n, d)).sum(-1)
         if dlse4 is not None:
             delta = delta - dlse4[b, :, q0:q1].reshape(bb, hq // g, g, n)
-        dv4[b, :, k0:k1] = torch.einsum("bhgnm,bhgnd->bhmd", p, dog).to(v.dtype)
-        ds = p * (torch.einsum("bhgnd,bhmd->bhgnm", dog, vs.float()) - delta[..., None])
+        dp = torch.einsum("bhgnd,bhmd->bhgnm", dog, vs.float())
+        if dropout_p > 0:
+            z = _seq_keep(seed, dropout_p, b, idx, q4, k4, q0, q1, k0, k1, cu_q is not None, g) / (1 - dropout_p)
+            dv4[b, :, k0:k1] = torch.einsum("bhgnm,bhgnd->bhmd", p * z, dog).to(v.dtype)
+            dp = dp * z
+        else:
+            dv4[b, :, k0:k1] = torch.einsum("bhgnm,bhgnd->bhmd", p, dog).to(v.dtype)
+        ds = p * (dp - delta[..., None])
+        if softcap:
+            ds = ds * (1.0 - tanh[0] ** 2)
         dq4[b, :, q0:q1] = (torch.einsum("bhgnm,bhmd->bhgnd", ds, ks.float()) * scale).flatten(1, 2).to(q.dtype)
         dk4[b, :, k0:k1] = (torch.einsum("bhgnm,bhgnd->bhmd", ds, qg) * scale).to(k.dtype)
     return dq, dk, dv
@@ -183,28 +267,33 @@ def _bwd_impl(dout, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, le
 
 @attn_bwd.register_fake
 def _(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-      window_left, window_right, chunk_size, layout):
+      window_left, window_right, chunk_size, layout, softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=0):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 @attn_bwd.register_kernel("cuda")
 def _(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-      window_left, window_right, chunk_size, layout):
+      window_left, window_right, chunk_size, layout, softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=0):
     return _bwd_impl(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                     softmax_scale, window_left, window_right, chunk_size, layout)
+                     softmax_scale, window_left, window_right, chunk_size, layout, softcap, alibi_slopes, dropout_p,
+                     seed)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, cu_q, cu_k, *params = inputs
+    softcap = params[7] if len(params) > 7 else 0.0
+    slopes = params[8] if len(params) > 8 else None
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-    ctx.params = params
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, slopes)
+    ctx.params = (*params[:7], softcap)
+    ctx.drop = (params[9] if len(params) > 9 else 0.0, params[10] if len(params) > 10 else 0)
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-    dq, dk, dv = torch.ops.fasttfm.attn_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, *ctx.params)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+    q, k, v, out, lse, cu_q, cu_k, slopes = ctx.saved_tensors
+    dq, dk, dv = torch.ops.fasttfm.attn_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, *ctx.params, slopes,
+                                            *ctx.drop)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None, None
 
 
 attn_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -269,8 +358,20 @@ def _check_cu(name, cu, total, device):
                              f"packed length {total}, got {vals}")
 
 
+def _check_slopes(slopes, hq, batch, device):
+    if not isinstance(slopes, Tensor) or slopes.dtype != torch.float32 or \
+            tuple(slopes.shape) not in ((hq,), (batch, hq)):
+        desc = f"{slopes.dtype} tensor of shape {tuple(slopes.shape)}" if isinstance(slopes, Tensor) else \
+            type(slopes).__name__
+        raise ValueError(f"attention: alibi_slopes must be a torch.float32 tensor of shape ({hq},) or "
+                         f"({batch}, {hq}), got {desc}")
+    if slopes.device != device:
+        raise ValueError(f"attention: alibi_slopes must be on {device}, got {slopes.device}")
+
+
 def attention(q, k, v, *, causal=False, window=(-1, -1), chunk_size=None, softmax_scale=None, layout="bhnd",
-              cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, return_lse=False):
+              cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, return_lse=False,
+              softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=None, return_dropout_mask=False):
     """Flash attention: softmax(scale * q k^T + mask) v, fused, forward and backward.
 
     Shapes (``layout``): "bhnd" (B, H, N, D) as SDPA; "bnhd" (B, N, H, D) as flash-attn; with
@@ -285,6 +386,20 @@ def attention(q, k, v, *, causal=False, window=(-1, -1), chunk_size=None, softma
     unbounded; causal sets right = 0), and, with ``chunk_size=C``, floor((i + Nk - Nq) / C) ==
     floor(j / C) (block-diagonal chunks of C key positions). Rows with no visible key give output 0,
     LSE -inf and zero gradients. softmax_scale defaults to D ** -0.5.
+
+    Score modifiers (FlashAttention's order, combinable with every mask and layout): ``softcap=c > 0``
+    replaces s = scale * q.k by c * tanh(s / c) (Gemma-2 style; gradient through the tanh);
+    ``alibi_slopes`` fp32 (Hq,) or (B, Hq) adds -slope_h * |i + Nk - Nq - j| after the cap (not
+    differentiated; varlen: B = number of sequences). The LSE is that of the modified scores.
+
+    Dropout (``dropout_p`` in [0, 1), applied whenever > 0 -- this is the functional form; modules
+    pass 0 in eval mode): each probability P_ij is kept with probability 1 - p and scaled by
+    1 / (1 - p). The keep bits come from Philox(seed) at counter ((b * Hq + h) * Nq + i) * Nk + j
+    (varlen: b = 0 and packed positions), regenerated in the backward (nothing N x N is stored)
+    and replicated bit for bit on the CPU path (``philox_keep``). ``seed`` None draws one from
+    torch's default CPU generator (so ``torch.manual_seed`` makes runs reproducible; it is a host
+    value, so under torch.compile pass an explicit int). ``return_dropout_mask`` (debug, dense
+    only) also returns the bool keep mask (B, Hq, Nq, Nk) the kernels used.
 
     Returns out (q's shape and layout; contiguous), and with ``return_lse`` also the fp32
     log-sum-exp of the scaled scores, (B, H, Nq) or (Hq, total_q) for varlen (differentiable).
@@ -304,6 +419,15 @@ def attention(q, k, v, *, causal=False, window=(-1, -1), chunk_size=None, softma
     _check_window(window)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
         raise ValueError(f"attention: chunk_size must be None or a positive int, got {chunk_size!r}")
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p!r}")
+    if return_dropout_mask and varlen:
+        raise ValueError("attention: return_dropout_mask supports dense (non-varlen) inputs only")
+    if dropout_p > 0 and seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    seed = int(seed or 0)
+    if not isinstance(softcap, (int, float)) or softcap < 0 or softcap != softcap:
+        raise ValueError(f"attention: softcap must be a float >= 0 (0 = off), got {softcap!r}")
     left, right = window
     right = 0 if causal else right
     left = UNBOUNDED if left < 0 else left
@@ -323,11 +447,29 @@ def attention(q, k, v, *, causal=False, window=(-1, -1), chunk_size=None, softma
             max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max())
     else:
         max_seqlen_q, max_seqlen_k = q4.shape[2], k4.shape[2]
+    if alibi_slopes is not None:
+        nb = cu_seqlens_q.numel() - 1 if varlen else q4.shape[0]
+        _check_slopes(alibi_slopes, q4.shape[1], nb, q.device)
+        alibi_slopes = alibi_slopes.contiguous()
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     out, lse = torch.ops.fasttfm.attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
                                           int(max_seqlen_k), float(softmax_scale), left, right,
-                                          int(chunk_size or 0), layout)
-    return (out, lse) if return_lse else out
+                                          int(chunk_size or 0), layout, float(softcap), alibi_slopes,
+                                          float(dropout_p), seed)
+    res = (out,) + ((lse,) if return_lse else ())
+    if return_dropout_mask:
+        res += (_dropout_mask_of(q4.shape[0], q4.shape[1], q4.shape[2], k4.shape[2], dropout_p, seed, q.device),)
+    return res if len(res) > 1 else out
+
+
+def _dropout_mask_of(b, hq, nq, nk, p, seed, device):
+    if p == 0:
+        return torch.ones(b, hq, nq, nk, dtype=torch.bool, device=device)
+    if device.type == "cuda" or emulate_enabled():
+        with torch.cuda.device(device) if device.type == "cuda" else _nullctx():
+            return _kf.dropout_mask(b, hq, nq, nk, dropout_p=p, seed=seed, device=device,
+                                    interpret=device.type != "cuda")
+    return _keep_mask(seed, p, list(range(b)), hq, 0, nq, 0, nk, nq, nk, False, device)
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -338,11 +480,12 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     SDPA defines it (query i sees keys j <= i). Without ``attn_mask`` and with E == Ev in 16..256
     and fp16/bf16/fp32, it runs fasttfm's flash kernels; with a boolean/float ``attn_mask`` (or any
     other shape/dtype) it runs PyTorch's own SDPA, which is exact for arbitrary masks.
-    dropout_p > 0 raises NotImplementedError (no dropout in the kernels yet).
+    dropout_p > 0 drops attention probabilities as SDPA does (always, whatever the module mode): in
+    the kernels with a Philox seed drawn from torch's default CPU generator (see ``attention``), on
+    the fallback path with PyTorch's own dropout.
     """
-    if dropout_p != 0.0:
-        raise NotImplementedError(f"fasttfm.scaled_dot_product_attention: dropout_p must be 0.0 (dropout is not "
-                                  f"implemented in the fasttfm kernels yet), got dropout_p={dropout_p}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"fasttfm.scaled_dot_product_attention: dropout_p must be in [0, 1), got {dropout_p}")
     if attn_mask is not None and is_causal:
         raise RuntimeError("fasttfm.scaled_dot_product_attention: attn_mask and is_causal cannot both be set")
     hq, hkv = query.shape[-3] if query.dim() >= 3 else 1, key.shape[-3] if key.dim() >= 3 else 1
@@ -356,7 +499,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             and (hkv > 0 and hq % hkv == 0))
     if not fast:
         return torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=attn_mask, dropout_p=0.0, is_causal=is_causal, scale=scale,
+            query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
             enable_gqa=enable_gqa)
     lead = query.shape[:-3]
     q, k, v = (t.reshape(-1, *t.shape[-3:]) if t.dim() != 4 else t for t in (query, key, value))
@@ -368,5 +511,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if scale is None:
         scale = e ** -0.5
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-    out, _ = torch.ops.fasttfm.attn_fwd(q, k, v, None, None, L, S, float(scale), UNBOUNDED, right, 0, "bhnd")
+    seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0 else 0
+    out, _ = torch.ops.fasttfm.attn_fwd(q, k, v, None, None, L, S, float(scale), UNBOUNDED, right, 0, "bhnd", 0.0,
+                                        None, float(dropout_p), seed)
     return out.reshape(*lead, *out.shape[-3:]) if len(lead) != 1 else out

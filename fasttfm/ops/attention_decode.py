@@ -1,0 +1,203 @@
+"""KV-cache decoding: ``attention_with_kvcache`` and its custom op ``fasttfm::attn_decode``.
+
+Inference only. The op *writes into* ``k_cache``/``v_cache`` (declared with ``mutates_args`` so
+torch.compile and functionalization see the mutation): it appends k_new/v_new at positions
+cache_seqlens[b] .. cache_seqlens[b] + Snew - 1, then attends over the valid prefix. Writing into
+a tensor autograd still needs would silently corrupt a backward pass, so the public function
+refuses to run when grad mode is on and any input requires grad (use ``torch.no_grad()`` or
+``torch.inference_mode()``, as generation loops do).
+
+Device dispatch as ``fasttfm/ops/attention.py``: CUDA tensors run ``kernels/attention_decode.py``
+(split-K partials + a combine kernel); CPU tensors a plain PyTorch path in fp32 math, or under
+``fasttfm.emulate()`` / ``FASTTFM_EMULATE=1`` the same Triton kernels through the interpreter.
+The append itself is a PyTorch ``index_put_`` on both paths (one memory-bound copy of the new
+rows; no host sync).
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fasttfm._env import emulate_enabled
+from fasttfm.kernels import attention_decode as _kd
+
+__all__ = ["attention_with_kvcache"]
+
+UNBOUNDED = 1 << 30
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _append_(k_cache, v_cache, cache_seqlens, k_new, v_new):
+    if k_new is None or k_new.shape[1] == 0:
+        return
+    b, n = k_new.shape[0], k_new.shape[1]
+    pos = cache_seqlens.long()[:, None] + torch.arange(n, device=k_cache.device)[None, :]
+    bidx = torch.arange(b, device=k_cache.device)[:, None].expand(b, n)
+    k_cache.index_put_((bidx, pos), k_new)
+    v_cache.index_put_((bidx, pos), v_new)
+
+
+@torch.library.custom_op("fasttfm::attn_decode", mutates_args=("k_cache", "v_cache"), device_types="cpu")
+def attn_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, k_new: Optional[Tensor],
+                v_new: Optional[Tensor], softmax_scale: float, window_left: int, window_right: int,
+                softcap: float, alibi_slopes: Optional[Tensor], num_splits: int) -> tuple[Tensor, Tensor]:
+    """(out (B, Sq, Hq, D), lse (B, Hq, Sq) fp32); appends k_new/v_new into the caches in place.
+    Window sides UNBOUNDED (2**30) for no limit; softcap 0 = off; num_splits 0 = heuristic."""
+    return _decode_impl(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, window_left,
+                        window_right, softcap, alibi_slopes, num_splits)
+
+
+def _decode_impl(q, k_cache, v_cache, seqlens, k_new, v_new, scale, left, right, softcap, slopes, num_splits):
+    _append_(k_cache, v_cache, seqlens, k_new, v_new)
+    n_new = 0 if k_new is None else k_new.shape[1]
+    total = (seqlens + n_new).to(torch.int32)
+    b, sq, hq, d = q.shape
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse.fill_(float("-inf"))
+    if q.is_cuda or emulate_enabled():
+        with torch.cuda.device(q.device) if q.is_cuda else _nullctx():
+            _kd.attn_decode(q, k_cache, v_cache, total, out, lse, softmax_scale=scale, win_left=left,
+                            win_right=right, softcap=softcap, alibi_slopes=slopes, num_splits=num_splits or None,
+                            interpret=not q.is_cuda)
+        return out, lse
+    hkv = k_cache.shape[2]
+    g = hq // hkv
+    for i, n in enumerate(total.tolist()):
+        kk = k_cache[i, :n].float().transpose(0, 1)  # (Hkv, n, D)
+        vv = v_cache[i, :n].float().transpose(0, 1)
+        qq = q[i].float().transpose(0, 1).reshape(hkv, g, sq, d)
+        s = torch.einsum("hgqd,hkd->hgqk", qq, kk) * scale
+        if softcap:
+            s = torch.tanh(s / softcap) * softcap
+        p_ = torch.arange(sq, device=q.device)[:, None] + (n - sq)
+        j = torch.arange(n, device=q.device)[None, :]
+        if slopes is not None:
+            sl = (slopes[i] if slopes.dim() == 2 else slopes).float().reshape(hkv, g, 1, 1)
+            s = s - sl * (p_ - j).abs()
+        vis = (j >= p_ - left) & (j <= p_ + right)
+        s = s.masked_fill(~vis, float("-inf"))
+        l_ = torch.logsumexp(s, -1)
+        p = torch.exp(s - torch.where(torch.isinf(l_), 0.0, l_)[..., None])
+        o = torch.einsum("hgqk,hkd->hgqd", p, vv).reshape(hq, sq, d)
+        out[i] = o.transpose(0, 1).to(q.dtype)
+        lse[i] = l_.reshape(hq, sq)
+    return out, lse
+
+
+@attn_decode.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, window_left, window_right, softcap,
+      alibi_slopes, num_splits):
+    b, sq, hq, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((b, hq, sq), dtype=torch.float32)
+
+
+@attn_decode.register_kernel("cuda")
+def _(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, window_left, window_right, softcap,
+      alibi_slopes, num_splits):
+    return _decode_impl(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, window_left,
+                        window_right, softcap, alibi_slopes, num_splits)
+
+
+class _nullctx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _err(msg):
+    return ValueError(f"attention_with_kvcache: {msg}")
+
+
+def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new=None, *, causal=False,
+                           window=(-1, -1), softmax_scale=None, softcap=0.0, alibi_slopes=None, num_splits=0,
+                           check_seqlens=True, return_lse=False):
+    """Decode step (flash-attn's ``flash_attn_with_kvcache``): append, then attend over the cache.
+
+    q (B, Sq, Hq, D) -- usually Sq = 1; k_cache/v_cache (B, S_max, Hkv, D) preallocated, any strides
+    with a unit last dim, Hq % Hkv == 0 (GQA/MQA); cache_seqlens int32 (B,) valid lengths *before*
+    this call; k_new/v_new (B, Snew, Hkv, D) or None, written in place at positions
+    cache_seqlens[b] .. + Snew - 1 (the caller advances cache_seqlens by Snew afterwards). Query i
+    sees key j of the L_b = cache_seqlens[b] + Snew valid keys iff
+    i + L_b - Sq - left <= j <= i + L_b - Sq + right (window=(left, right), -1 unbounded; causal sets
+    right = 0: the new tokens attend causally to each other). softcap / alibi_slopes as in
+    ``fasttfm.attention``. num_splits: kv splits (0 = heuristic from the SM count and cache size).
+
+    Inference only: raises when grad mode is on and an input requires grad (the caches are written
+    in place). check_seqlens: validate 0 <= cache_seqlens and cache_seqlens + Snew <= S_max on the
+    host (one sync on CUDA; pass False inside CUDA graphs / torch.compile after validating once).
+    Returns out (B, Sq, Hq, D), and with return_lse the fp32 LSE (B, Hq, Sq).
+    """
+    tensors = [("q", q), ("k_cache", k_cache), ("v_cache", v_cache)]
+    if (k_new is None) != (v_new is None):
+        raise _err("pass both k_new and v_new, or neither")
+    if k_new is not None:
+        tensors += [("k_new", k_new), ("v_new", v_new)]
+    for name, t in tensors:
+        if not isinstance(t, Tensor):
+            raise TypeError(f"attention_with_kvcache: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise _err(f"{name} must be 4-D (B, S, H, D), got shape {tuple(t.shape)}")
+        if t.dtype not in _DTYPES or t.dtype != q.dtype:
+            raise TypeError(f"attention_with_kvcache: {name}.dtype must be q's dtype (float16, bfloat16 or "
+                            f"float32), got {t.dtype} (q: {q.dtype})")
+        if t.device != q.device:
+            raise _err(f"all tensors must be on {q.device}, {name} is on {t.device}")
+        if t.stride(-1) != 1:
+            raise _err(f"{name} must have a unit last-dim stride")
+    if torch.is_grad_enabled() and any(t.requires_grad for _, t in tensors):
+        raise RuntimeError("attention_with_kvcache is inference-only (it writes into k_cache/v_cache in place, "
+                           "which autograd may still need): call it under torch.no_grad() or torch.inference_mode()")
+    b, sq, hq, d = q.shape
+    bc, s_max, hkv, dc = k_cache.shape
+    if v_cache.shape != k_cache.shape:
+        raise _err(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    if bc != b or dc != d:
+        raise _err(f"k_cache must be (B={b}, S_max, Hkv, D={d}), got {tuple(k_cache.shape)}")
+    if not 16 <= d <= 256:
+        raise _err(f"head dim must be in 16..256, got {d}")
+    if hkv == 0 or hq % hkv:
+        raise _err(f"number of q heads ({hq}) must be a multiple of the number of k/v heads ({hkv})")
+    n_new = 0
+    if k_new is not None:
+        if k_new.shape != v_new.shape or k_new.shape[0] != b or k_new.shape[2:] != (hkv, d):
+            raise _err(f"k_new/v_new must be (B={b}, Snew, Hkv={hkv}, D={d}), got {tuple(k_new.shape)} and "
+                       f"{tuple(v_new.shape)}")
+        n_new = k_new.shape[1]
+        if n_new > s_max:
+            raise _err(f"cache too small: {n_new} new tokens do not fit a cache of {s_max} positions")
+    if not isinstance(cache_seqlens, Tensor) or cache_seqlens.dtype != torch.int32 or \
+            tuple(cache_seqlens.shape) != (b,):
+        desc = f"{cache_seqlens.dtype} tensor of shape {tuple(cache_seqlens.shape)}" \
+            if isinstance(cache_seqlens, Tensor) else type(cache_seqlens).__name__
+        raise _err(f"cache_seqlens must be a torch.int32 tensor of shape ({b},), got {desc}")
+    if cache_seqlens.device != q.device:
+        raise _err(f"cache_seqlens must be on {q.device}, got {cache_seqlens.device}")
+    if check_seqlens and not torch.compiler.is_compiling():
+        lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+        if lo < 0 or hi + n_new > s_max:
+            raise _err(f"cache_seqlens out of range: need 0 <= cache_seqlens and cache_seqlens + {n_new} new "
+                       f"<= cache size {s_max}, got min {lo}, max {hi}"
+                       + (" (cache too small)" if hi + n_new > s_max else ""))
+    ok = isinstance(window, (tuple, list)) and len(window) == 2 and all(isinstance(w, int) and w >= -1 for w in window)
+    if not ok:
+        raise _err(f"window must be a pair (left, right) of ints >= -1 (-1 = unbounded), got {window!r}")
+    if not isinstance(softcap, (int, float)) or softcap < 0:
+        raise _err(f"softcap must be a float >= 0 (0 = off), got {softcap!r}")
+    if alibi_slopes is not None:
+        if not isinstance(alibi_slopes, Tensor) or alibi_slopes.dtype != torch.float32 or \
+                tuple(alibi_slopes.shape) not in ((hq,), (b, hq)) or alibi_slopes.device != q.device:
+            raise _err(f"alibi_slopes must be a torch.float32 tensor of shape ({hq},) or ({b}, {hq}) on {q.device}")
+        alibi_slopes = alibi_slopes.contiguous()
+    left, right = window
+    right = 0 if causal else right
+    left = UNBOUNDED if left < 0 else left
+    right = UNBOUNDED if right < 0 else right
+    if softmax_scale is None:
+        softmax_scale = d ** -0.5
+    out, lse = torch.ops.fasttfm.attn_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, float(softmax_scale),
+                                             left, right, float(softcap), alibi_slopes, int(num_splits))
+    return (out, lse) if return_lse else out

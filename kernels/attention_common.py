@@ -1,0 +1,214 @@
+"""Helpers shared by the attention kernels (``attention.py``, ``attention_bwd.py``,
+``attention_decode.py``): mask bounds and tile ranges, row loads/stores, score modifiers
+(softcap, ALiBi), dropout's Philox counters and the debug dropout-mask kernel. The masking rules
+and numerics are described in ``kernels/attention.py``.
+"""
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+__all__ = ["score_args", "dropout_args", "dropout_mask"]
+
+
+def _launch(kernel, grid, args, constexprs, cfg, interpret, autotune_configs=None):
+    if interpret:
+        from ._interp import interpreted
+
+        return interpreted(kernel)[grid](*args, **constexprs)
+    if autotune_configs is not None:
+        return kernel[grid](*args, **constexprs)
+    return kernel[grid](*args, **constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+# -- mask helpers (shared with kernels/attention_bwd.py) --------------------------------------
+@triton.jit
+def _floor_div(a, c):
+    """floor(a / c) for c > 0 and a of any sign (integer ``//`` truncates toward zero)."""
+    return tl.where(a >= 0, a // c, -((c - 1 - a) // c))
+
+
+@triton.jit
+def _row_bounds(rows, shift, win_left, win_right, chunk, CHUNKED: tl.constexpr):
+    """First and last key index visible to query ``rows`` (scalar or vector), before clamping."""
+    p = rows + shift
+    lo = p - win_left
+    hi = p + win_right
+    if CHUNKED:
+        start = _floor_div(p, chunk) * chunk
+        lo = tl.maximum(lo, start)
+        hi = tl.minimum(hi, start + chunk - 1)
+    return lo, hi
+
+
+@triton.jit
+def _col_bounds(col_a, col_b, shift, win_left, win_right, chunk, CHUNKED: tl.constexpr):
+    """Query rows i with hi(i) >= col_a (first) and lo(i) <= col_b (last), inverting _row_bounds.
+
+    (col_a, col_b) = (first, last) column of a kv tile gives the rows that may see the tile;
+    (last, first) gives the rows that see every column of it.
+    """
+    i_first = col_a - shift - win_right
+    i_last = col_b - shift + win_left
+    if CHUNKED:
+        i_first = tl.maximum(i_first, _floor_div(col_a, chunk) * chunk - shift)
+        i_last = tl.minimum(i_last, _floor_div(col_b, chunk) * chunk + chunk - 1 - shift)
+    return i_first, i_last
+
+
+@triton.jit
+def _tile_ranges(first, last, full_first, full_last, n, BLOCK: tl.constexpr):
+    """Tile bounds of the visible index range [first, last] of a dimension of length n: loop over
+    [begin, end); tiles in [f0, f1) are inside the fully visible range [full_first, full_last]."""
+    begin = (tl.maximum(first, 0) // BLOCK) * BLOCK
+    end = tl.minimum(last + 1, n)
+    f0 = ((tl.maximum(full_first, 0) + BLOCK - 1) // BLOCK) * BLOCK
+    f1 = tl.minimum((tl.minimum(full_last + 1, n) // BLOCK) * BLOCK, end)
+    f0 = tl.maximum(f0, begin)
+    empty = f1 <= f0
+    f0 = tl.where(empty, begin, f0)
+    f1 = tl.where(empty, begin, f1)
+    return begin, f0, f1, end
+
+
+@triton.jit
+def _seq_info(CuSeq, off_b, seqlen, VARLEN: tl.constexpr):
+    """(start offset in the packed dim, length) of sequence off_b."""
+    if VARLEN:
+        start = tl.load(CuSeq + off_b)
+        n = tl.load(CuSeq + off_b + 1) - start
+    else:
+        start = off_b * 0
+        n = seqlen + off_b * 0
+    return start, n
+
+
+@triton.jit
+def _load_rows(Base, rows, stride_n, offs_d, n_rows, CHECK_ROWS: tl.constexpr,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Load a (len(rows), BLOCK_D) tile; rows >= n_rows (when CHECK_ROWS) and d >= HEAD_DIM read 0."""
+    ptrs = Base + rows.to(tl.int64)[:, None] * stride_n + offs_d[None, :]
+    if CHECK_ROWS:
+        if BLOCK_D == HEAD_DIM:
+            t = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+        else:
+            t = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    else:
+        if BLOCK_D == HEAD_DIM:
+            t = tl.load(ptrs)
+        else:
+            t = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    return t
+
+
+@triton.jit
+def _store_rows(Base, rows, stride_n, offs_d, n_rows, value, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    ptrs = Base + rows.to(tl.int64)[:, None] * stride_n + offs_d[None, :]
+    if BLOCK_D == HEAD_DIM:
+        tl.store(ptrs, value.to(Base.dtype.element_ty), mask=rows[:, None] < n_rows)
+    else:
+        tl.store(ptrs, value.to(Base.dtype.element_ty), mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM))
+
+
+# -- score modifiers (softcap, ALiBi), shared with the backward and the decode kernel ------------
+@triton.jit
+def _scores(qk, pos_a, pos_b, qk_scale, softcap, slope, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+    """Scores in log2 units from the raw dot product ``qk``, and tanh(scale * qk / cap) (the
+    softcap gradient factor is 1 - t^2; t is ``qk`` unchanged without SOFTCAP).
+
+    Plain: qk_scale = scale * log2(e). SOFTCAP: qk_scale = scale / cap, softcap = cap * log2(e),
+    s = cap * tanh(scale * qk / cap). ALIBI: s -= slope * |pos_a - pos_b| with slope in log2 units
+    (pos_a/pos_b broadcast to the tile: aligned query positions and key indices, either order).
+    Constexpr-gated: without SOFTCAP/ALIBI this is the single multiply of the plain kernel.
+    """
+    if SOFTCAP:
+        x = qk * qk_scale
+        e = tl.exp2(-2.8853900817779268 * tl.abs(x))  # exp(-2|x|) in (0, 1]: no overflow
+        t = (1.0 - e) / (1.0 + e)
+        t = tl.where(x < 0, -t, t)
+        s = t * softcap
+    else:
+        s = qk * qk_scale
+        t = qk
+    if ALIBI:
+        s = s - slope * tl.abs(pos_a - pos_b).to(tl.float32)
+    return s, t
+
+
+@triton.jit
+def _dropout_keep(seed, offset, dropout_p):
+    """Keep decision of the (batch, head, row, col) elements at Philox counters ``offset``:
+    U(0, 1) from ``tl.rand(seed, offset)`` >= dropout_p. offset = ((b * Hq + h) * NQ + row) * NK + col
+    (int64; varlen: b = 0 and row/col the packed positions, NQ/NK the packed totals), the same in
+    the forward, both backward kernels, the mask kernel and the CPU replica
+    (``fasttfm.ops.attention.philox_keep``)."""
+    return tl.rand(seed, offset) >= dropout_p
+
+
+@triton.jit
+def _drop_rows(off_b, off_h, num_heads, rows, q_start, k_start, drop_nq, drop_nk, VARLEN: tl.constexpr):
+    """Per-row Philox counter base ((b * Hq + h) * NQ + q_start + row) * NK + k_start (int64)."""
+    if VARLEN:
+        bh = off_h.to(tl.int64)
+    else:
+        bh = off_b.to(tl.int64) * num_heads + off_h
+    return (bh * drop_nq + q_start + rows) * drop_nk + k_start
+
+
+@triton.jit
+def _alibi_slope(Alibi, off_b, off_h, stride_ab, ALIBI: tl.constexpr):
+    """The head's ALiBi slope in log2 units (fp32 slopes (H,) or (B, H); 0 without ALIBI)."""
+    if ALIBI:
+        slope = tl.load(Alibi + off_b.to(tl.int64) * stride_ab + off_h) * 1.4426950408889634
+    else:
+        slope = 0.0
+    return slope
+
+
+def score_args(qk_scale, softcap, alibi_slopes, dummy):
+    """(kernel qk_scale, kernel softcap, Alibi pointer, stride_ab, SOFTCAP, ALIBI) from the plain
+    ``qk_scale = scale * log2(e)``, a softcap (0 = off) and optional fp32 slopes (H,) or (B, H)."""
+    if softcap:
+        kscale, kcap = qk_scale / LOG2E / softcap, softcap * LOG2E
+    else:
+        kscale, kcap = qk_scale, 0.0
+    if alibi_slopes is None:
+        return kscale, kcap, dummy, 0, bool(softcap), False
+    stride_ab = alibi_slopes.stride(0) if alibi_slopes.dim() == 2 else 0
+    return kscale, kcap, alibi_slopes, stride_ab, bool(softcap), True
+
+
+def dropout_args(q, k, varlen, dropout_p, seed):
+    """(seed, dropout_p, NQ, NK) kernel arguments: NQ/NK the (packed) q and k lengths."""
+    return (int(seed), float(dropout_p), q.shape[2], k.shape[2])
+
+
+@triton.jit
+def _dropout_mask(Mask, seed, dropout_p, seqlen_q, seqlen_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Debug: the keep mask (B, Hq, Nq, Nk) int8 of a dense problem, from the kernels' own helpers."""
+    start_m = tl.program_id(0)
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2)
+    rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    drop_rows = _drop_rows(off_b, off_h, tl.num_programs(1), rows, 0, 0, seqlen_q, seqlen_k, False)
+    base = Mask + (off_b.to(tl.int64) * tl.num_programs(1) + off_h) * seqlen_q * seqlen_k
+    for start_n in range(0, seqlen_k, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        keep = _dropout_keep(seed, drop_rows[:, None] + cols[None, :], dropout_p)
+        tl.store(base + rows.to(tl.int64)[:, None] * seqlen_k + cols[None, :], keep.to(tl.int8),
+                 mask=(rows[:, None] < seqlen_q) & (cols[None, :] < seqlen_k))
+
+
+def dropout_mask(batch, hq, seqlen_q, seqlen_k, *, dropout_p, seed, device, interpret=False):
+    """Bool (B, Hq, Nq, Nk) keep mask the dense kernels use for (seed, dropout_p) -- debugging/tests."""
+    mask = torch.empty(batch, hq, seqlen_q, seqlen_k, dtype=torch.int8, device=device)
+    grid = (triton.cdiv(seqlen_q, 32), hq, batch)
+    _launch(_dropout_mask, grid, (mask, int(seed), float(dropout_p), seqlen_q, seqlen_k),
+            dict(BLOCK_M=32, BLOCK_N=64), _Cfg(4, 1), interpret)
+    return mask.bool()
+
+
+class _Cfg:
+    def __init__(self, num_warps, num_stages):
+        self.num_warps, self.num_stages = num_warps, num_stages
