@@ -4,6 +4,7 @@
 #define FASTTFM_EMU 1
 #endif
 #include "../layer_norm.cu"
+#include "../softmax.cu"
 
 // Emulator controls reached from bindings.cpp (which cannot include the emulator header).
 namespace ftfm {
