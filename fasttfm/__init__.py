@@ -31,6 +31,7 @@ from . import nn  # noqa: E402
 from ._env import emulate  # noqa: E402, emulate_enabled, set_emulate
 from ._ext import MissingExtensionError  # noqa: E402
 from .functional import layer_norm, rms_norm  # noqa: E402
+from .functional import scaled_masked_softmax, softmax  # noqa: E402  (softmax)
 
 __version__ = "0.1.0"
 
@@ -43,4 +44,7 @@ __all__ = [
     "MissingExtensionError",
     "layer_norm",
     "rms_norm",
+    # softmax
+    "softmax",
+    "scaled_masked_softmax",
 ]

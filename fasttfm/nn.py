@@ -25,3 +25,20 @@ class RMSNorm(torch.nn.RMSNorm):
 
     def forward(self, input):
         return F.rms_norm(input, self.normalized_shape, self.weight, self.eps)
+
+
+# ---- softmax (fasttfm/ops/softmax.py) ----
+class Softmax(torch.nn.Softmax):
+    """``torch.nn.Softmax(dim)`` (same constructor and repr; no parameters) on the fused kernel.
+
+    ``dim=None`` keeps torch's legacy choice (0 for 0-, 1- and 3-D inputs, else 1).
+    """
+
+    def forward(self, input):
+        dim = self.dim
+        if dim is None:
+            dim = 0 if input.dim() in (0, 1, 3) else 1
+        return F.softmax(input, dim)
+
+
+__all__ += ["Softmax"]
