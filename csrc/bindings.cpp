@@ -228,8 +228,8 @@ constexpr const char* kLayerNormBwd = "(Tensor dy, Tensor x, Tensor? weight, Ten
 // ==== softmax (csrc/softmax.cu) ===============================================================
 // x, y, dy are [outer, C, inner] views (softmax over C): inner == 1 needs unit stride along C,
 // inner > 1 unit stride along inner. The op layer (fasttfm/ops/softmax.py) builds these views.
-// GPU target only: CPU tensors without emulation take the CPU path chosen in the op layer.
-#ifdef FTFM_KERNELS
+// Forward: GPU target (kernels) and CPU target (csrc/cpu/softmax_cpu.cpp, rows only). Backward: GPU
+// target only (the CPU path uses aten's _softmax_backward_data).
 
 void check_softmax_3d(const Tensor& t, const char* name, Target target) {
   check_tensor(t, name, target);
@@ -253,6 +253,7 @@ Tensor softmax_fwd(const Tensor& x, int64_t nq, double scale, const OptTensor& m
               x.scalar_type(), ") or float32, got ", out_type);
   const bool masked = mask.has_value() && mask->defined();
   TORCH_CHECK(inner == 1 || (!masked && !causal), "fasttfm: masks and causal need the softmax axis to be the last");
+  TORCH_CHECK(inner == 1 || target == Target::Gpu, "fasttfm: the CPU softmax kernel handles the last axis only");
   TORCH_CHECK(nq >= 1 && outer % nq == 0, "fasttfm: softmax rows (", outer, ") must be a multiple of nq (", nq, ")");
   Tensor y = at::empty({outer, C, inner}, x.options().dtype(out_type));
   if (y.numel() == 0) return y;
@@ -285,12 +286,22 @@ Tensor softmax_fwd(const Tensor& x, int64_t nq, double scale, const OptTensor& m
     a.mask.sq = stride_or_0(m, 2);
     a.mask.sk = stride_or_0(m, 3);
   }
-  const int64_t ws = ftfm::softmax_workspace_floats(outer, C, inner, a.x_dtype, masked, false);
-  Tensor workspace = at::empty({ws}, x.options().dtype(at::kFloat));
-  a.workspace = ws ? workspace.data_ptr<float>() : nullptr;
-  ftfm::softmax_fwd(a, stream_of(x));
+#ifdef FTFM_KERNELS
+  if (target == Target::Gpu) {
+    const int64_t ws = ftfm::softmax_workspace_floats(outer, C, inner, a.x_dtype, masked, false);
+    Tensor workspace = at::empty({ws}, x.options().dtype(at::kFloat));
+    a.workspace = ws ? workspace.data_ptr<float>() : nullptr;
+    ftfm::softmax_fwd(a, stream_of(x));
+    return y;
+  }
+#endif
+#ifndef FASTTFM_EMU
+  ftfm::softmax_fwd_cpu(a);
+#endif
   return y;
 }
+
+#ifdef FTFM_KERNELS
 
 Tensor softmax_bwd(const Tensor& y, const Tensor& dy, int64_t nq, double scale, bool causal, at::ScalarType dx_type,
                    Target target) {
@@ -329,20 +340,23 @@ Tensor softmax_bwd(const Tensor& y, const Tensor& dy, int64_t nq, double scale, 
   return dx;
 }
 
+#endif  // FTFM_KERNELS
+
 template <Target T>
 Tensor softmax_fwd_on(const Tensor& x, int64_t nq, double scale, const OptTensor& mask, bool causal, bool zero_empty,
                       std::optional<at::ScalarType> dtype) {
   return softmax_fwd(x, nq, scale, mask, causal, zero_empty, dtype, T);
 }
+#ifdef FTFM_KERNELS
 template <Target T>
 Tensor softmax_bwd_on(const Tensor& y, const Tensor& dy, int64_t nq, double scale, bool causal, at::ScalarType dx_type) {
   return softmax_bwd(y, dy, nq, scale, causal, dx_type, T);
 }
+#endif  // FTFM_KERNELS
 
 constexpr const char* kSoftmaxFwd = "(Tensor x, int nq, float scale, Tensor? mask, bool causal, bool zero_empty, "
                                     "ScalarType? dtype) -> Tensor";
 constexpr const char* kSoftmaxBwd = "(Tensor y, Tensor dy, int nq, float scale, bool causal, ScalarType dx_dtype) -> Tensor";
-#endif  // FTFM_KERNELS
 // ==== end softmax =============================================================================
 }  // namespace
 
@@ -359,6 +373,7 @@ TORCH_LIBRARY(FTFM_LIB, m) {
   // CPU C++ kernels (csrc/cpu/), in every fasttfm._C.
   def("layer_norm_fwd_cpu", kLayerNormFwd, &layer_norm_fwd_on<Target::Cpu>);
   def("layer_norm_bwd_cpu", kLayerNormBwd, &layer_norm_bwd_on<Target::Cpu>);
+  def("softmax_fwd_cpu", kSoftmaxFwd, &softmax_fwd_on<Target::Cpu>);  // softmax
 #else
   m.def("set_order(int order, int seed) -> ()", &emu_set_order);
 #endif

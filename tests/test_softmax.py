@@ -371,3 +371,27 @@ def test_int64_offsets_cuda():
     y = fasttfm.softmax(x, -1)
     last = x[-4:].float()
     torch.testing.assert_close(y[-4:].float(), torch.softmax(last, -1), atol=1e-3, rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_cxx_kernel(dtype):
+    """csrc/cpu/softmax_cpu.cpp directly (the CPU path uses it for scaled/masked/causal rows)."""
+    from fasttfm._ext import cpu_lib
+
+    lib = cpu_lib()
+    x0 = randn(6, 37, dtype=torch.float64, scale=3.0)
+    x0[1] = NEG_INF
+    x = x0.to(dtype).view(6, 37, 1)
+    for zero_empty in (False, True):
+        y = lib.softmax_fwd_cpu(x, 3, 0.5, None, True, zero_empty, None).view(2, 3, 37)
+        ref = _masked_ref(x0.view(2, 3, 37), None, 0.5, True)
+        low = _masked_ref(x0.to(dtype).view(2, 3, 37), None, 0.5, True)
+        if zero_empty:
+            assert torch.equal(y[0, 1], torch.zeros(37, dtype=dtype))
+        else:
+            assert torch.isnan(y[0, 1]).all()  # torch's result for a row with no finite value
+            y = y.clone()
+            y[0, 1] = 0
+        assert_close_oracle(y, ref, low, name="y")
+    up = lib.softmax_fwd_cpu(x, 1, 1.0, None, False, True, torch.float32)
+    assert up.dtype == torch.float32

@@ -85,6 +85,9 @@ struct SoftmaxBwdArgs {
 int64_t softmax_workspace_floats(int64_t outer, int64_t C, int64_t inner, DType dtype, bool masked, bool backward);
 void softmax_fwd(const SoftmaxFwdArgs& args, void* stream);
 void softmax_bwd(const SoftmaxBwdArgs& args, void* stream);
+// csrc/cpu/softmax_cpu.cpp: the forward for CPU tensors, row case only (inner == 1; OpenMP inside;
+// workspace unused). The backward on the CPU is aten's _softmax_backward_data.
+void softmax_fwd_cpu(const SoftmaxFwdArgs& args);
 
 // ---- emulator controls (fasttfm._C_emu only) -------------------------------------------------
 // Run order of a block's threads: 0 forward, 1 reverse, 2 random (seeded, reshuffled each round).

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._ext import backend, cuda_lib, emu_lib
+from .._ext import MissingExtensionError, backend, cpu_lib, cuda_lib, emu_lib
 
 __all__ = ["softmax", "scaled_masked_softmax"]
 
@@ -62,7 +62,10 @@ def _softmax_fwd_cpu(x, nq, scale, mask, causal, zero_empty, dtype):
         if inner == 1:  # torch's last-dim kernel, as torch.softmax(input, -1) uses (same bits)
             return torch.softmax(x.to(out_dtype).view(outer, c), -1).view(outer, c, 1)
         return torch.softmax(x.to(out_dtype), 1).contiguous()
-    outer, nk, _ = x.shape
+    ext = _cpu_ext(x)
+    if ext is not None:  # fused C++ kernel: 3x faster than the composition below (fp32/bf16, 2 cores)
+        return ext.softmax_fwd_cpu(x, nq, scale, mask, causal, zero_empty, dtype)
+    outer, nk, _ = x.shape  # float64 (gradcheck) or no fasttfm._C: torch ops in fp32/fp64
     d0, d1 = (mask.shape[0], mask.shape[1]) if mask is not None else (outer // nq, 1)
     math_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     z = x.to(math_dtype).reshape(d0, d1, nq, nk) * scale
@@ -75,6 +78,16 @@ def _softmax_fwd_cpu(x, nq, scale, mask, causal, zero_empty, dtype):
     if zero_empty:
         y = y.masked_fill(torch.isneginf(z.amax(-1, keepdim=True)), 0.0)
     return y.reshape(outer, nk, 1).to(out_dtype)
+
+
+def _cpu_ext(x):
+    """torch.ops.fasttfm_C (the CPU C++ kernel) for fp32/fp16/bf16 rows, or None (float64, or not built)."""
+    if x.dtype not in _FLOAT_TYPES or x.shape[2] != 1:
+        return None
+    try:
+        return cpu_lib()
+    except MissingExtensionError:
+        return None
 
 
 @_softmax_fwd.register_fake
