@@ -110,7 +110,11 @@ def _softmax_bwd(y: Tensor, dy: Tensor, nq: int, scale: float, causal: bool, dx_
 def _softmax_bwd_cpu(y, dy, nq, scale, causal, dx_dtype):
     if backend(y) == "emu" and y.dtype in _FLOAT_TYPES:
         return emu_lib().softmax_bwd(y, dy, nq, scale, causal, dx_dtype)
-    dx = torch._softmax_backward_data(dy.contiguous(), y.contiguous(), 1, y.dtype)
+    outer, c, inner = y.shape
+    if inner == 1:  # aten's last-dim kernel (its generic dim-1 path is ~20x slower on [outer, C, 1])
+        dx = torch._softmax_backward_data(dy.reshape(outer, c), y.reshape(outer, c), 1, y.dtype).view(outer, c, 1)
+    else:
+        dx = torch._softmax_backward_data(dy.contiguous(), y.contiguous(), 1, y.dtype)
     if scale != 1.0:
         dx = dx * scale
     return dx.to(dx_dtype).contiguous()
