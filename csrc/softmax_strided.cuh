@@ -1,4 +1,4 @@
-// Softmax over a non-last axis without a transpose copy (included by softmax.cu only).
+// Softmax over a non-last axis without a transpose copy (included by softmax.cu only, after softmax_fwd.cuh).
 //
 // x viewed as [outer, C, inner] (inner > 1, unit inner stride), softmax over C. A 256-thread block
 // covers TX consecutive inner indices (tx, the fast thread index: warps read contiguous runs of
@@ -6,6 +6,7 @@
 // of two, widened while C is short so threads are not idle. C <= TY * 16 is held in registers
 // (x read once); longer C uses an online (max, sum) pass and a second read of x.
 #pragma once
+#include "softmax_fwd.cuh"
 
 namespace ftfm {
 namespace softmax_impl {
