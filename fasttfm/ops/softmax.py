@@ -15,10 +15,16 @@ The output is contiguous in that layout (x's shape; for a transposed view, a per
 contiguous buffer).
 
 Dispatch: CUDA tensors -> csrc/softmax.cu. CPU tensors with ``FASTTFM_EMULATE=1`` -> the same CUDA
-source in the SIMT emulator. CPU tensors otherwise -> torch's own CPU ops (measured faster on the
-2-core dev machines than a plain C++ loop could be made without vector exp: aten's softmax and
-``_softmax_backward_data`` are vectorized); the masked variant composes them in fp32. float64 runs on
-the CPU path only (gradcheck); plain ``softmax`` of float64 CUDA tensors calls ``torch.softmax``.
+source in the SIMT emulator. CPU tensors otherwise, chosen by measurement on the 2-core dev machines
+(bench/bench_softmax.py, rows labelled CPU):
+  * plain ``softmax``: ``torch.softmax`` itself (aten's vectorized CPU kernel was the fastest measured,
+    ~2-3x faster than our C++ row kernel on plain rows; going through the custom op only added
+    dispatch overhead), so the result is torch's, bit for bit;
+  * scaled / masked / causal rows: the fused C++ kernel csrc/cpu/softmax_cpu.cpp (one pass into a
+    float row buffer, vectorized exp), 1.7-3x faster than composing torch ops with the same semantics
+    (fp32 math, empty rows -> 0); its backward is aten's ``_softmax_backward_data`` (times scale).
+float64 runs on the CPU path only (torch ops; gradcheck); plain ``softmax`` of float64 CUDA tensors
+calls ``torch.softmax``.
 """
 import math
 from typing import Optional
@@ -238,6 +244,8 @@ def softmax(input: Tensor, dim: int = -1, dtype: Optional[torch.dtype] = None) -
     if x.dtype == torch.float64 and x.device.type == "cuda":
         return torch.softmax(x, dim)
     _check_input("softmax", x)
+    if backend(x) == "cpu":  # aten's CPU kernel: the fastest measured; the op layer would only add dispatch
+        return torch.softmax(x, dim, dtype=out_dtype)
     if x.dim() == 0:
         return softmax(x.reshape(1), 0, out_dtype).reshape(())
     x3, undo = _as_3d(x, dim % x.dim())
