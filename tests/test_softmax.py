@@ -399,3 +399,6 @@ def test_cpu_cxx_kernel(dtype):
         assert_close_oracle(y, ref, low, name="y")
     up = lib.softmax_fwd_cpu(x, 1, 1.0, None, False, True, torch.float32)
     assert up.dtype == torch.float32
+    w = torch.zeros(3, 300, dtype=dtype)  # NaN or +inf anywhere in a row -> NaN row, as torch (vector + tail)
+    w[0, 5], w[1, 290], w[2, 7] = float("nan"), float("nan"), float("inf")
+    assert torch.isnan(lib.softmax_fwd_cpu(w.view(3, 300, 1), 1, 1.0, None, False, True, None)).all()

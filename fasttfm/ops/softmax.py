@@ -17,12 +17,12 @@ contiguous buffer).
 Dispatch: CUDA tensors -> csrc/softmax.cu. CPU tensors with ``FASTTFM_EMULATE=1`` -> the same CUDA
 source in the SIMT emulator. CPU tensors otherwise, chosen by measurement on the 2-core dev machines
 (bench/bench_softmax.py, rows labelled CPU):
-  * plain ``softmax``: ``torch.softmax`` itself (aten's vectorized CPU kernel was the fastest measured,
-    ~2-3x faster than our C++ row kernel on plain rows; going through the custom op only added
-    dispatch overhead), so the result is torch's, bit for bit;
+  * plain ``softmax``: ``torch.softmax`` itself (aten's vectorized kernel ties our C++ row kernel for
+    fp32/bf16 and beats it 3-5x for fp16; the custom op would only add dispatch), so the result is
+    torch's, bit for bit;
   * scaled / masked / causal rows: the fused C++ kernel csrc/cpu/softmax_cpu.cpp (one pass into a
-    float row buffer, vectorized exp), 1.7-3x faster than composing torch ops with the same semantics
-    (fp32 math, empty rows -> 0); its backward is aten's ``_softmax_backward_data`` (times scale).
+    float row buffer, AVX2 exp), 2.3-2.8x faster than composing torch ops (fp32/bf16; on par for
+    fp16), with fp32 math and empty rows -> 0; its backward is aten's ``_softmax_backward_data``.
 float64 runs on the CPU path only (torch ops; gradcheck); plain ``softmax`` of float64 CUDA tensors
 calls ``torch.softmax``.
 """
