@@ -366,6 +366,140 @@ constexpr const char* kLayerNormFwd = "(Tensor x, Tensor? weight, Tensor? bias, 
 constexpr const char* kLayerNormBwd = "(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, bool rms, "
                                       "bool need_dweight, bool need_dbias) -> (Tensor, Tensor, Tensor)";
 
+
+// ==== softmax (csrc/softmax.cu) ===============================================================
+// x, y, dy are [outer, C, inner] views (softmax over C): inner == 1 needs unit stride along C,
+// inner > 1 unit stride along inner. The op layer (fasttfm/ops/softmax.py) builds these views.
+// Forward: GPU target (kernels) and CPU target (csrc/cpu/softmax_cpu.cpp, rows only). Backward: GPU
+// target only (the CPU path uses aten's _softmax_backward_data).
+
+void check_softmax_3d(const Tensor& t, const char* name, Target target) {
+  check_tensor(t, name, target);
+  TORCH_CHECK(t.dim() == 3, "fasttfm: ", name, " must be 3-D [outer, C, inner], got ", t.dim(), "-D");
+  if (t.size(2) == 1) {
+    TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, "fasttfm: ", name, " must have unit stride along the softmax axis");
+  } else {
+    TORCH_CHECK(t.stride(2) == 1, "fasttfm: ", name, " must have unit stride along the inner axis");
+  }
+}
+
+int64_t stride_or_0(const Tensor& t, int64_t d) { return t.size(d) == 1 ? 0 : t.stride(d); }
+
+Tensor softmax_fwd(const Tensor& x, int64_t nq, double scale, const OptTensor& mask, bool causal, bool zero_empty,
+                   std::optional<at::ScalarType> dtype, Target target) {
+  check_softmax_3d(x, "input", target);
+  DeviceGuard guard(x, target);
+  const auto out_type = dtype.value_or(x.scalar_type());
+  const int64_t outer = x.size(0), C = x.size(1), inner = x.size(2);
+  TORCH_CHECK(out_type == x.scalar_type() || out_type == at::kFloat, "fasttfm: softmax output dtype must be the input's (",
+              x.scalar_type(), ") or float32, got ", out_type);
+  const bool masked = mask.has_value() && mask->defined();
+  TORCH_CHECK(inner == 1 || (!masked && !causal), "fasttfm: masks and causal need the softmax axis to be the last");
+  TORCH_CHECK(inner == 1 || target == Target::Gpu, "fasttfm: the CPU softmax kernel handles the last axis only");
+  TORCH_CHECK(nq >= 1 && outer % nq == 0, "fasttfm: softmax rows (", outer, ") must be a multiple of nq (", nq, ")");
+  Tensor y = at::empty({outer, C, inner}, x.options().dtype(out_type));
+  if (y.numel() == 0) return y;
+  ftfm::SoftmaxFwdArgs a;
+  a.x = x.data_ptr();
+  a.x_s0 = x.stride(0);
+  a.x_s1 = x.stride(1);
+  a.y = y.data_ptr();
+  a.outer = outer;
+  a.C = C;
+  a.inner = inner;
+  a.x_dtype = to_dtype(x, "input");
+  a.y_dtype = out_type == at::kFloat ? ftfm::DType::F32 : a.x_dtype;
+  a.scale = static_cast<float>(scale);
+  a.causal = causal;
+  a.zero_empty = zero_empty;
+  a.nq = nq;
+  if (masked) {
+    const Tensor& m = *mask;
+    check_tensor(m, "mask", target);
+    TORCH_CHECK(m.dim() == 4 && m.size(2) == nq && m.size(3) == C && m.size(0) * m.size(1) * nq == outer,
+                "fasttfm: mask must be a [d0, d1, nq, nk] view with d0 * d1 * nq = rows, got shape ", m.sizes());
+    TORCH_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == x.scalar_type(),
+                "fasttfm: mask dtype must be bool or the input's (", x.scalar_type(), "), got ", m.scalar_type());
+    a.mask.ptr = m.data_ptr();
+    a.mask.is_bool = m.scalar_type() == at::kBool;
+    a.mask.d1 = m.size(1);
+    a.mask.s0 = stride_or_0(m, 0);
+    a.mask.s1 = stride_or_0(m, 1);
+    a.mask.sq = stride_or_0(m, 2);
+    a.mask.sk = stride_or_0(m, 3);
+  }
+#ifdef FTFM_KERNELS
+  if (target == Target::Gpu) {
+    const int64_t ws = ftfm::softmax_workspace_floats(outer, C, inner, a.x_dtype, masked, false);
+    Tensor workspace = at::empty({ws}, x.options().dtype(at::kFloat));
+    a.workspace = ws ? workspace.data_ptr<float>() : nullptr;
+    ftfm::softmax_fwd(a, stream_of(x));
+    return y;
+  }
+#endif
+#ifndef FASTTFM_EMU
+  ftfm::softmax_fwd_cpu(a);
+#endif
+  return y;
+}
+
+#ifdef FTFM_KERNELS
+
+Tensor softmax_bwd(const Tensor& y, const Tensor& dy, int64_t nq, double scale, bool causal, at::ScalarType dx_type,
+                   Target target) {
+  check_softmax_3d(y, "output", target);
+  check_softmax_3d(dy, "grad_output", target);
+  TORCH_CHECK(dy.sizes() == y.sizes(), "fasttfm: grad_output shape ", dy.sizes(), " != output shape ", y.sizes());
+  TORCH_CHECK(dy.scalar_type() == y.scalar_type(), "fasttfm: grad_output dtype must equal the output's");
+  DeviceGuard guard(y, target);
+  const int64_t outer = y.size(0), C = y.size(1), inner = y.size(2);
+  TORCH_CHECK(dx_type == y.scalar_type() || y.scalar_type() == at::kFloat,
+              "fasttfm: softmax grad dtype must be the output's or the output must be float32");
+  TORCH_CHECK(inner == 1 || !causal, "fasttfm: causal needs the softmax axis to be the last");
+  TORCH_CHECK(nq >= 1 && outer % nq == 0, "fasttfm: softmax rows (", outer, ") must be a multiple of nq (", nq, ")");
+  Tensor dx = at::empty({outer, C, inner}, y.options().dtype(dx_type));
+  if (dx.numel() == 0) return dx;
+  ftfm::SoftmaxBwdArgs a;
+  a.y = y.data_ptr();
+  a.y_s0 = y.stride(0);
+  a.y_s1 = y.stride(1);
+  a.dy = dy.data_ptr();
+  a.dy_s0 = dy.stride(0);
+  a.dy_s1 = dy.stride(1);
+  a.dx = dx.data_ptr();
+  a.outer = outer;
+  a.C = C;
+  a.inner = inner;
+  a.y_dtype = to_dtype(y, "output");
+  a.dx_dtype = to_dtype(dx, "grad_input");
+  a.scale = static_cast<float>(scale);
+  a.causal = causal;
+  a.nq = nq;
+  const int64_t ws = ftfm::softmax_workspace_floats(outer, C, inner, a.y_dtype, false, true);
+  Tensor workspace = at::empty({ws}, y.options().dtype(at::kFloat));
+  a.workspace = ws ? workspace.data_ptr<float>() : nullptr;
+  ftfm::softmax_bwd(a, stream_of(y));
+  return dx;
+}
+
+#endif  // FTFM_KERNELS
+
+template <Target T>
+Tensor softmax_fwd_on(const Tensor& x, int64_t nq, double scale, const OptTensor& mask, bool causal, bool zero_empty,
+                      std::optional<at::ScalarType> dtype) {
+  return softmax_fwd(x, nq, scale, mask, causal, zero_empty, dtype, T);
+}
+#ifdef FTFM_KERNELS
+template <Target T>
+Tensor softmax_bwd_on(const Tensor& y, const Tensor& dy, int64_t nq, double scale, bool causal, at::ScalarType dx_type) {
+  return softmax_bwd(y, dy, nq, scale, causal, dx_type, T);
+}
+#endif  // FTFM_KERNELS
+
+constexpr const char* kSoftmaxFwd = "(Tensor x, int nq, float scale, Tensor? mask, bool causal, bool zero_empty, "
+                                    "ScalarType? dtype) -> Tensor";
+constexpr const char* kSoftmaxBwd = "(Tensor y, Tensor dy, int nq, float scale, bool causal, ScalarType dx_dtype) -> Tensor";
+// ==== end softmax =============================================================================
 }  // namespace
 
 TORCH_LIBRARY(FTFM_LIB, m) {
@@ -374,11 +508,14 @@ TORCH_LIBRARY(FTFM_LIB, m) {
   // GPU kernels: CUDA tensors in fasttfm._C, CPU tensors through the emulator in fasttfm._C_emu.
   def("layer_norm_fwd", kLayerNormFwd, &layer_norm_fwd_on<Target::Gpu>);
   def("layer_norm_bwd", kLayerNormBwd, &layer_norm_bwd_on<Target::Gpu>);
+  def("softmax_fwd", kSoftmaxFwd, &softmax_fwd_on<Target::Gpu>);  // softmax
+  def("softmax_bwd", kSoftmaxBwd, &softmax_bwd_on<Target::Gpu>);  // softmax
 #endif
 #ifndef FASTTFM_EMU
   // CPU C++ kernels (csrc/cpu/), in every fasttfm._C.
   def("layer_norm_fwd_cpu", kLayerNormFwd, &layer_norm_fwd_on<Target::Cpu>);
   def("layer_norm_bwd_cpu", kLayerNormBwd, &layer_norm_bwd_on<Target::Cpu>);
+  def("softmax_fwd_cpu", kSoftmaxFwd, &softmax_fwd_on<Target::Cpu>);  // softmax
 #else
   m.def("set_order(int order, int seed) -> ()", &emu_set_order);
 #endif

@@ -30,8 +30,9 @@ _map_source_kernels()
 from . import nn  # noqa: E402
 from ._env import emulate, emulate_enabled, set_emulate  # noqa: E402
 from ._ext import MissingExtensionError  # noqa: E402
-from .functional import (attention, attention_with_kvcache, cross_entropy, layer_norm, linear_cross_entropy, rms_norm,  # noqa: E402
-                         scaled_dot_product_attention)
+from .functional import (attention, attention_with_kvcache, cross_entropy, layer_norm,  # noqa: E402
+                         linear_cross_entropy, rms_norm, scaled_dot_product_attention, scaled_masked_softmax,
+                         softmax)
 from .patch import patch, sdpa_patched  # noqa: E402
 
 __version__ = "0.1.0"
@@ -48,6 +49,8 @@ __all__ = [
     "scaled_dot_product_attention",
     "layer_norm",
     "rms_norm",
+    "softmax",
+    "scaled_masked_softmax",
     "cross_entropy",
     "linear_cross_entropy",
     "patch",

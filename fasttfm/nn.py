@@ -8,7 +8,7 @@ import torch
 from . import functional as F
 from .mha import MultiheadAttention
 
-__all__ = ["LayerNorm", "RMSNorm", "MultiheadAttention"]
+__all__ = ["LayerNorm", "RMSNorm", "MultiheadAttention", "Softmax", "CrossEntropyLoss", "FusedLinearCrossEntropyLoss"]
 
 
 class LayerNorm(torch.nn.LayerNorm):
@@ -27,8 +27,6 @@ class RMSNorm(torch.nn.RMSNorm):
     def forward(self, input):
         return F.rms_norm(input, self.normalized_shape, self.weight, self.eps)
 
-
-# ---- cross-entropy section ------------------------------------------------------------------------
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     """``torch.nn.CrossEntropyLoss`` (same constructor, ``weight`` buffer and state_dict keys) on the fused
@@ -75,5 +73,14 @@ class FusedLinearCrossEntropyLoss(torch.nn.modules.loss._WeightedLoss):
                                       self.label_smoothing, self.smoothing, self.z_loss, self.weight, self.chunk_size)
 
 
-__all__ += ["CrossEntropyLoss", "FusedLinearCrossEntropyLoss"]
-# ---- end of the cross-entropy section ----
+class Softmax(torch.nn.Softmax):
+    """``torch.nn.Softmax(dim)`` (same constructor and repr; no parameters) on the fused kernel.
+
+    ``dim=None`` keeps torch's legacy choice (0 for 0-, 1- and 3-D inputs, else 1).
+    """
+
+    def forward(self, input):
+        dim = self.dim
+        if dim is None:
+            dim = 0 if input.dim() in (0, 1, 3) else 1
+        return F.softmax(input, dim)

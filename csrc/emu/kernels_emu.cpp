@@ -5,6 +5,7 @@
 #endif
 #include "../layer_norm.cu"
 #include "../cross_entropy.cu"  // cross-entropy section
+#include "../softmax.cu"
 
 // Emulator controls reached from bindings.cpp (which cannot include the emulator header).
 namespace ftfm {

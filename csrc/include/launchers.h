@@ -67,6 +67,57 @@ int64_t cross_entropy_bwd_cpu(const float* dloss, int64_t dloss_stride, const vo
                               int64_t ignore_index, float a, float b, float z, DType dtype);
 // ---- end of the cross-entropy section ---------------------------------------------------------------
 
+// ---- softmax.cu (softmax section) --------------------------------------------------------------
+// Softmax over axis C of a tensor viewed as [outer, C, inner]: x element (o, c, i) at
+// x + o * x_s0 + c * x_s1 + i (unit inner stride); y, dx are new contiguous [outer, C, inner] buffers.
+// inner == 1 is the row case (rows = outer, cols = C, unit column stride required when C > 1); it
+// alone supports scale/mask/causal. All math in fp32; y = exp(z - max z) / sum exp(z - max z) with
+//   z[c] = x[c] * scale (+ additive mask), or -inf where a bool mask is false or c is causally hidden.
+// Causal (bottom-right aligned): rows are [..., nq] blocks of query rows over C = nk keys; query q
+// sees keys c <= q + nk - nq. zero_empty: rows whose max z is -inf (no visible key) give y = 0
+// instead of torch's NaN.
+struct SoftmaxMask {
+  const void* ptr = nullptr;  // nullptr: no mask. Mask element (i0, i1, q, c) at ptr + i0*s0 + i1*s1 + q*sq + c*sk
+  bool is_bool = false;       // bool (1 byte, nonzero = keep) or additive in the x dtype
+  int64_t d1 = 1;             // rows = d0 * d1 * nq, row = (i0 * d1 + i1) * nq + q
+  int64_t s0 = 0, s1 = 0, sq = 0, sk = 0;  // element strides; 0 broadcasts
+};
+struct SoftmaxFwdArgs {
+  const void* x = nullptr;
+  int64_t x_s0 = 0, x_s1 = 0;
+  void* y = nullptr;
+  int64_t outer = 0, C = 0, inner = 1;
+  DType x_dtype = DType::F32, y_dtype = DType::F32;  // y: x's dtype or F32 (fused upcast)
+  float scale = 1.f;
+  bool causal = false, zero_empty = false;
+  int64_t nq = 1;
+  SoftmaxMask mask;
+  float* workspace = nullptr;  // softmax_workspace_floats(...) floats (nullptr when that is 0)
+};
+// dx = scale * y * (dy - sum_c(y * dy)); y/dy element (o, c, i) at base + o*s0 + c*s1 + i.
+// causal/nq as in the forward: hidden columns (y == 0 there) are not read and get dx = 0.
+struct SoftmaxBwdArgs {
+  const void* y = nullptr;
+  int64_t y_s0 = 0, y_s1 = 0;
+  const void* dy = nullptr;
+  int64_t dy_s0 = 0, dy_s1 = 0;
+  void* dx = nullptr;
+  int64_t outer = 0, C = 0, inner = 1;
+  DType y_dtype = DType::F32, dx_dtype = DType::F32;  // y/dy: dx's dtype or F32
+  float scale = 1.f;
+  bool causal = false;
+  int64_t nq = 1;
+  float* workspace = nullptr;
+};
+// fp32 workspace a launch needs on the current device (0 for most shapes: only rows too long for
+// one block's registers or shared memory are split over several blocks and need it).
+int64_t softmax_workspace_floats(int64_t outer, int64_t C, int64_t inner, DType dtype, bool masked, bool backward);
+void softmax_fwd(const SoftmaxFwdArgs& args, void* stream);
+void softmax_bwd(const SoftmaxBwdArgs& args, void* stream);
+// csrc/cpu/softmax_cpu.cpp: the forward for CPU tensors, row case only (inner == 1; OpenMP inside;
+// workspace unused). The backward on the CPU is aten's _softmax_backward_data.
+void softmax_fwd_cpu(const SoftmaxFwdArgs& args);
+
 // ---- emulator controls (fasttfm._C_emu only) -------------------------------------------------
 // Run order of a block's threads: 0 forward, 1 reverse, 2 random (seeded, reshuffled each round).
 void emu_set_order(int order, uint64_t seed);
