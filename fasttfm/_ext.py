@@ -12,7 +12,10 @@ import torch
 
 from ._env import emulate_enabled
 
-__all__ = ["MissingExtensionError", "backend", "cuda_lib", "emu_lib", "cpu_lib", "built_parts", "emu_set_order"]
+__all__ = ["MissingExtensionError", "KERNEL_DTYPES", "backend", "cuda_lib", "emu_lib", "cpu_lib", "cpu_kernels_for",
+           "built_parts", "emu_set_order"]
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the CUDA and CPU C++ kernels take
 
 _BUILD_HINT = ("build it with `make build` (or `pip install -e . --no-build-isolation` in an environment "
                "with torch==2.14.1 and, for the CUDA and emulator parts, the CUDA toolkit; see README.md)")
@@ -55,6 +58,14 @@ def cpu_lib():
     """``torch.ops.fasttfm_C`` for the CPU C++ kernels, or a clear error."""
     if not _load("_C"):
         raise MissingExtensionError(f"fasttfm._C is not built; {_BUILD_HINT}")
+    return torch.ops.fasttfm_C
+
+
+def cpu_kernels_for(t: torch.Tensor):
+    """``torch.ops.fasttfm_C`` when the CPU C++ kernels take ``t``'s dtype and fasttfm._C is built, else
+    None (float64 inputs, or a build without the extension: callers fall back to torch ops)."""
+    if t.dtype not in KERNEL_DTYPES or not _load("_C"):
+        return None
     return torch.ops.fasttfm_C
 
 

@@ -43,12 +43,12 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .._ext import MissingExtensionError, backend, cpu_lib, cuda_lib, emu_lib
+from .._ext import KERNEL_DTYPES, backend, cpu_kernels_for, cuda_lib, emu_lib
 
 __all__ = ["cross_entropy", "smoothing_coefficients", "class_rows", "reduce_rows", "ce_fwd_rows", "ce_bwd_rows",
            "ce_bwd_rows_", "REDUCTIONS", "SMOOTHINGS"]
 
-_KERNEL_TYPES = (torch.float32, torch.float16, torch.bfloat16)
+_KERNEL_TYPES = KERNEL_DTYPES
 REDUCTIONS = ("none", "mean", "sum")
 SMOOTHINGS = ("torch", "fairseq")
 
@@ -122,15 +122,6 @@ def _torch_bwd(dloss, logits, target, weight, lse, ignore_index, a, b, z):
 
 # ---- low-level entry points (also used by the fused linear + cross-entropy) --------------------------
 
-def _cpu_ext(x):
-    if x.dtype not in _KERNEL_TYPES:
-        return None
-    try:
-        return cpu_lib()
-    except MissingExtensionError:
-        return None
-
-
 def ce_fwd_rows(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int, a: float, b: float,
                 z: float) -> Tuple[Tensor, Tensor]:
     """Row losses and LSE of logits [rows, C] (unit class stride) on the kernels for its device.
@@ -143,7 +134,7 @@ def ce_fwd_rows(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore
         return cuda_lib().cross_entropy_fwd(logits, target, weight, ignore_index, a, b, z)
     if where == "emu":
         return emu_lib().cross_entropy_fwd(logits, target, weight, ignore_index, a, b, z)
-    ext = _cpu_ext(logits)
+    ext = cpu_kernels_for(logits)
     if ext is None:
         return _torch_fwd(logits, target, weight, ignore_index, a, b, z)
     return ext.cross_entropy_fwd_cpu(logits, target, weight, ignore_index, a, b, z)
@@ -156,7 +147,7 @@ def ce_bwd_rows(dloss, logits, target, weight, lse, ignore_index, a, b, z) -> Te
         return cuda_lib().cross_entropy_bwd(dloss, logits, target, weight, lse, ignore_index, a, b, z)
     if where == "emu":
         return emu_lib().cross_entropy_bwd(dloss, logits, target, weight, lse, ignore_index, a, b, z)
-    ext = _cpu_ext(logits)
+    ext = cpu_kernels_for(logits)
     if ext is None:
         return _torch_bwd(dloss, logits, target, weight, lse, ignore_index, a, b, z)
     return ext.cross_entropy_bwd_cpu(dloss, logits, target, weight, lse, ignore_index, a, b, z)
@@ -170,8 +161,8 @@ def ce_bwd_rows_(logits, dloss, target, weight, lse, ignore_index, a, b, z) -> T
         cuda_lib().cross_entropy_bwd_inplace(logits, dloss, target, weight, lse, ignore_index, a, b, z)
     elif where == "emu":
         emu_lib().cross_entropy_bwd_inplace(logits, dloss, target, weight, lse, ignore_index, a, b, z)
-    elif _cpu_ext(logits) is not None and logits.stride(0) >= logits.shape[1]:
-        cpu_lib().cross_entropy_bwd_inplace_cpu(logits, dloss, target, weight, lse, ignore_index, a, b, z)
+    elif cpu_kernels_for(logits) is not None and logits.stride(0) >= logits.shape[1]:
+        cpu_kernels_for(logits).cross_entropy_bwd_inplace_cpu(logits, dloss, target, weight, lse, ignore_index, a, b, z)
     else:
         logits.copy_(_torch_bwd(dloss, logits, target, weight, lse, ignore_index, a, b, z))
     return logits

@@ -24,11 +24,11 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .._ext import MissingExtensionError, backend, cpu_lib, cuda_lib, emu_lib
+from .._ext import KERNEL_DTYPES, backend, cpu_kernels_for, cuda_lib, emu_lib
 
 __all__ = ["layer_norm", "rms_norm"]
 
-_FLOAT_TYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FLOAT_TYPES = KERNEL_DTYPES
 
 
 def _kernel_lib(x):
@@ -50,7 +50,7 @@ def _layer_norm_fwd_cpu(x, weight, bias, eps, rms):
         return emu_lib().layer_norm_fwd(x, weight, bias, eps, rms)
     rows, cols = x.shape
     if rms:
-        ext = _cpu_ext(x)
+        ext = cpu_kernels_for(x)
         if ext is not None:
             return ext.layer_norm_fwd_cpu(x, weight, bias, eps, True)
         y, rstd = torch.ops.aten._fused_rms_norm(x, [cols], weight, eps)
@@ -75,16 +75,6 @@ def _layer_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tenso
     return _kernel_lib(x).layer_norm_bwd(dy, x, weight, mean, rstd, rms, need_dweight, need_dbias)
 
 
-def _cpu_ext(x):
-    """torch.ops.fasttfm_C (CPU C++ kernels) for fp32/fp16/bf16, or None (float64, or not built)."""
-    if x.dtype not in _FLOAT_TYPES:
-        return None
-    try:
-        return cpu_lib()
-    except MissingExtensionError:
-        return None
-
-
 def _cpu_stat_dtype(x, weight):
     # native_layer_norm on the CPU keeps its statistics in x's dtype unless the weight is fp32.
     return torch.float32 if x.dtype == torch.float32 or (weight is not None and weight.dtype == torch.float32) else x.dtype
@@ -97,8 +87,8 @@ def _layer_norm_bwd_cpu(dy, x, weight, mean, rstd, rms, need_dweight, need_dbias
     rows, cols = x.shape
     dy = dy.contiguous()
     need_dweight = need_dweight and weight is not None
-    if rms and _cpu_ext(x) is not None:
-        return _cpu_ext(x).layer_norm_bwd_cpu(dy, x, weight, mean, rstd, True, need_dweight, need_dbias)
+    if rms and cpu_kernels_for(x) is not None:
+        return cpu_kernels_for(x).layer_norm_bwd_cpu(dy, x, weight, mean, rstd, True, need_dweight, need_dbias)
     if rms:  # aten has no CPU kernel for _fused_rms_norm_backward: fp32 math in torch ops
         math_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         xhat = x.to(math_dtype) * rstd.to(math_dtype).reshape(rows, 1)

@@ -32,11 +32,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._ext import MissingExtensionError, backend, cpu_lib, cuda_lib, emu_lib
+from .._ext import KERNEL_DTYPES, backend, cpu_kernels_for, cuda_lib, emu_lib
 
 __all__ = ["softmax", "scaled_masked_softmax"]
 
-_FLOAT_TYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FLOAT_TYPES = KERNEL_DTYPES
 
 
 def _kernel_lib(x):
@@ -87,13 +87,8 @@ def _softmax_fwd_cpu(x, nq, scale, mask, causal, zero_empty, dtype):
 
 
 def _cpu_ext(x):
-    """torch.ops.fasttfm_C (the CPU C++ kernel) for fp32/fp16/bf16 rows, or None (float64, or not built)."""
-    if x.dtype not in _FLOAT_TYPES or x.shape[2] != 1:
-        return None
-    try:
-        return cpu_lib()
-    except MissingExtensionError:
-        return None
+    """The CPU C++ kernel for fp32/fp16/bf16 rows (inner == 1), or None (float64, strided, or not built)."""
+    return cpu_kernels_for(x) if x.shape[2] == 1 else None
 
 
 @_softmax_fwd.register_fake
