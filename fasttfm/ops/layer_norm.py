@@ -10,8 +10,9 @@ CPU tensors -> the same CUDA kernels through the SIMT emulator; otherwise CPU te
 path, chosen by measurement on the 2-core dev machines (4M elements, fp32/bf16, widths 1024/8192):
   * LayerNorm: aten's ``native_layer_norm`` and its backward (about 2x faster than our C++ CPU
     kernel there, and bit-identical to nn.LayerNorm);
-  * RMSNorm: our fused C++ kernel (csrc/cpu/norm_cpu.cpp), 4-7x faster than aten's
-    ``_fused_rms_norm`` forward, which also has no CPU backward.
+  * RMSNorm fp32/bf16: our fused C++ kernel (csrc/cpu/norm_cpu.cpp), 4-7x faster than aten's
+    ``_fused_rms_norm`` forward, which also has no CPU backward; fp16: aten's forward and a
+    backward in fp32 torch ops (our kernel's software fp16 conversion made it 6x slower).
 Float64 inputs (gradcheck) and builds without fasttfm._C use torch ops.
 
 Dtypes: input fp32/fp16/bf16; weight/bias either the input's dtype or fp32 (mixed precision
@@ -50,7 +51,7 @@ def _layer_norm_fwd_cpu(x, weight, bias, eps, rms):
         return emu_lib().layer_norm_fwd(x, weight, bias, eps, rms)
     rows, cols = x.shape
     if rms:
-        ext = cpu_kernels_for(x)
+        ext = _rms_cpu_kernels(x)
         if ext is not None:
             return ext.layer_norm_fwd_cpu(x, weight, bias, eps, True)
         y, rstd = torch.ops.aten._fused_rms_norm(x, [cols], weight, eps)
@@ -75,6 +76,12 @@ def _layer_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tenso
     return _kernel_lib(x).layer_norm_bwd(dy, x, weight, mean, rstd, rms, need_dweight, need_dbias)
 
 
+def _rms_cpu_kernels(x):
+    # fp16 stays on torch ops: our kernel converts fp16 in software (no F16C without -march) and was
+    # 6x slower than aten's _fused_rms_norm on fp16 (4096 x 1024, 2 cores); fp32/bf16 take our kernel.
+    return None if x.dtype == torch.float16 else cpu_kernels_for(x)
+
+
 def _cpu_stat_dtype(x, weight):
     # native_layer_norm on the CPU keeps its statistics in x's dtype unless the weight is fp32.
     return torch.float32 if x.dtype == torch.float32 or (weight is not None and weight.dtype == torch.float32) else x.dtype
@@ -87,8 +94,8 @@ def _layer_norm_bwd_cpu(dy, x, weight, mean, rstd, rms, need_dweight, need_dbias
     rows, cols = x.shape
     dy = dy.contiguous()
     need_dweight = need_dweight and weight is not None
-    if rms and cpu_kernels_for(x) is not None:
-        return cpu_kernels_for(x).layer_norm_bwd_cpu(dy, x, weight, mean, rstd, True, need_dweight, need_dbias)
+    if rms and _rms_cpu_kernels(x) is not None:
+        return _rms_cpu_kernels(x).layer_norm_bwd_cpu(dy, x, weight, mean, rstd, True, need_dweight, need_dbias)
     if rms:  # aten has no CPU kernel for _fused_rms_norm_backward: fp32 math in torch ops
         math_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         xhat = x.to(math_dtype) * rstd.to(math_dtype).reshape(rows, 1)
