@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["GPTConfig", "GPT", "KERNELS", "attention_available"]
+__all__ = ["GPTConfig", "GPT", "KVCache", "KERNELS", "attention_available"]
 
 KERNELS = ("fasttfm", "torch")
 NORMS = ("layernorm", "rmsnorm")
@@ -29,6 +29,11 @@ except ImportError as _exc:  # attention not built / not present yet: kernels="f
     _ATTENTION_IMPORT_ERROR = repr(_exc)
 else:
     _ATTENTION_IMPORT_ERROR = None
+
+try:
+    from .ops.attention_decode import attention_with_kvcache as _fasttfm_attention_with_kvcache
+except ImportError:  # no decode kernel: generate() keeps the uncached loop
+    _fasttfm_attention_with_kvcache = None
 
 
 def attention_available():
@@ -153,6 +158,24 @@ def _norm(cfg: GPTConfig, kernels: str):
     return ln(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
 
 
+class KVCache:
+    """Per-layer key/value caches for ``GPT.generate`` (kernels="fasttfm", causal/sliding attention).
+
+    k[l], v[l]: (B, size, Hkv, D), allocated by layer l on first use in its k/v dtype; seqlens: int32
+    (B,) valid length *before* the current forward (all rows advance together: no padding), kept in
+    step with ``length`` (a host int, also the absolute position offset of the next token).
+    """
+
+    def __init__(self, n_layer, batch, size, device):
+        self.k, self.v = [None] * n_layer, [None] * n_layer
+        self.size, self.length = size, 0
+        self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
+
+    def advance(self, n):
+        self.length += n
+        self.seqlens += n
+
+
 class SelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig, kernels: str):
         super().__init__()
@@ -162,7 +185,10 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope=None):
+    def forward(self, x, rope=None, pos_offset=0, kv_cache=None, layer=0):
+        """kv_cache (KVCache, inference only): x holds the tokens at absolute positions
+        pos_offset .. pos_offset + T - 1 (pos_offset = kv_cache.length); their keys/values are appended
+        to layer `layer`'s cache and the queries attend over the whole cached prefix."""
         cfg = self.cfg
         B, T, C = x.shape
         H, Hkv, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
@@ -172,7 +198,20 @@ class SelfAttention(nn.Module):
         v = v.view(B, T, Hkv, D).transpose(1, 2)   # (B, Hkv, T, D)
         if rope is not None:
             cos, sin = rope
-            q, k = _apply_rope(q, cos[:T], sin[:T]), _apply_rope(k, cos[:T], sin[:T])
+            cos, sin = cos[pos_offset:pos_offset + T], sin[pos_offset:pos_offset + T]
+            q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            if kv_cache.k[layer] is None:
+                shape = (B, kv_cache.size, Hkv, D)
+                kv_cache.k[layer] = k.new_empty(shape)
+                kv_cache.v[layer] = v.new_empty(shape)
+            window = (cfg.window, 0) if cfg.attention == "sliding" else (-1, -1)
+            # (B, T, H|Hkv, D) views; bounds were checked by the caller (GPT._forward), so no host sync
+            y = _fasttfm_attention_with_kvcache(q.transpose(1, 2), kv_cache.k[layer], kv_cache.v[layer],
+                                                kv_cache.seqlens, k.transpose(1, 2), v.transpose(1, 2),
+                                                causal=True, window=window, check_seqlens=False)
+            y = y.reshape(B, T, C)                 # (B, T, C)
+            return self.drop(self.proj(y))
         if self.kernels == "fasttfm":
             window = (cfg.window, 0) if cfg.attention == "sliding" else (-1, -1)
             chunk = cfg.chunk_size if cfg.attention == "chunked" else None
@@ -205,8 +244,8 @@ class Block(nn.Module):
         self.norm2 = _norm(cfg, kernels)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope=None):
-        x = x + self.attn(self.norm1(x), rope)
+    def forward(self, x, rope=None, pos_offset=0, kv_cache=None, layer=0):
+        x = x + self.attn(self.norm1(x), rope, pos_offset, kv_cache, layer)
         x = x + self.mlp(self.norm2(x))
         return x
 
@@ -263,36 +302,87 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx, targets=None):
-        cfg = self.config
-        B, T = idx.shape
-        if T > cfg.max_seq_len:
-            raise ValueError(f"GPT: sequence length {T} is longer than max_seq_len {cfg.max_seq_len}")
-        x = self.wte(idx)                                  # (B, T, C)
-        rope = None
-        if cfg.positions == "learned":
-            x = x + self.wpe(torch.arange(T, device=idx.device))
-        elif cfg.positions == "sinusoidal":
-            x = x + self.pe[:T]
-        else:
-            rope = (self.rope_cos, self.rope_sin)
-        x = self.drop(x)
-        for block in self.blocks:
-            x = block(x, rope)
-        logits = self.lm_head(self.norm_f(x))              # (B, T, V)
+        logits = self._forward(idx)
         loss = None if targets is None else _loss(logits, targets)
         return logits, loss
 
+    def _forward(self, idx, kv_cache=None):
+        """Logits (B, T, V) for idx (B, T). With kv_cache (inference only, kernels="fasttfm", causal or
+        sliding attention) idx continues the cached sequence: positions start at kv_cache.length,
+        attention covers the cache, and the cache is advanced by T."""
+        cfg = self.config
+        B, T = idx.shape
+        pos = 0 if kv_cache is None else kv_cache.length
+        if pos + T > cfg.max_seq_len:
+            raise ValueError(f"GPT: sequence length {pos + T} is longer than max_seq_len {cfg.max_seq_len}")
+        if kv_cache is not None and pos + T > kv_cache.size:
+            raise ValueError(f"GPT: {pos + T} tokens do not fit the KV cache of {kv_cache.size} positions")
+        x = self.wte(idx)                                  # (B, T, C)
+        rope = None
+        if cfg.positions == "learned":
+            x = x + self.wpe(torch.arange(pos, pos + T, device=idx.device))
+        elif cfg.positions == "sinusoidal":
+            x = x + self.pe[pos:pos + T]
+        else:
+            rope = (self.rope_cos, self.rope_sin)
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, pos, kv_cache, i)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        return self.lm_head(self.norm_f(x))                # (B, T, V)
+
+    def can_use_kv_cache(self):
+        """True when generate() decodes with fasttfm's KV-cache kernel: kernels="fasttfm" and causal or
+        sliding attention. Chunked attention keeps the uncached loop (a token's keys depend on its
+        chunk, which a plain append-and-attend cache does not model)."""
+        return (self.kernels == "fasttfm" and _fasttfm_attention_with_kvcache is not None
+                and self.config.attention in ("causal", "sliding"))
+
+    def new_kv_cache(self, batch, size=None, device=None):
+        """An empty KVCache for `batch` sequences of up to `size` (default max_seq_len) tokens."""
+        size = self.config.max_seq_len if size is None else min(size, self.config.max_seq_len)
+        device = self.wte.weight.device if device is None else device
+        return KVCache(self.config.n_layer, batch, size, device)
+
+    @staticmethod
+    def _sample(logits, temperature, top_k, generator):
+        logits = logits.float() / max(temperature, 1e-6)                  # (B, V)
+        if top_k is not None:
+            kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        return torch.multinomial(probs, 1, generator=generator)           # (B, 1)
+
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
-        """Append max_new_tokens sampled tokens to idx (B, T); the context is cropped to max_seq_len."""
-        for _ in range(max_new_tokens):
-            ctx = idx[:, -self.config.max_seq_len:]
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, use_cache=True):
+        """Append max_new_tokens sampled tokens to idx (B, T); the context is cropped to max_seq_len.
+
+        With kernels="fasttfm" and causal or sliding attention (and use_cache), decoding runs on
+        ``fasttfm.attention_with_kvcache``: per-layer caches of min(T + max_new_tokens - 1, max_seq_len)
+        positions, the prompt prefilled in one call per layer, then one token per step at position
+        offset = cache length. Once the sequence would exceed max_seq_len (the context must be cropped,
+        which shifts every position) the remaining steps fall back to the cropped uncached loop, so
+        the result is the same as the uncached path's. kernels="torch" and chunked attention always
+        use the uncached loop (full forward over the cropped context each step).
+        """
+        max_len = self.config.max_seq_len
+        B, T0 = idx.shape
+        n_cached = 0
+        if use_cache and self.can_use_kv_cache() and max_new_tokens > 0 and T0 <= max_len:
+            # steps that see an uncropped context: the one fed at step i has T0 + i tokens
+            n_cached = min(max_new_tokens, max_len - T0 + 1)
+        if n_cached:
+            cache = self.new_kv_cache(B, T0 + n_cached - 1, device=idx.device)
+            logits = self._forward(idx, cache)                         # prefill
+            for i in range(n_cached):
+                nxt = self._sample(logits[:, -1, :], temperature, top_k, generator)
+                idx = torch.cat([idx, nxt], dim=1)
+                if i + 1 < n_cached:
+                    logits = self._forward(nxt, cache)                 # one token, position cache.length
+        for _ in range(max_new_tokens - n_cached):
+            ctx = idx[:, -max_len:]
             logits, _ = self(ctx)
-            logits = logits[:, -1, :].float() / max(temperature, 1e-6)    # (B, V)
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            probs = torch.softmax(logits, dim=-1)
-            nxt = torch.multinomial(probs, 1, generator=generator)           # (B, 1)
+            nxt = self._sample(logits[:, -1, :], temperature, top_k, generator)
             idx = torch.cat([idx, nxt], dim=1)
         return idx

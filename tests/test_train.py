@@ -306,3 +306,76 @@ def test_cli_train_writes_logs_and_checkpoint(tmp_path, capsys):
         pass
     else:
         assert any(name.startswith("events.out.tfevents") for name in os.listdir(out / "tb"))
+
+
+# -- KV-cache generation -------------------------------------------------------------------------
+def _gen_model(attention, positions, seed=0):
+    cfg = GPTConfig(vocab_size=40, n_layer=2, n_head=2, n_kv_head=1, d_model=32, max_seq_len=24,
+                    positions=positions, attention=attention, window=5)
+    torch.manual_seed(seed)
+    return GPT(cfg, kernels="fasttfm").eval()
+
+
+@needs_attention
+@pytest.mark.parametrize("attention", ["causal", "sliding"])
+@pytest.mark.parametrize("positions", ["learned", "rope", "sinusoidal"])
+def test_kvcache_generate_matches_uncached(monkeypatch, attention, positions):
+    """GPT.generate on fasttfm.attention_with_kvcache (prefill + one token a step) gives the uncached
+    loop's greedy tokens, also past max_seq_len (where it falls back to the cropped uncached loop)."""
+    import fasttfm.model as fm
+
+    calls = []
+    real = fm._fasttfm_attention_with_kvcache
+
+    def counting(*a, **kw):
+        calls.append(a[0].shape[1])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(fm, "_fasttfm_attention_with_kvcache", counting)
+    model = _gen_model(attention, positions)
+    assert model.can_use_kv_cache()
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, 40, (2, 7), generator=g)
+    for n_new in (12, 25):                      # 7 + 12 fits max_seq_len 24; 7 + 25 needs cropping
+        calls.clear()
+        cached = model.generate(prompt, n_new, top_k=1)
+        n_kv = len(calls)
+        uncached = model.generate(prompt, n_new, top_k=1, use_cache=False)
+        assert len(calls) == n_kv, "use_cache=False must not touch the KV cache"
+        assert cached.shape == (2, 7 + n_new)
+        assert torch.equal(cached, uncached), (cached, uncached)
+        n_cached = min(n_new, 24 - 7 + 1)
+        assert calls[:2] == [7, 7] and calls[2:] == [1] * (2 * (n_cached - 1))   # prefill, then 1 token/layer
+
+
+@needs_attention
+@pytest.mark.parametrize("attention", ["causal", "sliding"])
+@pytest.mark.parametrize("positions", ["learned", "rope"])
+def test_kvcache_step_logits_match_forward(attention, positions):
+    model = _gen_model(attention, positions, seed=3)
+    g = torch.Generator().manual_seed(2)
+    prompt = torch.randint(0, 40, (2, 9), generator=g)
+    nxt = torch.randint(0, 40, (2, 1), generator=g)
+    with torch.no_grad():
+        cache = model.new_kv_cache(2, 12)
+        prefill = model._forward(prompt, cache)                 # first cached step: the prompt
+        assert cache.length == 9 and cache.seqlens.tolist() == [9, 9]
+        step = model._forward(nxt, cache)                       # then one token at position 9
+        full = model(torch.cat([prompt, nxt], dim=1))[0]
+    torch.testing.assert_close(prefill[:, -1], model(prompt)[0][:, -1].detach())
+    torch.testing.assert_close(prefill, full[:, :9])
+    torch.testing.assert_close(step[:, -1], full[:, -1])
+
+
+def test_generate_uncached_paths():
+    """kernels="torch" and chunked attention keep the uncached loop (and still crop to max_seq_len)."""
+    cfg = GPTConfig(vocab_size=40, n_layer=1, n_head=2, d_model=32, max_seq_len=16)
+    torch.manual_seed(0)
+    model = GPT(cfg, kernels="torch").eval()
+    assert not model.can_use_kv_cache()
+    out = model.generate(torch.zeros(1, 3, dtype=torch.long), 20, top_k=1)
+    assert out.shape == (1, 23)
+    if HAVE_ATTENTION:
+        chunked = GPT(GPTConfig(vocab_size=40, n_layer=1, n_head=2, d_model=32, max_seq_len=16,
+                                attention="chunked", chunk_size=4), kernels="fasttfm")
+        assert not chunked.can_use_kv_cache()
