@@ -92,7 +92,7 @@ def extensions():
             ["csrc/emu/bindings_emu.cpp", "csrc/emu/kernels_emu.cpp"],
             include_dirs=INCLUDES + [os.path.join(cuda_home, "include")],
             define_macros=[("FASTTFM_EMU", "1")],
-            extra_compile_args={"cxx": ["-O2", "-std=c++20"]},
+            extra_compile_args={"cxx": ["-O2", "-std=c++20", "-Wno-unknown-pragmas"]},  # #pragma unroll
         ))
         print("fasttfm: fasttfm._C_emu: SIMT emulator build of csrc/*.cu", file=sys.stderr)
     else:
