@@ -31,6 +31,11 @@ def _ref(x, w, b, eps, rms):
     return y
 
 
+def _rounded(t, dtype):
+    """float64 tensor holding exactly the values ``t`` takes in ``dtype`` (None passes through)."""
+    return None if t is None else t.to(dtype).double()
+
+
 def _torch_lowp(x, w, b, eps, rms):
     n = x.shape[-1]
     if rms:
@@ -51,6 +56,9 @@ def _check_case(device, dtype, rows, cols, rms, affine, bias, w_dtype=None, eps=
     w0 = randn(cols, dtype=torch.float64) * 0.5 + 1.0 if affine else None
     b0 = randn(cols, dtype=torch.float64) if (affine and bias and not rms) else None
     dy0 = randn(rows, cols, dtype=torch.float64)
+    # inputs rounded to their dtypes once: the references start from exactly the kernel's values
+    x0, dy0 = _rounded(x0, dtype), _rounded(dy0, dtype)
+    w0, b0 = _rounded(w0, w_dtype), _rounded(b0, w_dtype)
 
     def leaf(t, dt, dev):
         return None if t is None else t.to(dt).to(dev).requires_grad_(True)
@@ -252,6 +260,7 @@ def test_cpu_cxx_kernels(cols, dtype, rms):
     rows = 5
     x0, w0, b0, dy0 = (randn(rows, cols, dtype=torch.float64), randn(cols, dtype=torch.float64),
                        randn(cols, dtype=torch.float64), randn(rows, cols, dtype=torch.float64))
+    x0, w0, b0, dy0 = (_rounded(t, dtype) for t in (x0, w0, b0, dy0))
     x, w, b, dy = (t.to(dtype) for t in (x0, w0, b0, dy0))
     bias = None if rms else b
     y, mean, rstd = lib.layer_norm_fwd_cpu(x, w, bias, 1e-5, rms)

@@ -49,7 +49,9 @@ def _grad(fn, leaves, dy, fill=False):
 
 def _check_softmax(device, x0, dim, dtype, out_dtype=None):
     """fasttfm.softmax vs float64 torch.softmax, with torch's own low-precision error as the baseline."""
-    dy0 = randn(*x0.shape, dtype=torch.float64)
+    # inputs rounded to dtype once: the references start from exactly the kernel's values
+    x0 = x0.to(dtype).double()
+    dy0 = randn(*x0.shape, dtype=torch.float64).to(out_dtype or dtype).double()
     x = x0.to(dtype).to(device).requires_grad_(True)
     y, (dx,) = _grad(lambda t: fasttfm.softmax(t, dim, dtype=out_dtype), [x], dy0.to(device), fill=True)
     assert y.dtype == (out_dtype or dtype) and y.shape == x0.shape
@@ -154,9 +156,9 @@ def _make_mask(kind, b, h, nq, nk, dtype):
 
 
 def _check_masked(device, dtype, b, h, nq, nk, kind, causal, scale=0.375):
-    x0 = randn(b, h, nq, nk, dtype=torch.float64, scale=4.0)
+    x0 = randn(b, h, nq, nk, dtype=torch.float64, scale=4.0).to(dtype).double()
     mask = _make_mask(kind, b, h, nq, nk, dtype)
-    dy0 = randn(b, h, nq, nk, dtype=torch.float64)
+    dy0 = randn(b, h, nq, nk, dtype=torch.float64).to(dtype).double()
     x = x0.to(dtype).to(device).requires_grad_(True)
     y, (dx,) = _grad(lambda t: fasttfm.scaled_masked_softmax(t, None if mask is None else mask.to(device), scale, causal),
                      [x], dy0.to(device), fill=True)
