@@ -177,6 +177,12 @@ def test_shapes(kernel_device, rows, num_classes, dtype):
         _run_case(device, dtype, rows, num_classes, False, -100, "mean", "torch", 0.1, 1e-3)
 
 
+def test_cpu_large_gradient_buffer():
+    """A gradient over 16 MiB: the CPU backward asks for huge pages on its fresh buffer first."""
+    with fasttfm.emulate(False):
+        _run_case("cpu", torch.float32, 40, 131072, True, -100, "mean", "torch", 0.1, 1e-3)
+
+
 @pytest.mark.parametrize("layout", ["class_dim_contiguous", "class_dim_transposed", "row_slice", "misaligned",
                                     "transposed_2d", "broadcast_rows"])
 def test_layouts(kernel_device, layout):

@@ -79,6 +79,12 @@ def test_last_dim(kernel_device, rows, cols, dtype):
             _check_softmax(device, randn(rows, cols, dtype=torch.float64, scale=3.0), -1, dtype)
 
 
+def test_cpu_large_output_buffer():
+    """An output over 16 MiB: the CPU forward asks for huge pages on its fresh buffer first."""
+    with fasttfm.emulate(False):
+        _check_softmax("cpu", randn(40, 131072, dtype=torch.float64, scale=3.0), -1, torch.float32)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(3, 5, 7, 2), (2, 300, 40), (2, 2000, 3), (1, 9, 1, 33)], ids=str)
 def test_every_dim(kernel_device, shape, dtype):
