@@ -661,6 +661,30 @@ def test_lse_gradient_cpu_and_emu():
             torch.testing.assert_close(a.double(), b, atol=2e-4, rtol=1e-3)
 
 
+@pytest.mark.parametrize("mode", ["cpu", "emu"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_only_lse_or_only_out_used(mode, causal):
+    """Autograd hands the backward None for an unused output (no materialized zeros): only the LSE
+    used -> dout None; only out used -> dlse None (the CPU path then takes aten's flash backward)."""
+    q, k, v = (torch.randn(2, 4, 33, 32, dtype=torch.float64) for _ in range(3))
+    w = torch.randn(2, 4, 33, dtype=torch.float64)
+    mask = dense_mask(33, 33, causal)
+    qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+    o, _ = ref_attention(qq, kk, vv, mask, 0.25)
+    lse = torch.logsumexp(((qq @ kk.transpose(-1, -2)) * 0.25).masked_fill(~mask, float("-inf")), -1)
+    refs = [torch.autograd.grad((lse * w).sum(), (qq, kk, vv), allow_unused=True),
+            torch.autograd.grad((o * o).sum(), (qq, kk, vv))]
+    for which, ref in zip(("lse", "out"), refs):
+        qf, kf, vf = (t.float().requires_grad_() for t in (q, k, v))
+        with mode_ctx(mode, F32):
+            out, lse_f = A.attention(qf, kf, vf, causal=causal, softmax_scale=0.25, return_lse=True)
+            loss = (lse_f * w.float()).sum() if which == "lse" else (out * out).sum()
+            got = torch.autograd.grad(loss, (qf, kf, vf))
+        for a, b in zip(got, ref):
+            b = torch.zeros_like(a, dtype=torch.float64) if b is None else b
+            torch.testing.assert_close(a.double(), b, atol=2e-4, rtol=1e-3)
+
+
 # -- SDPA wrapper ----------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", ["cpu", "emu"])
 @pytest.mark.parametrize("L,S,is_causal,gqa", [(50, 50, True, False), (30, 70, True, True), (70, 30, True, False),

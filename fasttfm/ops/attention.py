@@ -2,8 +2,8 @@
 implementations and autograd, plus the public ``attention()`` and ``scaled_dot_product_attention()``.
 
 Device dispatch: CUDA tensors run the Triton kernels (``kernels/attention.py``,
-``kernels/attention_bwd.py``); CPU tensors run a plain PyTorch path in fp32 math (exact softmax,
-no tiling), or, under ``fasttfm.emulate()`` / ``FASTTFM_EMULATE=1``, the same Triton kernels
+``kernels/attention_bwd.py``); CPU tensors run a PyTorch path in fp32 math (aten's CPU flash kernel for
+plain full/causal problems, else a dense reference with the explicit mask), or, under ``fasttfm.emulate()`` / ``FASTTFM_EMULATE=1``, the same Triton kernels
 through Triton's interpreter.
 """
 from typing import Optional
@@ -59,6 +59,19 @@ def _visible(nq, nk, left, right, chunk, device):
     if chunk:
         vis &= torch.div(i, chunk, rounding_mode="floor") == torch.div(j, chunk, rounding_mode="floor")
     return vis
+
+
+def _aten_causal(n, m, left, right, chunk, softcap, slopes, dropout_p):
+    """``is_causal`` for aten's CPU flash kernel when it computes exactly this problem's mask, else None.
+
+    aten's kernel (fp32 math, blocked online softmax, GQA aware) is the fast CPU path for the plain
+    cases: no window, or causal with Nq == Nk (where SDPA's top-left alignment equals ours, bottom-
+    right); no chunks, softcap, ALiBi or dropout. Everything else takes the dense reference below."""
+    if n == 0 or m == 0 or chunk or softcap or slopes is not None or dropout_p > 0 or left != UNBOUNDED:
+        return None
+    if right == UNBOUNDED:
+        return False
+    return True if right == 0 and n == m else None
 
 
 def _cpu_probs(q, k, lse, vis, scale, g, softcap=0.0, slopes=None, t_out=None):
@@ -175,6 +188,14 @@ def _fwd_impl(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, chunk, layo
     lse4 = lse.unsqueeze(0) if layout == "thd" else lse
     g = q4.shape[1] // k4.shape[1]
     for idx, (b, q0, q1, k0, k1) in enumerate(_sequences(cu_q, cu_k, q4, k4)):
+        causal = _aten_causal(q1 - q0, k1 - k0, left, right, chunk, softcap, slopes, dropout_p)
+        if causal is not None:
+            o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                *(t[b, :, s0:s1].float() for t, s0, s1 in ((q4, q0, q1), (k4, k0, k1), (v4, k0, k1))),
+                0.0, causal, scale=scale)
+            o4[b, :, q0:q1] = o.to(q.dtype)
+            lse4[b, :, q0:q1] = l
+            continue
         vis = _visible(q1 - q0, k1 - k0, left, right, chunk, q.device)
         sl = _slopes_of(slopes, b, idx if cu_q is not None else None)
         _, p, l = _cpu_probs(q4[b, :, q0:q1], k4[b, :, k0:k1], None, vis, scale, g, softcap, sl)
@@ -240,8 +261,15 @@ def _bwd_impl(dout, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, le
     dlse4 = None if dlse is None else (dlse.unsqueeze(0) if layout == "thd" else dlse)
     g = q4.shape[1] // k4.shape[1]
     for idx, (b, q0, q1, k0, k1) in enumerate(_sequences(cu_q, cu_k, q4, k4)):
-        vis = _visible(q1 - q0, k1 - k0, left, right, chunk, q.device)
         qs, ks, vs, os_, dos = q4[b, :, q0:q1], k4[b, :, k0:k1], v4[b, :, k0:k1], o4[b, :, q0:q1], do4[b, :, q0:q1]
+        causal = _aten_causal(q1 - q0, k1 - k0, left, right, chunk, softcap, slopes, dropout_p)
+        if causal is not None and dlse4 is None:  # aten's backward has no LSE gradient input
+            gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                dos.float(), qs.float(), ks.float(), vs.float(), os_.float(), lse4[b, :, q0:q1].contiguous(),
+                0.0, causal, scale=scale)
+            dq4[b, :, q0:q1], dk4[b, :, k0:k1], dv4[b, :, k0:k1] = gq, gk, gv
+            continue
+        vis = _visible(q1 - q0, k1 - k0, left, right, chunk, q.device)
         tanh = []
         qg, p, _ = _cpu_probs(qs, ks, lse4[b, :, q0:q1], vis, scale, g, softcap,
                               _slopes_of(slopes, b, idx if cu_q is not None else None), tanh)
@@ -284,6 +312,7 @@ def _setup_context(ctx, inputs, output):
     softcap = params[7] if len(params) > 7 else 0.0
     slopes = params[8] if len(params) > 8 else None
     out, lse = output
+    ctx.set_materialize_grads(False)  # an unused LSE output leaves dlse None (not a tensor of zeros)
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, slopes)
     ctx.params = (*params[:7], softcap)
     ctx.drop = (params[9] if len(params) > 9 else 0.0, params[10] if len(params) > 10 else 0)
@@ -291,6 +320,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_q, cu_k, slopes = ctx.saved_tensors
+    if dout is None:  # only the LSE was used
+        dout = torch.zeros_like(out)
     dq, dk, dv = torch.ops.fasttfm.attn_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, *ctx.params, slopes,
                                             *ctx.drop)
     return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None, None
