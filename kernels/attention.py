@@ -72,15 +72,27 @@ _FWD_CONFIGS = {  # measured (fp16, sm_90 / sm_80): registers, smem -- see aot_c
                AttnConfig(128, 32, 8, 2)]),  # 171 regs, 56 KB
         (256, [AttnConfig(128, 64, 8, 2),    # 255 regs, 144 KB
                AttnConfig(64, 64, 4, 2)])],  # 255 regs, 104 KB
+    # sm_86 / sm_89 / sm_120 ("86" class): sm_80's code generation, 99 KiB of shared memory per block
+    86: [(64, [AttnConfig(128, 128, 8, 2),   # as sm_80
+               AttnConfig(128, 64, 8, 3),
+               AttnConfig(64, 64, 4, 3)]),
+         (128, [AttnConfig(128, 64, 8, 2),   # 80 KB (sm_80's 3-stage 112 KB one does not fit)
+                AttnConfig(128, 32, 8, 2)]), # 56 KB
+         (256, [AttnConfig(64, 32, 4, 2)])], # 255 regs, 68 KB
 }
 # With score modifiers (softcap / ALiBi / dropout: tanh, bias and Philox add ~30-90 registers) the
 # big tiles spill (e.g. dK/dV d64 64x128 sm_90: 88 B with all three): one smaller config per bucket.
 _MOD_FWD = {9: {64: AttnConfig(64, 64, 4, 3), 128: AttnConfig(64, 64, 4, 3), 256: AttnConfig(64, 32, 4, 2)},
             8: {64: AttnConfig(64, 64, 4, 3), 128: AttnConfig(128, 32, 8, 2), 256: AttnConfig(64, 32, 4, 2)}}
+_MOD_FWD[86] = {**_MOD_FWD[8], 256: AttnConfig(64, 32, 8, 2)}  # sm_80 64x32 w4 spilled 56 B for sm_86
 SMOKE_FWD = AttnConfig(32, 32, 4, 1)  # cheap config for interpreter tests
 
 
 def _arch(cc):
+    """Config table of compute capability ``cc``: 9 (sm_90/sm_100: up to 227 KiB of shared memory per
+    block), 86 (sm_86, sm_89, sm_12x: 99 KiB) or 8 (sm_80, sm_87: 163 KiB)."""
+    if cc in (86, 89) or cc >= 120:
+        return 86
     return 9 if cc >= 90 else 8
 
 
@@ -101,7 +113,7 @@ def fwd_configs(cc, head_dim, dtype=torch.float16, mods=False):
     ``mods``: softcap, ALiBi or dropout active (smaller tiles, see _MOD_FWD)."""
     elt = torch.empty((), dtype=dtype).element_size()
     if elt == 4:  # fp32 (IEEE dots on CUDA cores): small tiles (64x32 spills 80 B on sm_80)
-        return ([AttnConfig(64, 32, 4, 2)] if cc >= 90 and not mods else []) + [AttnConfig(32, 32, 4, 2)]
+        return ([AttnConfig(64, 32, 4, 2)] if _arch(cc) == 9 and not mods else []) + [AttnConfig(32, 32, 4, 2)]
     if mods:
         return [_MOD_FWD[_arch(cc)][_bucket_dim(head_dim)]]
     return list(_bucket(_FWD_CONFIGS[_arch(cc)], head_dim))

@@ -44,6 +44,12 @@ _DKDV_CONFIGS = {  # measured (fp16): registers, smem
                AttnConfig(32, 32, 4, 3)]),   # 227 regs, 50 KB
         (256, [AttnConfig(32, 64, 8, 1),     # 255 regs, 112 KB
                AttnConfig(16, 32, 4, 2)])],  # 255 regs, 49 KB
+    86: [(64, [AttnConfig(32, 64, 4, 2),     # as sm_80 (99 KiB per block)
+               AttnConfig(64, 32, 4, 2),
+               AttnConfig(32, 32, 4, 3)]),
+         (128, [AttnConfig(64, 64, 8, 2),
+                AttnConfig(32, 32, 4, 3)]),
+         (256, [AttnConfig(16, 32, 4, 2)])],  # 49 KB (sm_80's 112 KB one does not fit)
 }
 _DQ_CONFIGS = {
     9: [(64, [AttnConfig(128, 64, 8, 3),     # 133 regs, 80 KB
@@ -59,6 +65,7 @@ _DQ_CONFIGS = {
         (256, [AttnConfig(32, 32, 4, 2),     # 210 regs, 68 KB
                AttnConfig(16, 64, 4, 2)])],  # 197 regs, 82 KB
 }
+_DQ_CONFIGS[86] = _DQ_CONFIGS[8]  # all within 99 KiB
 SMOKE_BWD = BwdConfigs(AttnConfig(32, 32, 4, 1), AttnConfig(32, 32, 4, 1))
 # softcap / ALiBi / dropout active: one smaller config per bucket (see kernels/attention.py _MOD_FWD)
 _MOD_DKDV = {9: {64: AttnConfig(32, 64, 8, 3),      # 214 regs (softcap + ALiBi + dropout), 0 spills
@@ -73,6 +80,7 @@ _MOD_DQ = {9: {64: AttnConfig(64, 64, 4, 3),        # 197 regs
            8: {64: AttnConfig(64, 32, 4, 2),        # 251 regs
                128: AttnConfig(64, 32, 4, 2),       # 255 regs
                256: AttnConfig(16, 64, 4, 2)}}      # 247 regs
+_MOD_DKDV[86], _MOD_DQ[86] = _MOD_DKDV[8], _MOD_DQ[8]
 
 
 def bwd_configs(cc, head_dim, dtype=torch.float16, mods=False):

@@ -1,5 +1,7 @@
 """Static report: every shipped kernel compiles for sm_80 and sm_90 with no spills and shared
 memory within the per-block limit (and, for Triton MMA kernels, tensor-core instructions)."""
+import dataclasses
+
 import pytest
 
 from fasttfm import aot
@@ -23,11 +25,30 @@ def test_cuda_kernels_static_report(cuda_reports):
 
 
 def test_triton_kernels_static_report():
-    reports = aot.triton_reports((80, 90))
+    """sm_80, sm_90 and the 99 KiB class (sm_86's lists, compiled for sm_86)."""
+    reports = aot.triton_reports((80, 86, 90))
     for r in reports:
         print(r.row())
     assert reports, "no Triton kernel configs were compiled"
+    assert {r.arch for r in reports} == {80, 86, 90}
     assert aot.violations(reports) == []
+
+
+def test_arch_classes():
+    """Which config table each compute capability gets; sm_80's 112 KiB forward config must not be
+    in the 99 KiB class's lists (the static report above checks every listed one)."""
+    from fasttfm.kernels import attention as KA, attention_bwd as KB
+
+    assert KA._arch(80) == KA._arch(87) == 8 and KA._arch(90) == KA._arch(100) == 9
+    assert KA._arch(86) == KA._arch(89) == KA._arch(120) == 86
+    smem112 = aot.KernelReport("triton", "k", 80, 128, 0, 112 * 1024, 4, True)
+    assert aot.violations([smem112]) == [] and aot.violations([dataclasses.replace(smem112, arch=86)])
+    assert KA.AttnConfig(128, 64, 8, 3) in KA.fwd_configs(80, 128)
+    assert KA.AttnConfig(128, 64, 8, 3) not in KA.fwd_configs(86, 128)
+    for d in (64, 128, 256):
+        for mods in (False, True):
+            assert KB.bwd_configs(86, d, mods=mods).dkdv and KB.bwd_configs(86, d, mods=mods).dq
+            assert KA.fwd_configs(86, d, mods=mods)
 
 
 def test_violations_catch_spills_and_smem():

@@ -447,9 +447,9 @@ def test_layouts_agree_without_copies(mode):
 
 # -- every tuning config, run directly (the interpreter cannot autotune) ----------------------------
 def _all_configs():
-    """Every (kernel, head-dim bucket, dtype class, config) in the sm_80 and sm_90 tuning lists."""
+    """Every (kernel, head-dim bucket, dtype class, config) in the sm_80, sm_86-class and sm_90 tuning lists."""
     out = set()
-    for cc, d, dt in itertools.product((80, 90), (64, 128, 256), (F16, F32)):
+    for cc, d, dt in itertools.product((80, 86, 90), (64, 128, 256), (F16, F32)):
         if dt == F32 and d != 64:
             continue
         bc = KB.bwd_configs(cc, d, dt)
@@ -519,7 +519,7 @@ def test_every_tuning_config(kind, d, dtype, cfg):
 def _mod_configs():
     """(head dim, fwd, dK/dV, dQ) configs launched when softcap/ALiBi/dropout are active."""
     out = set()
-    for cc, d in itertools.product((80, 90), (64, 128, 256)):
+    for cc, d in itertools.product((80, 86, 90), (64, 128, 256)):
         bc = KB.bwd_configs(cc, d, F16, mods=True)
         out.add((d, KA.fwd_configs(cc, d, F16, mods=True)[0], bc.dkdv[0], bc.dq[0]))
     return sorted(out, key=str)
