@@ -33,6 +33,7 @@ tiles (``_MOD_FWD`` here, ``_MOD_DKDV``/``_MOD_DQ`` in the backward). Helpers li
 """
 import dataclasses
 import os
+import time
 from collections import namedtuple
 
 import torch
@@ -300,10 +301,10 @@ def attn_fwd(q, k, v, out, lse, *, batch, seqlen_q, seqlen_k, max_seqlen_q, cu_s
                       INPUT_PRECISION=_input_precision(q.dtype), SOFTCAP=has_cap, ALIBI=has_alibi,
                       DROPOUT=dropout_p > 0)
     mods = bool(softcap) or alibi_slopes is not None or dropout_p > 0
-    if config is None and not interpret and autotune_enabled():
-        kernel = _autotuned(_attn_fwd, fwd_configs(_cc(q), d, q.dtype, mods))
+    if config is None and autotune_enabled():
+        kernel = _autotuned(_attn_fwd, fwd_configs(_cc(q), d, q.dtype, mods), interpret)
         grid = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), hq, batch)  # noqa: E731
-        return _launch(kernel, grid, args, constexprs, None, False, autotune_configs=True)
+        return _launch(kernel, grid, args, constexprs, None, interpret, autotune_configs=True)
     if config is None:
         config = SMOKE_FWD if interpret else pick_fwd_config(_cc(q), d, q.dtype, max_seqlen_q, mods)
     grid = (triton.cdiv(max_seqlen_q, config.BLOCK_M), hq, batch)
@@ -324,6 +325,10 @@ def attn_bwd_preprocess(out, do, delta, *, batch, seqlen_q, max_seqlen_q, cu_seq
 
 
 def _cc(t):
+    """Compute capability whose tuning lists apply to ``t``'s device. CPU tensors (the interpreter)
+    have none: FASTTFM_EMULATE_ARCH (default 80) says whose lists autotuning under emulation uses."""
+    if t.device.type != "cuda":
+        return int(os.environ.get("FASTTFM_EMULATE_ARCH", "80"))
     major, minor = torch.cuda.get_device_capability(t.device)
     return major * 10 + minor
 
@@ -331,14 +336,30 @@ def _cc(t):
 _AUTOTUNED = {}
 
 
-def _autotuned(kernel, cfgs):
-    """triton.autotune wrapper of ``kernel`` over ``cfgs`` (GPU only; FASTTFM_AUTOTUNE=1)."""
-    key = (kernel, tuple(cfgs))
+def _wall_clock_bench(fn, quantiles=None, **_):
+    """Autotuning under the interpreter: one wall-clock run of a config (CPU time, not GPU time;
+    the point is to execute every config through triton.autotune's own launch path)."""
+    t0 = time.perf_counter()
+    fn()
+    ms = (time.perf_counter() - t0) * 1e3
+    return [ms] * len(quantiles) if quantiles else ms
+
+
+def _autotuned(kernel, cfgs, interpret=False):
+    """triton.autotune wrapper of ``kernel`` over ``cfgs`` (FASTTFM_AUTOTUNE=1). ``interpret``: the
+    same wrapper around the kernel's interpreted twin, timed by the wall clock."""
+    key = (kernel, tuple(cfgs), interpret)
     if key not in _AUTOTUNED:
         tc = [triton.Config({"BLOCK_M": c.BLOCK_M, "BLOCK_N": c.BLOCK_N}, num_warps=c.num_warps,
                             num_stages=c.num_stages) for c in cfgs]
+        fn = kernel
+        if interpret:
+            from ._interp import interpreted
+
+            fn = interpreted(kernel)
         _AUTOTUNED[key] = triton.autotune(tc, key=["seqlen_q", "seqlen_k", "HEAD_DIM", "CHUNKED", "VARLEN",
-                                                   "win_left", "win_right", "SOFTCAP", "ALIBI", "DROPOUT"])(kernel)
+                                                   "win_left", "win_right", "SOFTCAP", "ALIBI", "DROPOUT"],
+                                          do_bench=_wall_clock_bench if interpret else None)(fn)
     return _AUTOTUNED[key]
 
 

@@ -317,10 +317,10 @@ def attn_bwd_dkdv(q, k, v, do, dk, dv, lse, delta, *, batch, seqlen_q, seqlen_k,
             *canonical_strides(v, varlen), *canonical_strides(do, varlen), *canonical_strides(dk, varlen), *canonical_strides(dv, varlen),
             *lse_strides(lse, varlen), *tail)
     hkv = k.shape[1]
-    if config is None and not interpret and autotune_enabled():
-        kernel = _autotuned(_attn_bwd_dkdv, bwd_configs(_cc(q), q.shape[-1], q.dtype, _mods(cx)).dkdv)
+    if config is None and autotune_enabled():
+        kernel = _autotuned(_attn_bwd_dkdv, bwd_configs(_cc(q), q.shape[-1], q.dtype, _mods(cx)).dkdv, interpret)
         grid = lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), hkv, batch)  # noqa: E731
-        return _launch(kernel, grid, args, cx, None, False, autotune_configs=True)
+        return _launch(kernel, grid, args, cx, None, interpret, autotune_configs=True)
     if config is None:
         config = SMOKE_BWD.dkdv if interpret else bwd_configs(_cc(q), q.shape[-1], q.dtype, _mods(cx)).dkdv[0]
     cx.update(BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N)
@@ -337,10 +337,10 @@ def attn_bwd_dq(q, k, v, do, dq, lse, delta, *, batch, seqlen_q, seqlen_k, max_s
             *canonical_strides(v, varlen), *canonical_strides(do, varlen), *canonical_strides(dq, varlen),
             *lse_strides(lse, varlen), *tail)
     hq = q.shape[1]
-    if config is None and not interpret and autotune_enabled():
-        kernel = _autotuned(_attn_bwd_dq, bwd_configs(_cc(q), q.shape[-1], q.dtype, _mods(cx)).dq)
+    if config is None and autotune_enabled():
+        kernel = _autotuned(_attn_bwd_dq, bwd_configs(_cc(q), q.shape[-1], q.dtype, _mods(cx)).dq, interpret)
         grid = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), hq, batch)  # noqa: E731
-        return _launch(kernel, grid, args, cx, None, False, autotune_configs=True)
+        return _launch(kernel, grid, args, cx, None, interpret, autotune_configs=True)
     if config is None:
         config = SMOKE_BWD.dq if interpret else bwd_configs(_cc(q), q.shape[-1], q.dtype, _mods(cx)).dq[0]
     cx.update(BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N)

@@ -13,12 +13,12 @@ __all__ = ["score_args", "dropout_args", "dropout_mask"]
 
 
 def _launch(kernel, grid, args, constexprs, cfg, interpret, autotune_configs=None):
+    if autotune_configs is not None:  # an Autotuner (around the interpreted twin when interpreting)
+        return kernel[grid](*args, **constexprs)
     if interpret:
         from ._interp import interpreted
 
         return interpreted(kernel)[grid](*args, **constexprs)
-    if autotune_configs is not None:
-        return kernel[grid](*args, **constexprs)
     return kernel[grid](*args, **constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 

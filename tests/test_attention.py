@@ -458,6 +458,28 @@ def _all_configs():
     return sorted(out, key=str)
 
 
+@pytest.mark.parametrize("arch", [80, 86, 90])
+def test_autotune_path_interpreted(arch, monkeypatch):
+    """FASTTFM_AUTOTUNE=1 under emulation takes triton.autotune's own launch path (keys, grid
+    lambdas, config plumbing) over ``arch``'s full fwd, dK/dV and dQ lists: every config runs in the
+    interpreter while tuning, then the chosen one's results are checked like any other case."""
+    from fasttfm.kernels import attention as launched  # the module the ops call (not ``kernels.``)
+
+    monkeypatch.setenv("FASTTFM_AUTOTUNE", "1")
+    monkeypatch.setenv("FASTTFM_EMULATE_ARCH", str(arch))
+    launched._AUTOTUNED.clear()
+    check_case("emu", F16, 1, 2, 1, 70, 90, 64, causal=True)
+    tuned = {k[0].__name__: (k[1], v) for k, v in launched._AUTOTUNED.items() if k[2]}
+    bc = KB.bwd_configs(arch, 64, F16)
+    expect = {"_attn_fwd": KA.fwd_configs(arch, 64, F16), "_attn_bwd_dkdv": bc.dkdv, "_attn_bwd_dq": bc.dq}
+    assert {n: list(c) for n, (c, _) in tuned.items()} == expect
+    for name, (cfgs, tuner) in tuned.items():
+        assert set(tuner.keys) <= set(tuner.arg_names), name  # Triton ignores a misspelled key silently
+        assert len(tuner.cache) == 1, name  # tuned once for this key, and a config was chosen
+        assert len(cfgs) == 1 or len(tuner.configs_timings or {}) == len(cfgs), name  # each one ran
+    launched._AUTOTUNED.clear()
+
+
 def run_kernels(q, k, v, do, *, scale, causal, window, chunk, fwd_cfg=None, dkdv_cfg=None, dq_cfg=None,
                 interpret=True, **mods):
     """Direct launcher calls on (B, H, N, D) tensors with explicit configs; (out, lse, dq, dk, dv)."""
