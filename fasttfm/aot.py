@@ -29,6 +29,7 @@ __all__ = ["KernelReport", "cuda_reports", "triton_reports", "violations", "SMEM
 
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 _MMA = re.compile(r"\b(HGMMA|HMMA|IMMA|QGMMA|UTCHMMA)\b")
+_TMA_LOAD = re.compile(r"\bUTMALDG\b")
 
 
 @dataclasses.dataclass
@@ -41,10 +42,13 @@ class KernelReport:
     smem_bytes: int
     mma: int  # tensor-core instructions in the SASS
     expects_mma: bool = False
+    tma: int = 0  # TMA loads (UTMALDG) in the SASS
+    expects_tma: bool = False
 
     def row(self):
         return (f"{self.source:6s} sm_{self.arch}  {self.name[:100]:100s} regs {self.registers:3d}  "
-                f"spill {self.spill_bytes:5d} B  smem {self.smem_bytes / 1024:7.1f} KiB  mma {self.mma}")
+                f"spill {self.spill_bytes:5d} B  smem {self.smem_bytes / 1024:7.1f} KiB  mma {self.mma}"
+                + (f"  tma {self.tma}" if self.tma or self.expects_tma else ""))
 
 
 def _root():
@@ -74,8 +78,8 @@ def _demangle(names):
     return dict(zip(names, out)) if len(out) == len(names) else {n: n for n in names}
 
 
-def _sass_mma_counts(cubin_path):
-    """{mangled function name: MMA instruction count} from cuobjdump -sass."""
+def _sass_mma_counts(cubin_path, pattern=_MMA):
+    """{mangled function name: MMA instruction count} from cuobjdump -sass (or of ``pattern``)."""
     out = subprocess.run([_tool("cuobjdump"), "-sass", cubin_path], capture_output=True, text=True).stdout
     counts, current = {}, None
     for line in out.splitlines():
@@ -83,7 +87,7 @@ def _sass_mma_counts(cubin_path):
         if m:
             current = m.group(1)
             counts[current] = 0
-        elif current and _MMA.search(line):
+        elif current and pattern.search(line):
             counts[current] += 1
     return counts
 
@@ -198,8 +202,9 @@ def _compile_triton_case(mod_name, arch, index):
         usage = _res_usage(cubin)
         regs, stack, _ = next(iter(usage.values())) if usage else (0, 0, 0)
         mma = sum(_sass_mma_counts(cubin).values())
+        tma = sum(_sass_mma_counts(cubin, _TMA_LOAD).values())
     return KernelReport("triton", f"{mod_name}: {case.name}", arch, regs, stack, int(k.metadata.shared), mma,
-                        case.tensor_core)
+                        case.tensor_core, tma, case.tma)
 
 
 def triton_reports(archs=(80, 90), modules=None, jobs=None):
@@ -231,6 +236,8 @@ def violations(reports):
             bad.append(f"{r.name} sm_{r.arch}: {r.smem_bytes} B shared memory > {SMEM_LIMIT[r.arch]} B")
         if r.expects_mma and r.mma == 0:
             bad.append(f"{r.name} sm_{r.arch}: no tensor-core instructions")
+        if r.expects_tma and r.tma == 0:
+            bad.append(f"{r.name} sm_{r.arch}: no TMA loads (UTMALDG)")
     return bad
 
 

@@ -21,6 +21,7 @@ class AotCase:
     num_warps: int
     num_stages: int
     tensor_core: bool = True  # whether the kernel is expected to use MMA (HGMMA on sm_90)
+    tma: bool = False  # whether the kernel is expected to load through TMA (UTMALDG on sm_90)
     # ASTSource ``attrs``: the specializations the JIT applies at launch for typical inputs, e.g.
     # {(arg_index,): [["tt.divisibility", 16]]} for 16-byte-aligned pointers and strides divisible
     # by 16. Without them pointer loads are not vectorized/pipelined and the report overstates

@@ -32,6 +32,7 @@ tiles (``_MOD_FWD`` here, ``_MOD_DKDV``/``_MOD_DQ`` in the backward). Helpers li
 ``kernels/attention_common.py``; KV-cache decoding in ``kernels/attention_decode.py``.
 """
 import dataclasses
+import itertools
 import os
 import time
 from collections import namedtuple
@@ -56,15 +57,15 @@ AttnConfig = namedtuple("AttnConfig", "BLOCK_M BLOCK_N num_warps num_stages")
 # -- configs ---------------------------------------------------------------------------------
 # (max head-dim block, [configs]) per compute capability major; every entry must pass the
 # static report (no spills, smem within the per-block limit, HGMMA on sm_90), see aot_cases.
-_FWD_CONFIGS = {  # measured (fp16, sm_90 / sm_80): registers, smem -- see aot_cases / the static report
-    9: [(64, [AttnConfig(128, 128, 8, 3),    # 174 regs, 112 KB
-              AttnConfig(128, 64, 8, 3),     # 116 regs, 64 KB
-              AttnConfig(64, 64, 4, 3)]),    # 127 regs, 56 KB
-        (128, [AttnConfig(128, 64, 8, 3),    # 164 regs, 128 KB
-               AttnConfig(128, 128, 8, 2),   # 238 regs, 160 KB
-               AttnConfig(64, 64, 4, 3)]),   # 173 regs, 112 KB
-        (256, [AttnConfig(128, 64, 8, 2),    # 255 regs, 192 KB
-               AttnConfig(128, 32, 8, 2)])], # 221 regs, 128 KB
+_FWD_CONFIGS = {  # measured (fp16; sm_90 with TMA loads): registers, smem -- see aot_cases / the static report
+    9: [(64, [AttnConfig(128, 128, 8, 3),    # 159 regs, 112 KB (174 regs with pointer loads)
+              AttnConfig(128, 64, 8, 3),     # 107 regs, 64 KB
+              AttnConfig(64, 64, 4, 3)]),    # 106 regs, 56 KB
+        (128, [AttnConfig(128, 64, 8, 3),    # 153 regs, 128 KB (164)
+               AttnConfig(128, 128, 8, 2),   # 188 regs, 160 KB (238)
+               AttnConfig(64, 64, 4, 3)]),   # 139 regs, 112 KB
+        (256, [AttnConfig(128, 64, 8, 2),    # 224 regs, 192 KB (255)
+               AttnConfig(128, 32, 8, 2)])], # 209 regs, 128 KB
     8: [(64, [AttnConfig(128, 128, 8, 2),    # 218 regs, 80 KB
               AttnConfig(128, 64, 8, 3),     # 162 regs, 64 KB
               AttnConfig(64, 64, 4, 3)]),    # 158 regs, 48 KB
@@ -144,10 +145,14 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, offs
                     drop_rows, seed, dropout_p,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
-                    ALIBI: tl.constexpr, DROPOUT: tl.constexpr):
+                    ALIBI: tl.constexpr, DROPOUT: tl.constexpr, TMA: tl.constexpr):
+    """K_base / V_base: row pointers, or with TMA tensor descriptors of the sequence's (n_k, HEAD_DIM)."""
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
-        k = _load_rows(K_base, cols, stride_kn, offs_d, n_k, True, HEAD_DIM, BLOCK_D)
+        if TMA:
+            k = K_base.load([start_n, 0])
+        else:
+            k = _load_rows(K_base, cols, stride_kn, offs_d, n_k, True, HEAD_DIM, BLOCK_D)
         # -- scores in log2 units
         s, _t = _scores(tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION), pos_q[:, None], cols[None, :],
                         qk_scale, softcap, slope, SOFTCAP, ALIBI)
@@ -160,7 +165,10 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, offs
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         # -- update the output accumulator
-        v = _load_rows(V_base, cols, stride_vn, offs_d, n_k, True, HEAD_DIM, BLOCK_D)
+        if TMA:
+            v = V_base.load([start_n, 0])
+        else:
+            v = _load_rows(V_base, cols, stride_vn, offs_d, n_k, True, HEAD_DIM, BLOCK_D)
         acc = acc * alpha[:, None]
         if DROPOUT:  # l_i keeps the full softmax sum; dropped P entries do not reach the output
             p = tl.where(_dropout_keep(seed, drop_rows[:, None] + cols[None, :], dropout_p), p, 0.0)
@@ -179,10 +187,13 @@ def _attn_fwd(Q, K, V, Out, Lse, CuSeqQ, CuSeqK, Alibi,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, CHUNKED: tl.constexpr, VARLEN: tl.constexpr,
               INPUT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-              DROPOUT: tl.constexpr):
+              DROPOUT: tl.constexpr, TMA: tl.constexpr = False):
     """One (BLOCK_M query tile, q head, sequence) per program; grid (cdiv(max Nq, BLOCK_M), Hq, B).
 
-    Heaviest tiles (last rows, causal) are scheduled first.
+    Heaviest tiles (last rows, causal) are scheduled first. TMA (sm_90): K and V tiles come through
+    tensor descriptors of the sequence's (n_k, HEAD_DIM) rows, so the hardware zero-fills rows past
+    n_k and columns past HEAD_DIM (what the masked pointer loads do otherwise); the launcher checks
+    the 16-byte alignment of base and row stride that TMA needs.
     """
     start_m = tl.num_programs(0) - 1 - tl.program_id(0)
     off_h = tl.program_id(1)
@@ -210,16 +221,25 @@ def _attn_fwd(Q, K, V, Out, Lse, CuSeqQ, CuSeqK, Alibi,
     lo_row, hi_row = _row_bounds(offs_m, shift, win_left, win_right, chunk, CHUNKED)
     hi_row = tl.minimum(hi_row, n_k - 1)
 
+    if TMA:  # (no key: n_k = 0 never loads, the descriptor just stays valid with one row)
+        K_ld = tl.make_tensor_descriptor(K_base, shape=[tl.maximum(n_k, 1), HEAD_DIM], strides=[stride_kn, 1],
+                                         block_shape=[BLOCK_N, BLOCK_D])
+        V_ld = tl.make_tensor_descriptor(V_base, shape=[tl.maximum(n_k, 1), HEAD_DIM], strides=[stride_vn, 1],
+                                         block_shape=[BLOCK_N, BLOCK_D])
+    else:
+        K_ld = K_base
+        V_ld = V_base
+
     q = _load_rows(Q_base, offs_m, stride_qn, offs_d, n_q, True, HEAD_DIM, BLOCK_D)
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: no inf - inf on empty rows
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     slope = _alibi_slope(Alibi, off_b, off_h, stride_ab, ALIBI)
     drop_rows = _drop_rows(off_b, off_h, tl.num_programs(1), offs_m, q_start, k_start, drop_nq, drop_nk, VARLEN)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, offs_n,
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_ld, V_ld, stride_kn, stride_vn, offs_n,
                                     offs_d, n_k, lo_row, hi_row, begin, end, f0, f1, qk_scale,
                                     offs_m + shift, softcap, slope, drop_rows, seed, dropout_p,
-                                    HEAD_DIM, BLOCK_D, BLOCK_N, INPUT_PRECISION, SOFTCAP, ALIBI, DROPOUT)
+                                    HEAD_DIM, BLOCK_D, BLOCK_N, INPUT_PRECISION, SOFTCAP, ALIBI, DROPOUT, TMA)
 
     # -- epilogue: rows with no visible key -> output 0, LSE -inf
     empty = l_i == 0.0
@@ -276,9 +296,41 @@ def lse_strides(lse, varlen):
     return (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
 
 
+def tma_enabled():
+    return os.environ.get("FASTTFM_TMA", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def use_tma(cc, k, v, varlen):
+    """Whether the forward loads K/V through TMA tensor descriptors: the sm_90 table (Hopper and
+    later), fp16/bf16, FASTTFM_TMA not 0, and the 16-byte alignment TMA requires of the base
+    pointers and of every stride in bytes (dims of size 1 excepted)."""
+    if _arch(cc) != 9 or k.dtype not in (torch.float16, torch.bfloat16) or not tma_enabled():
+        return False
+    for t in (k, v):
+        sizes = (1 if varlen else t.shape[0], t.shape[1], t.shape[2])
+        if t.data_ptr() % 16 or any(n > 1 and (st * t.element_size()) % 16
+                                    for n, st in zip(sizes, canonical_strides(t, varlen))):
+            return False
+    return True
+
+
+def _tma_scratch(size, alignment, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def ensure_tma_allocator():
+    """Device-side tensor descriptors need a little global scratch per program at launch. Triton keeps
+    its allocator in a ContextVar, so a thread that never set one (autograd's backward thread
+    recomputing a checkpointed forward, say) sees none: check before every TMA launch."""
+    from triton.runtime import _allocation
+
+    if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
+        triton.set_allocator(_tma_scratch)
+
+
 def attn_fwd(q, k, v, out, lse, *, batch, seqlen_q, seqlen_k, max_seqlen_q, cu_seqlens_q=None,
              cu_seqlens_k=None, qk_scale, win_left, win_right, chunk_size=None, softcap=0.0,
-             alibi_slopes=None, dropout_p=0.0, seed=0, config=None, interpret=False):
+             alibi_slopes=None, dropout_p=0.0, seed=0, config=None, interpret=False, tma=None):
     """Launch ``_attn_fwd`` on canonical 4-D views q (.., Hq, N, D), k/v (.., Hkv, N, D), out like q.
 
     win_left/win_right: window sizes with UNBOUNDED for -1 (causal already folded into right=0).
@@ -286,9 +338,13 @@ def attn_fwd(q, k, v, out, lse, *, batch, seqlen_q, seqlen_k, max_seqlen_q, cu_s
     softcap > 0: scores cap * tanh(score / cap); alibi_slopes: fp32 (Hq,) or (B, Hq), contiguous
     last dim, bias -slope * |i + Nk - Nq - j| added after the cap (FlashAttention's order).
     dropout_p > 0: attention probabilities dropped by Philox(seed) (see ``_dropout_keep``).
+    tma: K/V through tensor descriptors (None: ``use_tma`` decides; the interpreter runs them too).
     """
     varlen = cu_seqlens_q is not None
     hq, hkv, d = q.shape[1], k.shape[1], q.shape[-1]
+    tma = use_tma(_cc(q), k, v, varlen) if tma is None else tma
+    if tma and not interpret:
+        ensure_tma_allocator()
     bd = block_d(d)
     cu_q = cu_seqlens_q if varlen else q  # dummy pointer when dense (never read)
     cu_k = cu_seqlens_k if varlen else q
@@ -299,7 +355,7 @@ def attn_fwd(q, k, v, out, lse, *, batch, seqlen_q, seqlen_k, max_seqlen_q, cu_s
             *dropout_args(q, k, varlen, dropout_p, seed))
     constexprs = dict(HEAD_DIM=d, BLOCK_D=bd, CHUNKED=chunk_size is not None, VARLEN=varlen,
                       INPUT_PRECISION=_input_precision(q.dtype), SOFTCAP=has_cap, ALIBI=has_alibi,
-                      DROPOUT=dropout_p > 0)
+                      DROPOUT=dropout_p > 0, TMA=bool(tma))
     mods = bool(softcap) or alibi_slopes is not None or dropout_p > 0
     if config is None and autotune_enabled():
         kernel = _autotuned(_attn_fwd, fwd_configs(_cc(q), d, q.dtype, mods), interpret)
@@ -368,7 +424,7 @@ _DT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 _CONSTEXPRS = {"HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "CHUNKED", "VARLEN", "INPUT_PRECISION", "SOFTCAP",
-               "ALIBI", "DROPOUT", "SPLIT", "BLOCK_S", "GQA_ROWS"}
+               "ALIBI", "DROPOUT", "SPLIT", "BLOCK_S", "GQA_ROWS", "TMA"}
 
 
 def aot_signature(kernel, dt):
@@ -405,17 +461,19 @@ def aot_cases(cc):
     from . import attention_bwd
 
     cases = []
+    tma = _arch(cc) == 9  # fp16/bf16 forwards load K/V through TMA there (aligned inputs, see use_tma)
     for d in (64, 128, 256):
         for dtype in (torch.float16, torch.bfloat16):
             dt = _DT[dtype]
-            for cfg in fwd_configs(cc, d, dtype):
+            # on sm_90 also the pointer-load fallback (misaligned inputs, FASTTFM_TMA=0)
+            for cfg, t in itertools.product(fwd_configs(cc, d, dtype), (True, False) if tma else (False,)):
                 cx = dict(HEAD_DIM=d, BLOCK_D=block_d(d), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
                           CHUNKED=False, VARLEN=False, INPUT_PRECISION="tf32", SOFTCAP=False, ALIBI=False,
-                          DROPOUT=False)
+                          DROPOUT=False, TMA=t)
                 sig = aot_signature(_attn_fwd, dt)
                 cases.append(AotCase(f"attn_fwd[{dt},d{d},bm{cfg.BLOCK_M},bn{cfg.BLOCK_N},w{cfg.num_warps},"
-                                     f"s{cfg.num_stages}]", _attn_fwd, sig, cx, cfg.num_warps, cfg.num_stages,
-                                     attrs=aot_attrs(_attn_fwd, sig)))
+                                     f"s{cfg.num_stages}{',tma' if t else ''}]", _attn_fwd, sig, cx,
+                                     cfg.num_warps, cfg.num_stages, attrs=aot_attrs(_attn_fwd, sig), tma=t))
             cases += attention_bwd.aot_cases_bwd(cc, d, dtype, dt)
     cases += attention_bwd.aot_cases_bwd(cc, 64, torch.float32, "fp32")
     for d in (64, 128, 256):  # the memory-bound Delta preprocess (no tensor cores)
@@ -439,16 +497,19 @@ def aot_cases(cc):
                                   (attention_bwd._attn_bwd_dq, "attn_bwd_dq", bc.dq[0])):
             cx = dict(HEAD_DIM=d, BLOCK_D=block_d(d), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, CHUNKED=False,
                       VARLEN=False, INPUT_PRECISION="tf32", SOFTCAP=True, ALIBI=True, DROPOUT=True)
+            k_tma = tma and kernel is _attn_fwd
+            if kernel is _attn_fwd:
+                cx["TMA"] = k_tma
             sig = aot_signature(kernel, dt)
             cases.append(AotCase(f"{name}[{dt},d{d},bm{cfg.BLOCK_M},bn{cfg.BLOCK_N},w{cfg.num_warps},"
-                                 f"s{cfg.num_stages},softcap,alibi,dropout]", kernel, sig, cx, cfg.num_warps,
-                                 cfg.num_stages, attrs=aot_attrs(kernel, sig)))
+                                 f"s{cfg.num_stages},softcap,alibi,dropout{',tma' if k_tma else ''}]", kernel, sig,
+                                 cx, cfg.num_warps, cfg.num_stages, attrs=aot_attrs(kernel, sig), tma=k_tma))
     from . import attention_decode
 
     cases += attention_decode.aot_cases_decode(cc)
     for cfg in fwd_configs(cc, 64, torch.float32):
         cx = dict(HEAD_DIM=64, BLOCK_D=64, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, CHUNKED=False,
-                  VARLEN=False, INPUT_PRECISION="ieee", SOFTCAP=False, ALIBI=False, DROPOUT=False)
+                  VARLEN=False, INPUT_PRECISION="ieee", SOFTCAP=False, ALIBI=False, DROPOUT=False, TMA=False)
         sig = aot_signature(_attn_fwd, "fp32")
         cases.append(AotCase(f"attn_fwd[fp32,d64,bm{cfg.BLOCK_M},bn{cfg.BLOCK_N},w{cfg.num_warps},s{cfg.num_stages}]",
                              _attn_fwd, sig, cx, cfg.num_warps, cfg.num_stages, tensor_core=False,

@@ -393,6 +393,54 @@ def test_varlen(mode, dtype, mask_kw):
         assert_close_oracle(grads[i], r64[2 + i], rlp[2 + i], factor=3.0, name=name)
 
 
+@pytest.fixture
+def sm90_tma(monkeypatch):
+    """Emulate with sm_90's tables, where use_tma picks TMA loads for aligned fp16/bf16 inputs; yields
+    the list of use_tma decisions the forward launches made."""
+    from fasttfm.kernels import attention as launched  # the module the ops call
+
+    monkeypatch.setenv("FASTTFM_EMULATE_ARCH", "90")
+    chosen, orig = [], launched.use_tma
+    monkeypatch.setattr(launched, "use_tma", lambda *a: chosen.append(orig(*a)) or chosen[-1])
+    yield chosen
+
+
+@pytest.mark.parametrize("case", [
+    (F16, 1, 4, 2, 113, 203, 64, dict(causal=True)),                     # GQA, Nq != Nk, tails
+    (BF16, 1, 2, 2, 70, 70, 80, dict(window=(20, 5))),                   # head dim 80 < BLOCK_D
+    (F16, 2, 2, 2, 90, 64, 32, dict(causal=True, chunk=16)),             # Nq > Nk: empty rows
+    (F16, 1, 2, 1, 57, 75, 64, dict(layout="bnhd")),
+    (F16, 1, 2, 2, 40, 130, 64, dict(layout="strided", window=(-1, 30))),
+], ids=["gqa-causal", "bf16-d80-window", "chunk-empty-rows", "bnhd", "strided"])
+def test_tma_forward_interpreted(case, sm90_tma):
+    """sm_90's forward with K/V through TMA tensor descriptors, run by the interpreter (which
+    zero-fills out-of-bounds rows and columns as TMA does), checked like every other case."""
+    dtype, b, hq, hkv, nq, nk, d, kw = case
+    check_case("emu", dtype, b, hq, hkv, nq, nk, d, **kw)
+    assert sm90_tma and all(sm90_tma)
+
+
+def test_tma_varlen_interpreted(sm90_tma):
+    test_varlen("emu", F16, dict(causal=True, window=(24, -1)))
+    assert sm90_tma and all(sm90_tma)
+
+
+def test_use_tma_needs_sm90_16bit_and_alignment(monkeypatch):
+    from fasttfm.kernels import attention as launched
+
+    k = torch.randn(2, 3, 50, 64, dtype=F16)
+    assert launched.use_tma(90, k, k, False) and not launched.use_tma(80, k, k, False)
+    assert not launched.use_tma(89, k, k, False) and not launched.use_tma(90, k.float(), k.float(), False)
+    wide = torch.randn(2, 3, 50, 65, dtype=F16)
+    assert not launched.use_tma(90, wide[..., 1:], k, False)       # base 2 bytes off
+    odd = torch.randn(2, 3, 50, 20, dtype=F16)
+    assert not launched.use_tma(90, odd, odd, False)               # 40-byte rows
+    one = torch.randn(1, 1, 50, 64, dtype=F16).as_strided((1, 1, 50, 64), (3, 3, 64, 1))
+    assert launched.use_tma(90, one, one, False)                   # size-1 dims: stride irrelevant
+    monkeypatch.setenv("FASTTFM_TMA", "0")                          # the escape hatch
+    assert not launched.use_tma(90, k, k, False)
+
+
 @pytest.mark.parametrize("mode", ["emu", "cpu", "cuda"])
 def test_fully_masked_rows(mode):
     """Rows with no visible key: out 0, LSE -inf, finite zero gradients (causal with Nq > Nk, and
