@@ -70,7 +70,7 @@ def demo(compare_steps: int = 20) -> int:
     print(f"CPU threads: {threads} (" + ", ".join(f"{n}: {r:.0f} tok/s" for n, r in rates.items()) +
           " over 3 timed steps; on a busy machine one thread often wins)")
     print(f"[1/2] {cfg.max_steps} steps with kernels={cfg.kernels} (fasttfm.nn norms + fasttfm attention; on the CPU "
-          f"the ops run their reference CPU paths, on a GPU the Triton/CUDA kernels)")
+          f"the ops run their CPU paths, on a GPU the Triton/CUDA kernels)")
     ours = train(cfg)
     steps = min(compare_steps, cfg.max_steps)
     print(f"[2/2] the same model and batches with torch ops (torch.nn.LayerNorm, F.scaled_dot_product_attention), "
