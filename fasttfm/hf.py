@@ -14,8 +14,11 @@ key/value (B, Hkv, Skv, D) passed unexpanded (GQA is native), output (B, Sq, Hq,
     when the model passes ``sliding_window`` (HF: kv_idx > q_idx - sliding_window);
   * a mask (4-D bool, True = attend; padding, packed sequences, custom patterns) -> fasttfm's SDPA
     with that mask: exact, dense math, padding never dropped;
-  * attention dropout in training, softcapping, position bias, sinks, head dims outside 16..256 ->
-    HF's own sdpa function (counted as call-time fallbacks in ``handle.report()``).
+  * softcapping (Gemma 2) -> the kernel's softcap when there is no mask;
+  * position bias, sinks, or softcapping that cannot take the kernel (with a mask, dropout, odd head
+    dims) -> the model's own eager attention (HF's sdpa would silently drop them); attention
+    dropout in training, head dims outside 16..256 -> HF's sdpa function. Both are counted as
+    call-time fallbacks in ``handle.report()``.
 Masks (``mask_interface``, registered under the same name, the trap in INTEGRATION.md): returns
 None, with no data inspection (so no host sync, compile-clean), when the mask is exactly the plain
 causal pattern -- or Mistral's sliding-window pattern -- over a fresh sequence with no padding mask;
@@ -37,7 +40,7 @@ __all__ = ["NAME", "register", "attention_forward", "mask_interface", "rms_norm_
 
 NAME = "fasttfm"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_SLIDING_MODELS = ("mistral",)  # model types whose attention layers pass ``sliding_window`` to us
+_SLIDING_MODELS = ("mistral", "gemma2")  # model types whose attention layers pass ``sliding_window`` to us
 _fallbacks = weakref.WeakKeyDictionary()  # attention module -> Counter(reason)
 _registered = False
 
@@ -70,18 +73,28 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
                       sliding_window=None, **kwargs):
     """HF attention function: returns (out (B, Sq, Hq, D), None)."""
     d = query.shape[-1]
+    softcap = kwargs.pop("softcap", None) or 0.0
+    extras = [k for k in ("position_bias", "s_aux", "sinks") if kwargs.get(k) is not None]
     reason = None
-    if dropout:
+    if extras:
+        reason = "position bias / attention sinks"
+    elif dropout:
         reason = "attention dropout > 0 (training mode)"
-    elif any(kwargs.get(k) is not None for k in ("position_bias", "softcap", "s_aux", "sinks")):
-        reason = "position bias / softcapping / attention sinks"
+    elif softcap and attention_mask is not None:
+        reason = "softcapping with a mask"
     elif not 16 <= d <= 256 or key.shape[-1] != d or value.shape[-1] != d:
         reason = f"head dim {d} outside 16..256"
     elif query.dtype not in _DTYPES or not (query.dtype == key.dtype == value.dtype):
         reason = f"dtype {query.dtype}"
+    if reason is not None and (softcap or extras):  # HF's sdpa would silently drop these
+        _fallback(module, reason + ": the model's eager attention")
+        if softcap:
+            kwargs["softcap"] = softcap
+        return _eager_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal,
+                                sliding_window, **kwargs)
     if reason is not None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
-        _fallback(module, reason)
+        _fallback(module, reason + ": HF's sdpa")
         if attention_mask is None and sliding_window and query.shape[2] > 1 and (
                 is_causal if is_causal is not None else getattr(module, "is_causal", True)):
             # mask_interface left the window to us: give HF's sdpa the pattern as a mask
@@ -108,8 +121,35 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     window = (sliding_window - 1 if (causal and sliding_window) else -1, -1)
     # (B, H, S, D) -> (B, S, H, D) views; out (B, Sq, Hq, D) contiguous, as HF wants it
     out = attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=causal,
-                    window=window, softmax_scale=scaling, layout="bnhd")
+                    window=window, softmax_scale=scaling, layout="bnhd", softcap=softcap)
     return out, None
+
+
+def _eager_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, sliding_window,
+                     **kwargs):
+    """The model's own ``eager_attention_forward`` (its modeling file's), which applies softcapping,
+    position bias and sinks. When mask_interface left the pattern to the kernel (mask None), the
+    causal / sliding pattern is built here; eager adds the mask to the scores, so it gets an
+    additive float mask (0 or the dtype's minimum), never a bool one."""
+    import sys
+
+    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if fn is None:
+        raise NotImplementedError(
+            f"fasttfm.hf: {type(module).__name__} needs its eager attention (softcapping, position bias or "
+            f"sinks) but {type(module).__module__} has no eager_attention_forward; load this model with "
+            f"attn_implementation='eager' instead of patching its attention")
+    q_len, kv_len = query.shape[2], key.shape[2]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if attention_mask is None and causal and q_len > 1:
+        if kv_len > q_len:  # as on the kernel path: empty static cache at prefill
+            key, value, kv_len = key[:, :, :q_len], value[:, :, :q_len], q_len
+        attention_mask = _sliding_causal_mask(q_len, kv_len, sliding_window or kv_len, query.device)[None, None]
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+            ~attention_mask, torch.finfo(query.dtype).min)
+    return fn(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+              sliding_window=sliding_window, **kwargs)
 
 
 def _sliding_causal_mask(q_len, kv_len, window, device):

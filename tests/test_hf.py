@@ -149,6 +149,38 @@ def test_sliding_window_fallback_keeps_the_window():
     assert "attention dropout > 0" in handle.report()
 
 
+def _gemma2():
+    """Tiny Gemma 2: attention-logit softcapping, a sliding-window layer then a global one; the
+    reference runs HF's eager attention (its sdpa would ignore the softcap)."""
+    torch.manual_seed(0)
+    cfg = transformers.Gemma2Config(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                    num_key_value_heads=2, head_dim=16, vocab_size=VOCAB, max_position_embeddings=64,
+                                    sliding_window=8, attn_logit_softcapping=0.5, query_pre_attn_scalar=16,
+                                    attention_dropout=0.0)
+    cfg._attn_implementation = "eager"
+    model = transformers.Gemma2ForCausalLM(cfg).train()
+    model.loss_type = "ForCausalLM"
+    return model
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["nopad", "pad"])
+def test_gemma2_softcap(padded):
+    """No mask: both layers on the kernel with its softcap (window 8 on layer 0). A padding mask:
+    softcap cannot take the masked SDPA path, so the model's own eager attention runs (it used to
+    go to HF's sdpa, which dropped the softcap: logits off by 0.7)."""
+    model = _gemma2()
+    ref = copy.deepcopy(model)
+    handle = fasttfm.patch(model)
+    ids, mask = batch(padded)
+    with count_paths() as calls:
+        logits = run(model, ids, mask)
+    assert calls == {"kernel": 0 if padded else 2, "masked": 0}, calls
+    torch.testing.assert_close(logits, run(ref, ids, mask))
+    assert_grads_match(ref, model)
+    assert ("softcapping with a mask: the model's eager attention" in handle.report()) == padded
+    handle.undo()
+
+
 def test_fallbacks_are_reported():
     cfg = transformers.LlamaConfig(num_hidden_layers=1, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                                    num_key_value_heads=2, vocab_size=VOCAB, attention_dropout=0.1)
