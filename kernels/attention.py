@@ -74,14 +74,12 @@ _FWD_CONFIGS = {  # measured (fp16; sm_90 with TMA loads): registers, smem -- se
                AttnConfig(128, 32, 8, 2)]),  # 171 regs, 56 KB
         (256, [AttnConfig(128, 64, 8, 2),    # 255 regs, 144 KB
                AttnConfig(64, 64, 4, 2)])],  # 255 regs, 104 KB
-    # sm_86 / sm_89 / sm_120 ("86" class): sm_80's code generation, 99 KiB of shared memory per block
-    86: [(64, [AttnConfig(128, 128, 8, 2),   # as sm_80
-               AttnConfig(128, 64, 8, 3),
-               AttnConfig(64, 64, 4, 3)]),
-         (128, [AttnConfig(128, 64, 8, 2),   # 80 KB (sm_80's 3-stage 112 KB one does not fit)
-                AttnConfig(128, 32, 8, 2)]), # 56 KB
-         (256, [AttnConfig(64, 32, 4, 2)])], # 255 regs, 68 KB
 }
+# sm_86 / sm_89 / sm_12x ("86" class): sm_80's code generation, 99 KiB of shared memory per block:
+# sm_80's d64 list; d128 without the 3-stage 112 KB config; d256 64x32 w4 s2 (255 regs, 68 KB)
+_FWD_CONFIGS[86] = [_FWD_CONFIGS[8][0],
+                    (128, [c for c in _FWD_CONFIGS[8][1][1] if c != AttnConfig(128, 64, 8, 3)]),
+                    (256, [AttnConfig(64, 32, 4, 2)])]
 # With score modifiers (softcap / ALiBi / dropout: tanh, bias and Philox add ~30-90 registers) the
 # big tiles spill (e.g. dK/dV d64 64x128 sm_90: 88 B with all three): one smaller config per bucket.
 _MOD_FWD = {9: {64: AttnConfig(64, 64, 4, 3), 128: AttnConfig(64, 64, 4, 3), 256: AttnConfig(64, 32, 4, 2)},

@@ -44,13 +44,9 @@ _DKDV_CONFIGS = {  # measured (fp16): registers, smem
                AttnConfig(32, 32, 4, 3)]),   # 227 regs, 50 KB
         (256, [AttnConfig(32, 64, 8, 1),     # 255 regs, 112 KB
                AttnConfig(16, 32, 4, 2)])],  # 255 regs, 49 KB
-    86: [(64, [AttnConfig(32, 64, 4, 2),     # as sm_80 (99 KiB per block)
-               AttnConfig(64, 32, 4, 2),
-               AttnConfig(32, 32, 4, 3)]),
-         (128, [AttnConfig(64, 64, 8, 2),
-                AttnConfig(32, 32, 4, 3)]),
-         (256, [AttnConfig(16, 32, 4, 2)])],  # 49 KB (sm_80's 112 KB one does not fit)
 }
+# 99 KiB per block (sm_86 class): sm_80's d64/d128 lists; at d256 only the 49 KB one fits (not 112 KB)
+_DKDV_CONFIGS[86] = [*_DKDV_CONFIGS[8][:2], (256, [AttnConfig(16, 32, 4, 2)])]
 _DQ_CONFIGS = {
     9: [(64, [AttnConfig(128, 64, 8, 3),     # 133 regs, 80 KB
               AttnConfig(64, 64, 4, 3)]),    # 133 regs, 64 KB
@@ -316,15 +312,7 @@ def attn_bwd_dkdv(q, k, v, do, dk, dv, lse, delta, *, batch, seqlen_q, seqlen_k,
     args = (q, k, v, do, dk, dv, lse, delta, *cus, *canonical_strides(q, varlen), *canonical_strides(k, varlen),
             *canonical_strides(v, varlen), *canonical_strides(do, varlen), *canonical_strides(dk, varlen), *canonical_strides(dv, varlen),
             *lse_strides(lse, varlen), *tail)
-    hkv = k.shape[1]
-    if config is None and autotune_enabled():
-        kernel = _autotuned(_attn_bwd_dkdv, bwd_configs(_cc(q), q.shape[-1], q.dtype, _mods(cx)).dkdv, interpret)
-        grid = lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), hkv, batch)  # noqa: E731
-        return _launch(kernel, grid, args, cx, None, interpret, autotune_configs=True)
-    if config is None:
-        config = SMOKE_BWD.dkdv if interpret else bwd_configs(_cc(q), q.shape[-1], q.dtype, _mods(cx)).dkdv[0]
-    cx.update(BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N)
-    _launch(_attn_bwd_dkdv, (triton.cdiv(max_seqlen_k, config.BLOCK_N), hkv, batch), args, cx, config, interpret)
+    _launch_bwd(_attn_bwd_dkdv, "dkdv", q, args, cx, max_seqlen_k, "BLOCK_N", k.shape[1], batch, config, interpret)
 
 
 def attn_bwd_dq(q, k, v, do, dq, lse, delta, *, batch, seqlen_q, seqlen_k, max_seqlen_q,
@@ -336,15 +324,23 @@ def attn_bwd_dq(q, k, v, do, dq, lse, delta, *, batch, seqlen_q, seqlen_k, max_s
     args = (q, k, v, do, dq, lse, delta, *cus, *canonical_strides(q, varlen), *canonical_strides(k, varlen),
             *canonical_strides(v, varlen), *canonical_strides(do, varlen), *canonical_strides(dq, varlen),
             *lse_strides(lse, varlen), *tail)
-    hq = q.shape[1]
+    _launch_bwd(_attn_bwd_dq, "dq", q, args, cx, max_seqlen_q, "BLOCK_M", q.shape[1], batch, config, interpret)
+
+
+def _launch_bwd(kernel, which, q, args, cx, n_rows, block, heads, batch, config, interpret):
+    """Config choice and launch shared by dK/dV (``which`` "dkdv": programs over kv rows, ``block``
+    "BLOCK_N") and dQ ("dq": over q rows, "BLOCK_M"): explicit config, autotuning, or the heuristic."""
+    def tuning_list():
+        return getattr(bwd_configs(_cc(q), q.shape[-1], q.dtype, _mods(cx)), which)
+
     if config is None and autotune_enabled():
-        kernel = _autotuned(_attn_bwd_dq, bwd_configs(_cc(q), q.shape[-1], q.dtype, _mods(cx)).dq, interpret)
-        grid = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), hq, batch)  # noqa: E731
-        return _launch(kernel, grid, args, cx, None, interpret, autotune_configs=True)
+        grid = lambda meta: (triton.cdiv(n_rows, meta[block]), heads, batch)  # noqa: E731
+        return _launch(_autotuned(kernel, tuning_list(), interpret), grid, args, cx, None, interpret,
+                       autotune_configs=True)
     if config is None:
-        config = SMOKE_BWD.dq if interpret else bwd_configs(_cc(q), q.shape[-1], q.dtype, _mods(cx)).dq[0]
+        config = getattr(SMOKE_BWD, which) if interpret else tuning_list()[0]
     cx.update(BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N)
-    _launch(_attn_bwd_dq, (triton.cdiv(max_seqlen_q, config.BLOCK_M), hq, batch), args, cx, config, interpret)
+    _launch(kernel, (triton.cdiv(n_rows, getattr(config, block)), heads, batch), args, cx, config, interpret)
 
 
 # -- static report -----------------------------------------------------------------------------
