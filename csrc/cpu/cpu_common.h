@@ -28,23 +28,19 @@ inline float to_float(BFloat16 x) {
   std::memcpy(&f, &u, 4);
   return f;
 }
+// fp16 -> float, branch-free (selects only, so the loops that call it vectorize): normal halves
+// move their exponent/mantissa into float position and rebias the exponent by +112 (inf/nan by
+// +224, to the all-ones exponent); subnormal halves are mantissa * 2^-24, computed exactly from an
+// integer (no subnormal float arithmetic, so it holds under flush-to-zero too). Exact for all 65536
+// inputs (tests/test_cpu_convert.py checks every one, and from_float<Half> against a reference).
 inline float to_float(Half x) {
-  const uint32_t sign = (x.bits & 0x8000u) << 16;
-  uint32_t exp = (x.bits >> 10) & 0x1f, mant = x.bits & 0x3ffu, u;
-  if (exp == 0x1f) {
-    u = sign | 0x7f800000u | (mant << 13);  // inf / nan
-  } else if (exp != 0) {
-    u = sign | ((exp + 112) << 23) | (mant << 13);  // normal: rebias 15 -> 127
-  } else if (mant == 0) {
-    u = sign;  // +-0
-  } else {     // subnormal half -> normal float
-    int e = -1;
-    do {
-      ++e;
-      mant <<= 1;
-    } while ((mant & 0x400u) == 0);
-    u = sign | (static_cast<uint32_t>(112 - e) << 23) | ((mant & 0x3ffu) << 13);
-  }
+  const uint32_t bits = x.bits, e = bits & 0x7c00u, em = (bits & 0x7fffu) << 13;
+  const uint32_t normal = em + ((112u << 23) << static_cast<uint32_t>(e == 0x7c00u));  // +112, or +224
+  const float sub = static_cast<float>(static_cast<int32_t>(bits & 0x3ffu)) * 0x1p-24f;
+  uint32_t sub_bits;
+  std::memcpy(&sub_bits, &sub, 4);
+  const uint32_t is_sub = 0u - static_cast<uint32_t>(e == 0);  // all ones for subnormals and zeros
+  const uint32_t u = ((sub_bits & is_sub) | (normal & ~is_sub)) | ((bits & 0x8000u) << 16);
   float f;
   std::memcpy(&f, &u, 4);
   return f;
@@ -80,26 +76,27 @@ inline BFloat16 from_float<BFloat16>(float f) {  // round to nearest even, NaN s
   u += 0x7fffu + ((u >> 16) & 1u);
   return BFloat16{static_cast<uint16_t>(u >> 16)};
 }
+// float -> fp16, round to nearest even, branch-free: the normal range rounds in the integer domain
+// (add 0xfff plus the lowest kept bit, shift); below 2^-14 the FPU rounds (|f| + 0.5 leaves the
+// half-subnormal mantissa in the low bits); >= 65520 becomes inf, nan stays (quiet) nan.
 template <>
-inline Half from_float<Half>(float f) {  // round to nearest even, with subnormals, inf and nan
+inline Half from_float<Half>(float f) {
   uint32_t u;
   std::memcpy(&u, &f, 4);
-  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
-  const uint32_t absu = u & 0x7fffffffu;
-  if (absu > 0x7f800000u) return Half{static_cast<uint16_t>(sign | 0x7e00u)};
-  if (absu >= 0x477ff000u) return Half{static_cast<uint16_t>(sign | 0x7c00u)};  // rounds to >= 65520: inf
-  if (absu < 0x38800000u) {  // below the smallest normal half (2^-14): subnormal or zero
-    if (absu < 0x33000000u) return Half{sign};  // < 2^-25 rounds to 0
-    const uint32_t mant = (absu & 0x7fffffu) | 0x800000u;
-    const int shift = 126 - static_cast<int>(absu >> 23);  // 14..24
-    uint32_t h = mant >> shift;
-    const uint32_t rem = mant & ((1u << shift) - 1), half = 1u << (shift - 1);
-    if (rem > half || (rem == half && (h & 1u))) ++h;
-    return Half{static_cast<uint16_t>(sign | h)};
-  }
-  uint32_t h = ((absu >> 13) - (112u << 10));
-  const uint32_t rem = absu & 0x1fffu;
-  if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) ++h;
+  const uint32_t sign = (u >> 16) & 0x8000u, absu = u & 0x7fffffffu;
+  const uint32_t normal = (absu - (112u << 23) + 0xfffu + ((absu >> 13) & 1u)) >> 13;
+  float a, t;
+  std::memcpy(&a, &absu, 4);
+  t = a + 0.5f;
+  uint32_t tb;
+  std::memcpy(&tb, &t, 4);
+  const uint32_t sub = tb - 0x3f000000u;
+  const uint32_t is_sub = 0u - static_cast<uint32_t>(absu < 0x38800000u);  // masks, not branches
+  const uint32_t is_inf = 0u - static_cast<uint32_t>(absu >= 0x477ff000u);
+  const uint32_t is_nan = 0u - static_cast<uint32_t>(absu > 0x7f800000u);
+  uint32_t h = (sub & is_sub) | (normal & ~is_sub);
+  h = (0x7c00u & is_inf) | (h & ~is_inf);
+  h = (0x7e00u & is_nan) | (h & ~is_nan);
   return Half{static_cast<uint16_t>(sign | h)};
 }
 
