@@ -2,9 +2,9 @@
 implementations and autograd, plus the public ``attention()`` and ``scaled_dot_product_attention()``.
 
 Device dispatch: CUDA tensors run the Triton kernels (``kernels/attention.py``,
-``kernels/attention_bwd.py``); CPU tensors run a PyTorch path in fp32 math (aten's CPU flash kernel for
-plain full/causal problems, else a dense reference with the explicit mask), or, under ``fasttfm.emulate()`` / ``FASTTFM_EMULATE=1``, the same Triton kernels
-through Triton's interpreter.
+``kernels/attention_bwd.py``); CPU tensors run a PyTorch path in fp32 math (aten's CPU flash
+kernel for plain full/causal problems, else a dense reference with the explicit mask), or, under
+``fasttfm.emulate()`` / ``FASTTFM_EMULATE=1``, the same Triton kernels through Triton's interpreter.
 """
 from typing import Optional
 
