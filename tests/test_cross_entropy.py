@@ -117,7 +117,7 @@ def test_reference_is_f_cross_entropy(weighted, reduction, eps):
 def test_fairseq_formula(kernel):
     """smoothing="fairseq" equals fairseq's label_smoothed_nll_loss (independent transcription)."""
     device, ctx = on_device(kernel)
-    x = torch.randn(9, 13, dtype=torch.float64) * 2
+    x = (torch.randn(9, 13, dtype=torch.float64) * 2).float().double()  # the values the kernel sees
     t = torch.randint(0, 13, (9,))
     t[4] = 1  # a pad index inside the vocabulary, like fairseq's padding_idx
     want, _ = _fairseq_label_smoothed_nll_loss(torch.log_softmax(x, -1), t, 0.1, ignore_index=1)
@@ -150,9 +150,10 @@ def test_matches_torch_low_precision_oracle(kernel_device, dtype, reduction):
     """Against torch's own op in the same dtype (FlashAttention's oracle): our error vs float64 is at most
     2x (loss) / 3x (grad) torch's."""
     device, ctx = on_device(kernel_device)
-    x0 = torch.randn(16, 1000, dtype=torch.float64) * 4
+    # inputs rounded to dtype once: the references start from exactly the kernel's values
+    x0 = (torch.randn(16, 1000, dtype=torch.float64) * 4).to(dtype).double()
     t = torch.randint(0, 1000, (16,))
-    dy = torch.randn(16 if reduction == "none" else (), dtype=torch.float64)
+    dy = torch.randn(16 if reduction == "none" else (), dtype=torch.float64).to(dtype).double()
     with ctx:
         x = x0.to(dtype).to(device).requires_grad_(True)
         out = fasttfm.cross_entropy(x, t.to(device), reduction=reduction, label_smoothing=0.1)

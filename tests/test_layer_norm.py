@@ -50,7 +50,10 @@ def _grads(fn, inputs, dy):
     return out, grads
 
 
-def _check_case(device, dtype, rows, cols, rms, affine, bias, w_dtype=None, eps=1e-5, x_scale=1.0, x_shift=0.0):
+def _check_case(device, dtype, rows, cols, rms, affine, bias, w_dtype=None, eps=1e-5, x_scale=1.0, x_shift=0.0,
+                rel_floor=None):
+    """rel_floor: an absolute floor of rel_floor x max|reference| on every comparison (default: the
+    oracle's own, half an output ulp)."""
     w_dtype = w_dtype or dtype
     x0 = randn(rows, cols, dtype=torch.float64, scale=x_scale) + x_shift
     w0 = randn(cols, dtype=torch.float64) * 0.5 + 1.0 if affine else None
@@ -77,9 +80,12 @@ def _check_case(device, dtype, rows, cols, rms, affine, bias, w_dtype=None, eps=
     xl, wl, bl = leaf(x0, dtype, "cpu"), leaf(w0, dtype, "cpu"), leaf(b0, dtype, "cpu")
     low, low_grads = _grads(lambda x, w, b: _torch_lowp(x, w, b, eps, rms), (xl, wl, bl), dy0)
 
-    assert_close_oracle(out.cpu(), ref, low, name="y")
+    def floor(r):
+        return None if rel_floor is None else rel_floor * max(1.0, r.abs().max().item())
+
+    assert_close_oracle(out.cpu(), ref, low, name="y", floor=floor(ref))
     for name, g, gr, gl in zip(["dx", "dweight", "dbias"], grads, ref_grads, low_grads):
-        assert_close_oracle(g.cpu(), gr, gl, factor=3.0, name=name)
+        assert_close_oracle(g.cpu(), gr, gl, factor=3.0, name=name, floor=floor(gr))
     return out, grads
 
 
@@ -121,10 +127,17 @@ def test_fp32_weight_with_half_input(kernel_device, dtype, rms):
 
 
 def test_large_mean_offset(kernel_device):
-    """Rows with a large common offset: a one-pass E[x^2]-E[x]^2 variance would lose it all."""
+    """Rows with a large common offset: a one-pass E[x^2]-E[x]^2 variance would lose it all (errors
+    of order 1). What no fp32 implementation avoids is the rounding of the row mean itself: half an
+    ulp of 1e3 is 3e-5, i.e. 0.3% of the 1e-2 spread, in every xhat. Whether torch's or our mean
+    lands nearer the true one is luck (the ratio of the two y errors over 40 seeds: median 0.86,
+    max 3.9), so the floor is that rounding, twice: eps32 x offset / spread = 1.2% of the largest
+    reference value, still ~100x below what a cancelling variance gives."""
     device, ctx = on_device(kernel_device)
+    shift, scale = 1e3, 1e-2
     with ctx:
-        _check_case(device, torch.float32, 3, 4096, rms=False, affine=True, bias=True, x_scale=1e-2, x_shift=1e3)
+        _check_case(device, torch.float32, 3, 4096, rms=False, affine=True, bias=True, x_scale=scale, x_shift=shift,
+                    rel_floor=torch.finfo(torch.float32).eps * shift / scale)
 
 
 @pytest.mark.parametrize("layout", ["transposed", "row_slice", "misaligned"])

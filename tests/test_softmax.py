@@ -101,7 +101,7 @@ def test_every_dim(kernel_device, shape, dtype):
 @pytest.mark.parametrize("layout", ["transposed", "sliced_rows", "step_slice", "misaligned", "expanded"])
 def test_strided_inputs(kernel_device, layout):
     device, ctx = on_device(kernel_device)
-    base = randn(6, 8, 260, dtype=torch.float64)
+    base = randn(6, 8, 260, dtype=torch.float64).float().double()  # the values the kernel sees
     x0 = {"transposed": base.transpose(1, 2),  # softmax dim 1 has unit stride -> read as rows
           "sliced_rows": base[:, :, :257],  # row stride 260 > 257 columns
           "step_slice": base[:, ::2, ::3],  # no [outer, C, inner] view: copied once
