@@ -13,7 +13,15 @@ DEPS_STAMP := $(VENV)/.fasttfm-deps
 SOURCES := $(wildcard csrc/*.cu csrc/*.cpp csrc/include/*.h csrc/include/*.cuh csrc/emu/*.h csrc/emu/*.cpp csrc/cpu/*.cpp) setup.py
 BUILD_STAMP := build/.fasttfm-built
 
-.PHONY: all deps build test demo info aot bench clean
+.PHONY: all deps build test demo info aot bench clean gpu-check
+
+# make gpu-check: prove fasttfm on the visible GPU in one command (fasttfm/gpu_check/). It uses the
+# interpreter it is given (GPU_PY, default python3: a GPU image's own torch/triton; no venv, no
+# pip), builds in place for that GPU's arch only, and writes bench/results/gpu/ (or GPU_CHECK_OUT).
+GPU_PY ?= python3
+GPU_CHECK_OUT ?= bench/results/gpu
+GPU_CHECK_BUDGET ?= 480
+GPU_CHECK_ARGS ?=
 
 all: build
 
@@ -49,6 +57,9 @@ aot: build
 
 bench: build
 	$(PY) -m fasttfm bench all --quick
+
+gpu-check:
+	MAX_JOBS=$$(nproc) $(GPU_PY) -m fasttfm gpu-check --out $(GPU_CHECK_OUT) --budget-s $(GPU_CHECK_BUDGET) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build fasttfm/_C*.so fasttfm/_build_info.json

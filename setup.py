@@ -112,7 +112,7 @@ def _write_build_info(build_cuda, build_emu):
 
 
 setup(
-    packages=["fasttfm", "fasttfm.ops", "fasttfm.kernels"],
+    packages=["fasttfm", "fasttfm.ops", "fasttfm.gpu_check", "fasttfm.kernels"],
     package_dir={"fasttfm": "fasttfm", "fasttfm.kernels": "kernels"},
     package_data={"fasttfm": ["data/*.txt", "data/README.md", "_build_info.json"]},
     ext_modules=extensions(),

@@ -119,8 +119,12 @@ def main(argv=None) -> int:
         return train_command(argv[1:])
     if argv[:1] == ["bench"]:  # bench/suite.py's parser, --help included
         return bench(argv[1:])
+    if argv[:1] == ["gpu-check"]:  # its own parser, --help included
+        from .gpu_check import main as gpu_check_main
+
+        return gpu_check_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m fasttfm")
-    parser.add_argument("command", choices=["info", "aot", "demo", "train", "bench"], help="what to run")
+    parser.add_argument("command", choices=["info", "aot", "demo", "train", "bench", "gpu-check"], help="what to run")
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
         return info()
