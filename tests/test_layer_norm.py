@@ -302,3 +302,40 @@ def test_expanded_grad_output(kernel_device, rms):
     rx, rw = torch.autograd.grad(_ref(xr, wr, None, 1e-5, rms).sum(), (xr, wr))
     torch.testing.assert_close(gx.cpu().double(), rx, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(gw.cpu().double(), rw, atol=1e-4, rtol=1e-4)
+
+
+# ---- fidelity to torch on torch's own inputs (issue 16) ----------------------------------------
+
+def _torch_default_rms_eps(dtype):
+    """The eps the installed torch's F.rms_norm uses for eps=None, read back from its output where eps
+    dominates: y = x / sqrt(x^2 + eps) at x = 2^-16 (exact in every float dtype)."""
+    x = 2.0 ** -16
+    y = TF.rms_norm(torch.full((1, 1), x, dtype=dtype), (1,)).double().item()
+    return x * x / (y * y) - x * x
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+def test_rms_norm_default_eps_rule_is_torchs(dtype):
+    from fasttfm.ops.layer_norm import default_rms_eps
+
+    assert default_rms_eps(dtype) == pytest.approx(_torch_default_rms_eps(dtype), rel=0.02)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rms_norm_default_eps_matches_torch(kernel_device, dtype):
+    """eps=None in fp16/bf16: torch normalizes with its math dtype's epsilon (float32's), so small
+    activations are not shrunk (issue 16: bf16 0.01 gave 0.112 instead of torch's 1.0)."""
+    device, ctx = on_device(kernel_device)
+    x = torch.full((2, 4), 0.01, dtype=dtype)
+    ref_mod = torch.nn.RMSNorm(4, dtype=dtype)
+    ours_mod = fasttfm.nn.RMSNorm(4, dtype=dtype).to(device)
+    # and fresh small activations (mean square ~ eps) of an odd shape, against float64 with torch's eps
+    x0 = (randn(5, 37, dtype=torch.float64, scale=3e-4)).to(dtype).double()
+    w0 = (randn(37, dtype=torch.float64) * 0.5 + 1.0).to(dtype).double()
+    with ctx:
+        out, out_mod = fasttfm.rms_norm(x.to(device), (4,)), ours_mod(x.to(device))
+        y = fasttfm.rms_norm(x0.to(dtype).to(device), (37,), w0.to(dtype).to(device))
+    torch.testing.assert_close(out.cpu(), TF.rms_norm(x, (4,)))
+    torch.testing.assert_close(out_mod.detach().cpu(), ref_mod(x).detach())
+    ref = _ref(x0, w0, None, _torch_default_rms_eps(dtype), True)
+    assert_close_oracle(y.cpu(), ref, TF.rms_norm(x0.to(dtype), (37,), w0.to(dtype)), name="y")

@@ -27,13 +27,21 @@ from torch import Tensor
 
 from .._ext import KERNEL_DTYPES, backend, cpu_kernels_for, cuda_lib, emu_lib
 
-__all__ = ["layer_norm", "rms_norm"]
+__all__ = ["layer_norm", "rms_norm", "default_rms_eps"]
 
 _FLOAT_TYPES = KERNEL_DTYPES
 
 
 def _kernel_lib(x):
     return cuda_lib() if x.device.type == "cuda" else emu_lib()
+
+
+def default_rms_eps(dtype: torch.dtype) -> float:
+    """The eps torch's ``F.rms_norm``/``nn.RMSNorm`` use for ``eps=None``: the epsilon of the dtype the
+    op computes in -- float32's for fp16/bf16/fp32 inputs, float64's for float64 -- not the input dtype's
+    (aten's rms_norm and its ``_fused_rms_norm`` decomposition both take their math dtype's epsilon,
+    whatever the docstring says; tests/test_layer_norm.py reads it back from the installed torch)."""
+    return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
 
 
 # ---- forward ---------------------------------------------------------------------------------
@@ -210,7 +218,8 @@ def layer_norm(input: Tensor, normalized_shape: Sequence[int], weight: Optional[
 
 def rms_norm(input: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
              eps: Optional[float] = None) -> Tensor:
-    """Drop-in ``F.rms_norm``: ``eps=None`` means ``torch.finfo(input.dtype).eps`` as in torch."""
+    """Drop-in ``F.rms_norm``: ``eps=None`` means torch's default, :func:`default_rms_eps` (float32's
+    epsilon for fp16/bf16/fp32 input, float64's for float64)."""
     if eps is None:
-        eps = torch.finfo(input.dtype).eps if isinstance(input, Tensor) and input.is_floating_point() else 1e-6
+        eps = default_rms_eps(input.dtype) if isinstance(input, Tensor) else 1e-6
     return _norm("rms_norm", input, normalized_shape, weight, None, eps, rms=True)
