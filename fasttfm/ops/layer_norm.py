@@ -1,6 +1,6 @@
 """LayerNorm and RMSNorm as torch.library custom ops (``fasttfm::layer_norm_fwd/bwd``).
 
-Math (fp32 statistics for every input dtype):
+Math (fp32 statistics for fp32/fp16/bf16 inputs, float64 ones for float64):
   LayerNorm: y = (x - mean) * rstd * w + b,  rstd = 1 / sqrt(var + eps), biased variance;
   RMSNorm:   y = x * rstd * w,               rstd = 1 / sqrt(mean(x^2) + eps).
 Both normalize over the trailing ``normalized_shape`` dims; the ops see x as [rows, cols].
@@ -13,7 +13,8 @@ path, chosen by measurement on the 2-core dev machines (4M elements, fp32/bf16, 
   * RMSNorm fp32/bf16: our fused C++ kernel (csrc/cpu/norm_cpu.cpp), 4-7x faster than aten's
     ``_fused_rms_norm`` forward, which also has no CPU backward; fp16: aten's forward and a
     backward in fp32 torch ops (our kernel's software fp16 conversion made it 6x slower).
-Float64 inputs (gradcheck) and builds without fasttfm._C use torch ops.
+Float64 inputs (gradcheck) and builds without fasttfm._C use torch ops; float64 keeps mean/rstd in
+float64 from forward to backward.
 
 Dtypes: input fp32/fp16/bf16; weight/bias either the input's dtype or fp32 (mixed precision
 keeps fp32 parameters); output in the input's dtype; parameter gradients in the weight's dtype,
@@ -34,6 +35,11 @@ _FLOAT_TYPES = KERNEL_DTYPES
 
 def _kernel_lib(x):
     return cuda_lib() if x.device.type == "cuda" else emu_lib()
+
+
+def _stat_dtype(x):
+    """dtype of the saved mean/rstd: float32, or float64 for float64 input (plain CPU path only)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def default_rms_eps(dtype: torch.dtype) -> float:
@@ -63,16 +69,16 @@ def _layer_norm_fwd_cpu(x, weight, bias, eps, rms):
         if ext is not None:
             return ext.layer_norm_fwd_cpu(x, weight, bias, eps, True)
         y, rstd = torch.ops.aten._fused_rms_norm(x, [cols], weight, eps)
-        return y, x.new_empty((0,), dtype=torch.float32), rstd.float().reshape(rows)
+        return y, x.new_empty((0,), dtype=_stat_dtype(x)), rstd.to(_stat_dtype(x)).reshape(rows)
     y, mean, rstd = torch.native_layer_norm(x, [cols], weight, bias, eps)
-    return y, mean.float().reshape(rows), rstd.float().reshape(rows)
+    return y, mean.to(_stat_dtype(x)).reshape(rows), rstd.to(_stat_dtype(x)).reshape(rows)
 
 
 @_layer_norm_fwd.register_fake
 def _(x, weight, bias, eps, rms):
     rows = x.shape[0]
-    return (torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty((0 if rms else rows,), dtype=torch.float32),
-            x.new_empty((rows,), dtype=torch.float32))
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            x.new_empty((0 if rms else rows,), dtype=_stat_dtype(x)), x.new_empty((rows,), dtype=_stat_dtype(x)))
 
 
 # ---- backward --------------------------------------------------------------------------------
