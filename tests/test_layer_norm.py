@@ -362,3 +362,60 @@ def test_float64_backward_keeps_float64_statistics(rms):
     for name, g, gr, gl in zip(["dx", "dweight", "dbias"], grads, ref_grads, low_grads):
         assert_close_oracle(g, gr, gl, factor=3.0, name=name)
     assert (rstd.dtype, mean.dtype if not rms else rstd.dtype) == (torch.float64, torch.float64)
+
+
+def _param(values, layout):
+    """(leaf, view): a leaf tensor and a strided or expanded (stride 0) view of it holding ``values``
+    (for "expanded", values[0] everywhere)."""
+    if values is None:
+        return None, None
+    if layout == "strided":
+        leaf = torch.stack([values, torch.zeros_like(values)], 1).requires_grad_(True)
+        return leaf, leaf[:, 0]
+    leaf = values[:1].clone().requires_grad_(True)
+    return leaf, leaf.expand(values.shape[0])
+
+
+@pytest.mark.parametrize("layout", ["strided", "expanded"])
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+def test_non_contiguous_weight_and_bias(kernel_device, rms, layout):
+    """Strided or expanded weight/bias are accepted on every path, as torch accepts them (issue 16)."""
+    device, ctx = on_device(kernel_device)
+    rows, cols = 5, 41
+    x0 = randn(rows, cols, dtype=torch.float64).float().double()
+    w0 = (randn(cols, dtype=torch.float64) * 0.5 + 1).float().double()
+    b0 = None if rms else randn(cols, dtype=torch.float64).float().double()
+    dy = randn(rows, cols, dtype=torch.float64)
+
+    def run(fn, dtype, dev):
+        x = x0.to(dtype).to(dev).requires_grad_(True)
+        (wl, w), (bl, b) = _param(w0.to(dtype).to(dev), layout), _param(None if b0 is None else b0.to(dtype).to(dev),
+                                                                         layout)
+        out = fn(x, w, b)
+        leaves = [t for t in (x, wl, bl) if t is not None]
+        return out, torch.autograd.grad(out, leaves, dy.to(dev).to(out.dtype))
+
+    def ours(x, w, b):
+        assert not w.is_contiguous() and (b is None or not b.is_contiguous())
+        return fasttfm.rms_norm(x, [cols], w, 1e-5) if rms else fasttfm.layer_norm(x, [cols], w, b, 1e-5)
+
+    with ctx:
+        out, grads = run(ours, torch.float32, device)
+    ref, ref_grads = run(lambda x, w, b: _ref(x, w, b, 1e-5, rms), torch.float64, "cpu")
+    low, low_grads = run(lambda x, w, b: _torch_lowp(x, w, b, 1e-5, rms), torch.float32, "cpu")
+    assert_close_oracle(out.cpu(), ref, low, name="y")
+    for name, g, gr, gl in zip(["dx", "dweight", "dbias"], grads, ref_grads, low_grads):
+        assert_close_oracle(g.cpu(), gr, gl, factor=3.0, name=name)
+
+
+def test_kernel_argument_errors_name_the_argument():
+    """Real errors of the low-level ops say which argument and what is accepted."""
+    from fasttfm._ext import cpu_lib, emu_lib
+
+    x = torch.randn(3, 8)
+    for lib, fwd in ((cpu_lib(), "layer_norm_fwd_cpu"), (emu_lib(), "layer_norm_fwd")):
+        with pytest.raises(RuntimeError, match=r"weight must be a 1-D tensor of 8 elements \(the row width\), "
+                                               r"got shape \[7\]"):
+            getattr(lib, fwd)(x, torch.ones(7), None, 1e-5, False)
+        with pytest.raises(RuntimeError, match=r"bias must be a 1-D tensor of 8 elements .*got shape \[2, 4\]"):
+            getattr(lib, fwd)(x, torch.ones(8), torch.ones(2, 4), 1e-5, False)
