@@ -104,24 +104,29 @@ const void* opt_ptr(const OptTensor& t) { return t.has_value() && t->defined() ?
 
 // ---- layer_norm / rms_norm ------------------------------------------------------------------
 
-void check_affine(const OptTensor& p, const Tensor& x, const char* name, at::ScalarType w_type, Target target) {
-  if (!p.has_value() || !p->defined()) return;
+// weight/bias checked and returned contiguous: a strided or expanded parameter is copied (a 1-D copy
+// costs nothing next to the op), as torch accepts any strides there.
+OptTensor affine_arg(const OptTensor& p, const Tensor& x, const char* name, at::ScalarType w_type, Target target) {
+  if (!p.has_value() || !p->defined()) return std::nullopt;
   check_tensor(*p, name, target);
-  TORCH_CHECK(p->dim() == 1 && p->size(0) == x.size(1) && p->is_contiguous(), "fasttfm: ", name,
-              " must be a contiguous 1-D tensor of size ", x.size(1), ", got shape ", p->sizes());
-  TORCH_CHECK(p->scalar_type() == w_type, "fasttfm: weight and bias must have the same dtype");
+  TORCH_CHECK(p->dim() == 1 && p->size(0) == x.size(1), "fasttfm: ", name, " must be a 1-D tensor of ", x.size(1),
+              " elements (the row width), got shape ", p->sizes());
+  TORCH_CHECK(p->scalar_type() == w_type, "fasttfm: weight and bias must have the same dtype, got ", name, " ",
+              p->scalar_type(), " and ", w_type);
   TORCH_CHECK(w_type == x.scalar_type() || w_type == at::kFloat, "fasttfm: ", name, " dtype must equal the input's (",
               x.scalar_type(), ") or be float32, got ", w_type);
+  return p->contiguous();
 }
 
-std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd(const Tensor& x, const OptTensor& weight, const OptTensor& bias,
-                                                  double eps, bool rms, Target target) {
+std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd(const Tensor& x, const OptTensor& weight_arg,
+                                                  const OptTensor& bias_arg, double eps, bool rms, Target target) {
   check_tensor(x, "input", target);
   check_rows(x, "input");
   DeviceGuard guard(x, target);
-  const auto w_type = weight.has_value() ? weight->scalar_type() : (bias.has_value() ? bias->scalar_type() : x.scalar_type());
-  check_affine(weight, x, "weight", w_type, target);
-  check_affine(bias, x, "bias", w_type, target);
+  const auto w_type = weight_arg.has_value() ? weight_arg->scalar_type()
+                                             : (bias_arg.has_value() ? bias_arg->scalar_type() : x.scalar_type());
+  const OptTensor weight = affine_arg(weight_arg, x, "weight", w_type, target);
+  const OptTensor bias = affine_arg(bias_arg, x, "bias", w_type, target);
   const int64_t rows = x.size(0), cols = x.size(1);
   auto stat_opts = x.options().dtype(at::kFloat);
   Tensor y = at::empty({rows, cols}, x.options());
@@ -145,7 +150,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd(const Tensor& x, const OptTens
   return {y, mean, rstd};
 }
 
-std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& dy, const Tensor& x, const OptTensor& weight,
+std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& dy, const Tensor& x, const OptTensor& weight_arg,
                                                   const Tensor& mean, const Tensor& rstd, bool rms, bool need_dweight,
                                                   bool need_dbias, Target target) {
   check_tensor(dy, "grad_output", target);
@@ -155,8 +160,8 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& dy, const Tensor
   TORCH_CHECK(dy.sizes() == x.sizes(), "fasttfm: grad_output shape ", dy.sizes(), " != input shape ", x.sizes());
   TORCH_CHECK(dy.scalar_type() == x.scalar_type(), "fasttfm: grad_output dtype must equal the input's");
   DeviceGuard guard(x, target);
-  const auto w_type = weight.has_value() ? weight->scalar_type() : x.scalar_type();
-  check_affine(weight, x, "weight", w_type, target);
+  const auto w_type = weight_arg.has_value() ? weight_arg->scalar_type() : x.scalar_type();
+  const OptTensor weight = affine_arg(weight_arg, x, "weight", w_type, target);
   const int64_t rows = x.size(0), cols = x.size(1);
   TORCH_CHECK(rstd.scalar_type() == at::kFloat && rstd.numel() == rows && (rms || mean.numel() == rows),
               "fasttfm: saved statistics must be float32 [rows]");

@@ -22,7 +22,8 @@ class LayerNorm(torch.nn.LayerNorm):
 
 
 class RMSNorm(torch.nn.RMSNorm):
-    """``torch.nn.RMSNorm`` (``eps=None`` -> ``torch.finfo(input.dtype).eps``) on the fused kernels."""
+    """``torch.nn.RMSNorm`` on the fused kernels; ``eps=None`` is torch's default (float32's epsilon for
+    fp16/bf16/fp32 input, see :func:`fasttfm.ops.layer_norm.default_rms_eps`)."""
 
     def forward(self, input):
         return F.rms_norm(input, self.normalized_shape, self.weight, self.eps)

@@ -302,3 +302,120 @@ def test_expanded_grad_output(kernel_device, rms):
     rx, rw = torch.autograd.grad(_ref(xr, wr, None, 1e-5, rms).sum(), (xr, wr))
     torch.testing.assert_close(gx.cpu().double(), rx, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(gw.cpu().double(), rw, atol=1e-4, rtol=1e-4)
+
+
+# ---- fidelity to torch on torch's own inputs (issue 16) ----------------------------------------
+
+def _torch_default_rms_eps(dtype):
+    """The eps the installed torch's F.rms_norm uses for eps=None, read back from its output where eps
+    dominates: y = x / sqrt(x^2 + eps) at x = 2^-16 (exact in every float dtype)."""
+    x = 2.0 ** -16
+    y = TF.rms_norm(torch.full((1, 1), x, dtype=dtype), (1,)).double().item()
+    return x * x / (y * y) - x * x
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+def test_rms_norm_default_eps_rule_is_torchs(dtype):
+    from fasttfm.ops.layer_norm import default_rms_eps
+
+    assert default_rms_eps(dtype) == pytest.approx(_torch_default_rms_eps(dtype), rel=0.02)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rms_norm_default_eps_matches_torch(kernel_device, dtype):
+    """eps=None in fp16/bf16: torch normalizes with its math dtype's epsilon (float32's), so small
+    activations are not shrunk (issue 16: bf16 0.01 gave 0.112 instead of torch's 1.0)."""
+    device, ctx = on_device(kernel_device)
+    x = torch.full((2, 4), 0.01, dtype=dtype)
+    ref_mod = torch.nn.RMSNorm(4, dtype=dtype)
+    ours_mod = fasttfm.nn.RMSNorm(4, dtype=dtype).to(device)
+    # and fresh small activations (mean square ~ eps) of an odd shape, against float64 with torch's eps
+    x0 = (randn(5, 37, dtype=torch.float64, scale=3e-4)).to(dtype).double()
+    w0 = (randn(37, dtype=torch.float64) * 0.5 + 1.0).to(dtype).double()
+    with ctx:
+        out, out_mod = fasttfm.rms_norm(x.to(device), (4,)), ours_mod(x.to(device))
+        y = fasttfm.rms_norm(x0.to(dtype).to(device), (37,), w0.to(dtype).to(device))
+    torch.testing.assert_close(out.cpu(), TF.rms_norm(x, (4,)))
+    torch.testing.assert_close(out_mod.detach().cpu(), ref_mod(x).detach())
+    ref = _ref(x0, w0, None, _torch_default_rms_eps(dtype), True)
+    assert_close_oracle(y.cpu(), ref, TF.rms_norm(x0.to(dtype), (37,), w0.to(dtype)), name="y")
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+def test_float64_backward_keeps_float64_statistics(rms):
+    """float64 (plain CPU path): mean/rstd stay float64 between forward and backward, so the gradients
+    are float64-accurate even with a large mean (issue 16: 1e-5 relative error with float32 stats)."""
+    rows, cols = 63, 17
+    x = (torch.randn(rows, cols, dtype=torch.float64) + 1000).requires_grad_(True)
+    w = (torch.randn(cols, dtype=torch.float64) * 0.5 + 1).requires_grad_(True)
+    b = None if rms else torch.randn(cols, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(rows, cols, dtype=torch.float64)
+    with fasttfm.emulate(False):
+        fn = (lambda x, w, b: fasttfm.rms_norm(x, [cols], w, 1e-5)) if rms else (
+            lambda x, w, b: fasttfm.layer_norm(x, [cols], w, b, 1e-5))
+        out, grads = _grads(fn, (x, w, b), dy)
+        _, mean, rstd = torch.ops.fasttfm.layer_norm_fwd(x.detach(), w.detach(), None, 1e-5, rms)
+    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (x, w, b)]
+    ref, ref_grads = _grads(lambda x, w, b: _ref(x, w, b, 1e-5, rms), leaves, dy)
+    low, low_grads = _grads(lambda x, w, b: _torch_lowp(x, w, b, 1e-5, rms), leaves, dy)
+    assert_close_oracle(out, ref, low, name="y")
+    for name, g, gr, gl in zip(["dx", "dweight", "dbias"], grads, ref_grads, low_grads):
+        assert_close_oracle(g, gr, gl, factor=3.0, name=name)
+    assert (rstd.dtype, mean.dtype if not rms else rstd.dtype) == (torch.float64, torch.float64)
+
+
+def _param(values, layout):
+    """(leaf, view): a leaf tensor and a strided or expanded (stride 0) view of it holding ``values``
+    (for "expanded", values[0] everywhere)."""
+    if values is None:
+        return None, None
+    if layout == "strided":
+        leaf = torch.stack([values, torch.zeros_like(values)], 1).requires_grad_(True)
+        return leaf, leaf[:, 0]
+    leaf = values[:1].clone().requires_grad_(True)
+    return leaf, leaf.expand(values.shape[0])
+
+
+@pytest.mark.parametrize("layout", ["strided", "expanded"])
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+def test_non_contiguous_weight_and_bias(kernel_device, rms, layout):
+    """Strided or expanded weight/bias are accepted on every path, as torch accepts them (issue 16)."""
+    device, ctx = on_device(kernel_device)
+    rows, cols = 5, 41
+    x0 = randn(rows, cols, dtype=torch.float64).float().double()
+    w0 = (randn(cols, dtype=torch.float64) * 0.5 + 1).float().double()
+    b0 = None if rms else randn(cols, dtype=torch.float64).float().double()
+    dy = randn(rows, cols, dtype=torch.float64)
+
+    def run(fn, dtype, dev):
+        x = x0.to(dtype).to(dev).requires_grad_(True)
+        (wl, w), (bl, b) = _param(w0.to(dtype).to(dev), layout), _param(None if b0 is None else b0.to(dtype).to(dev),
+                                                                         layout)
+        out = fn(x, w, b)
+        leaves = [t for t in (x, wl, bl) if t is not None]
+        return out, torch.autograd.grad(out, leaves, dy.to(dev).to(out.dtype))
+
+    def ours(x, w, b):
+        assert not w.is_contiguous() and (b is None or not b.is_contiguous())
+        return fasttfm.rms_norm(x, [cols], w, 1e-5) if rms else fasttfm.layer_norm(x, [cols], w, b, 1e-5)
+
+    with ctx:
+        out, grads = run(ours, torch.float32, device)
+    ref, ref_grads = run(lambda x, w, b: _ref(x, w, b, 1e-5, rms), torch.float64, "cpu")
+    low, low_grads = run(lambda x, w, b: _torch_lowp(x, w, b, 1e-5, rms), torch.float32, "cpu")
+    assert_close_oracle(out.cpu(), ref, low, name="y")
+    for name, g, gr, gl in zip(["dx", "dweight", "dbias"], grads, ref_grads, low_grads):
+        assert_close_oracle(g.cpu(), gr, gl, factor=3.0, name=name)
+
+
+def test_kernel_argument_errors_name_the_argument():
+    """Real errors of the low-level ops say which argument and what is accepted."""
+    from fasttfm._ext import cpu_lib, emu_lib
+
+    x = torch.randn(3, 8)
+    for lib, fwd in ((cpu_lib(), "layer_norm_fwd_cpu"), (emu_lib(), "layer_norm_fwd")):
+        with pytest.raises(RuntimeError, match=r"weight must be a 1-D tensor of 8 elements \(the row width\), "
+                                               r"got shape \[7\]"):
+            getattr(lib, fwd)(x, torch.ones(7), None, 1e-5, False)
+        with pytest.raises(RuntimeError, match=r"bias must be a 1-D tensor of 8 elements .*got shape \[2, 4\]"):
+            getattr(lib, fwd)(x, torch.ones(8), torch.ones(2, 4), 1e-5, False)

@@ -74,6 +74,54 @@ def test_matches_unfused(kernel_device, dtype, reduction, bias):
         _check(device, dtype, 23, 16, 97, bias, False, -100, reduction, "torch", 0.1, 0.0, chunk=5)
 
 
+
+@pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("hidden_amp", [False, True], ids=["h_fp32", "h_amp"])
+def test_autocast_matches_unfused(kernel_device, amp_dtype, reduction, bias, hidden_amp):
+    """Under torch.autocast the fused loss is what F.cross_entropy(F.linear(h, W, b), t) gives under
+    autocast: hidden, weight and bias (fp32 master parameters, or hidden already in the autocast dtype)
+    cast to the autocast dtype for the matmul, the loss in fp32 (issue 16: it raised 'Expected out
+    tensor to have dtype c10::BFloat16, but got float'). Function and module, every backend."""
+    device, ctx = on_device(kernel_device)
+    rows, hidden, vocab = 29, 24, 83
+    h_dtype = amp_dtype if hidden_amp else torch.float32
+    h0 = torch.randn(rows, hidden, dtype=torch.float64).to(h_dtype).double()
+    w0 = (torch.randn(vocab, hidden, dtype=torch.float64) * 2 / hidden**0.5).float().double()
+    b0 = torch.randn(vocab, dtype=torch.float64).float().double() if bias else None
+    t = torch.randint(0, vocab, (rows,))
+    t[3] = -100
+    dy = torch.randn(rows if reduction == "none" else (), dtype=torch.float64)
+
+    def run(fn, dev, dtypes):
+        leaves = [None if p is None else p.to(dt).to(dev).requires_grad_(True) for p, dt in zip((h0, w0, b0), dtypes)]
+        with torch.autocast("cuda" if dev == "cuda" else "cpu", dtype=amp_dtype):
+            loss = fn(*leaves, t.to(dev))
+        used = [p for p in leaves if p is not None]
+        return loss, torch.autograd.grad(loss, used, dy.to(dev).to(loss.dtype))
+
+    opts = dict(reduction=reduction, label_smoothing=0.1)
+    module = fasttfm.nn.FusedLinearCrossEntropyLoss(chunk_size=8, **opts)
+    with ctx:
+        out, grads = run(lambda h, w, b, t: fasttfm.linear_cross_entropy(h, w, t, b, chunk_size=8, **opts), device,
+                         (h_dtype, torch.float32, torch.float32))
+        out_mod, _ = run(lambda h, w, b, t: module(h, w, t, b), device, (h_dtype, torch.float32, torch.float32))
+    low, low_grads = run(lambda h, w, b, t: TF.cross_entropy(TF.linear(h, w, b), t, **opts), "cpu",
+                         (h_dtype, torch.float32, torch.float32))
+    # float64 reference on the values autocast hands the matmul
+    ref_in = [None if p is None else p.to(amp_dtype).double().requires_grad_(True) for p in (h0, w0, b0)]
+    ref = TF.cross_entropy(TF.linear(*ref_in), t, **opts)
+    ref_grads = torch.autograd.grad(ref, [p for p in ref_in if p is not None], dy)
+
+    assert out.dtype == low.dtype == torch.float32 and out.shape == low.shape
+    torch.testing.assert_close(out_mod, out, rtol=0, atol=0)
+    assert_close_oracle(out.detach().cpu(), ref, low, floor=2e-5 * max(1.0, ref.abs().max().item()), name="loss")
+    for name, g, gr, gl in zip(["dhidden", "dweight", "dbias"], grads, ref_grads, low_grads):
+        assert g.dtype == gl.dtype
+        assert_close_oracle(g.cpu(), gr, gl, factor=3.0, name=name)
+
+
 @pytest.mark.parametrize("weighted,ignore_index,smoothing,eps,z", [
     (True, -100, "torch", 0.1, 0.0), (False, 3, "fairseq", 0.1, 1e-2), (True, 0, "fairseq", 0.2, 1e-3),
     (False, -100, "torch", 0.0, 1e-2)])
@@ -172,6 +220,28 @@ def test_torch_compile_fullgraph():
     grads = torch.autograd.grad(out, list(lin.parameters()))
     ref = TF.cross_entropy(lin(torch.tanh(x)).view(-1, 40), t.view(-1), label_smoothing=0.1) + 1e-3 * torch.logsumexp(
         lin(torch.tanh(x)).view(-1, 40), 1).pow(2).mean()
+    ref_grads = torch.autograd.grad(ref, list(lin.parameters()))
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_autocast_torch_compile_fullgraph():
+    """The autocast rule (torch.library) also holds when torch.compile traces the op."""
+    torch._dynamo.reset()
+    lin = torch.nn.Linear(16, 40)
+    h = torch.randn(11, 16)
+    t = torch.randint(0, 40, (11,))
+
+    def step(fn):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return fn(torch.tanh(h), lin.weight, t, lin.bias)
+
+    fused = lambda h, w, t, b: fasttfm.linear_cross_entropy(h, w, t, b, chunk_size=4)  # noqa: E731
+    with fasttfm.emulate(False):
+        out = torch.compile(lambda: step(fused), fullgraph=True, backend="aot_eager")()
+        grads = torch.autograd.grad(out, list(lin.parameters()))
+    ref = step(lambda h, w, t, b: TF.cross_entropy(TF.linear(h, w, b), t))
     ref_grads = torch.autograd.grad(ref, list(lin.parameters()))
     torch.testing.assert_close(out, ref)
     for a, b in zip(grads, ref_grads):

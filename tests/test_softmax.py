@@ -125,6 +125,28 @@ def test_fused_upcast_dtype(kernel_device, dtype, dim):
         assert fasttfm.softmax(x, -1, dtype=torch.float16).dtype == torch.float16  # downcast: cast first, as torch
 
 
+
+@pytest.mark.parametrize("cast", [False, True], ids=["float64_input", "dtype_float64"])
+def test_float64_same_rule_on_every_backend(kernel_device, cast):
+    """float64 (input, or dtype=torch.float64) runs torch.softmax on every backend: the plain CPU path,
+    emulation and CUDA alike (issue 16: emulation raised where CUDA handed off to torch)."""
+    device, ctx = on_device(kernel_device)
+    x0 = randn(3, 7, 5, dtype=torch.float64, scale=3.0)
+    outs = []
+    with ctx:
+        for dim in (0, 1, -1):
+            x = (x0.float() if cast else x0).to(device).requires_grad_(True)
+            y = fasttfm.softmax(x, dim, dtype=torch.float64 if cast else None)
+            outs.append((dim, x, y, torch.autograd.grad(y, x, torch.ones_like(y).cumsum(dim))[0]))
+    for dim, x, y, dx in outs:
+        xr = x.detach().cpu().requires_grad_(True)
+        ref = torch.softmax(xr, dim, dtype=torch.float64)
+        (dref,) = torch.autograd.grad(ref, xr, torch.ones_like(ref).cumsum(dim))
+        assert y.dtype == torch.float64 and dx.dtype == x.dtype
+        assert_close_oracle(y.cpu(), ref, ref, name="y")  # float64: torch's own op is the reference
+        assert_close_oracle(dx.cpu(), dref, dref, name="dx")
+
+
 # ---- scaled / masked / causal ---------------------------------------------------------------------
 
 def _masked_ref(x, mask, scale, causal):

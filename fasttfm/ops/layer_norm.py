@@ -1,6 +1,6 @@
 """LayerNorm and RMSNorm as torch.library custom ops (``fasttfm::layer_norm_fwd/bwd``).
 
-Math (fp32 statistics for every input dtype):
+Math (fp32 statistics for fp32/fp16/bf16 inputs, float64 ones for float64):
   LayerNorm: y = (x - mean) * rstd * w + b,  rstd = 1 / sqrt(var + eps), biased variance;
   RMSNorm:   y = x * rstd * w,               rstd = 1 / sqrt(mean(x^2) + eps).
 Both normalize over the trailing ``normalized_shape`` dims; the ops see x as [rows, cols].
@@ -13,7 +13,8 @@ path, chosen by measurement on the 2-core dev machines (4M elements, fp32/bf16, 
   * RMSNorm fp32/bf16: our fused C++ kernel (csrc/cpu/norm_cpu.cpp), 4-7x faster than aten's
     ``_fused_rms_norm`` forward, which also has no CPU backward; fp16: aten's forward and a
     backward in fp32 torch ops (our kernel's software fp16 conversion made it 6x slower).
-Float64 inputs (gradcheck) and builds without fasttfm._C use torch ops.
+Float64 inputs (gradcheck) and builds without fasttfm._C use torch ops; float64 keeps mean/rstd in
+float64 from forward to backward.
 
 Dtypes: input fp32/fp16/bf16; weight/bias either the input's dtype or fp32 (mixed precision
 keeps fp32 parameters); output in the input's dtype; parameter gradients in the weight's dtype,
@@ -27,13 +28,26 @@ from torch import Tensor
 
 from .._ext import KERNEL_DTYPES, backend, cpu_kernels_for, cuda_lib, emu_lib
 
-__all__ = ["layer_norm", "rms_norm"]
+__all__ = ["layer_norm", "rms_norm", "default_rms_eps"]
 
 _FLOAT_TYPES = KERNEL_DTYPES
 
 
 def _kernel_lib(x):
     return cuda_lib() if x.device.type == "cuda" else emu_lib()
+
+
+def _stat_dtype(x):
+    """dtype of the saved mean/rstd: float32, or float64 for float64 input (plain CPU path only)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def default_rms_eps(dtype: torch.dtype) -> float:
+    """The eps torch's ``F.rms_norm``/``nn.RMSNorm`` use for ``eps=None``: the epsilon of the dtype the
+    op computes in -- float32's for fp16/bf16/fp32 inputs, float64's for float64 -- not the input dtype's
+    (aten's rms_norm and its ``_fused_rms_norm`` decomposition both take their math dtype's epsilon,
+    whatever the docstring says; tests/test_layer_norm.py reads it back from the installed torch)."""
+    return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
 
 
 # ---- forward ---------------------------------------------------------------------------------
@@ -55,16 +69,16 @@ def _layer_norm_fwd_cpu(x, weight, bias, eps, rms):
         if ext is not None:
             return ext.layer_norm_fwd_cpu(x, weight, bias, eps, True)
         y, rstd = torch.ops.aten._fused_rms_norm(x, [cols], weight, eps)
-        return y, x.new_empty((0,), dtype=torch.float32), rstd.float().reshape(rows)
+        return y, x.new_empty((0,), dtype=_stat_dtype(x)), rstd.to(_stat_dtype(x)).reshape(rows)
     y, mean, rstd = torch.native_layer_norm(x, [cols], weight, bias, eps)
-    return y, mean.float().reshape(rows), rstd.float().reshape(rows)
+    return y, mean.to(_stat_dtype(x)).reshape(rows), rstd.to(_stat_dtype(x)).reshape(rows)
 
 
 @_layer_norm_fwd.register_fake
 def _(x, weight, bias, eps, rms):
     rows = x.shape[0]
-    return (torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty((0 if rms else rows,), dtype=torch.float32),
-            x.new_empty((rows,), dtype=torch.float32))
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            x.new_empty((0 if rms else rows,), dtype=_stat_dtype(x)), x.new_empty((rows,), dtype=_stat_dtype(x)))
 
 
 # ---- backward --------------------------------------------------------------------------------
@@ -210,7 +224,8 @@ def layer_norm(input: Tensor, normalized_shape: Sequence[int], weight: Optional[
 
 def rms_norm(input: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
              eps: Optional[float] = None) -> Tensor:
-    """Drop-in ``F.rms_norm``: ``eps=None`` means ``torch.finfo(input.dtype).eps`` as in torch."""
+    """Drop-in ``F.rms_norm``: ``eps=None`` means torch's default, :func:`default_rms_eps` (float32's
+    epsilon for fp16/bf16/fp32 input, float64's for float64)."""
     if eps is None:
-        eps = torch.finfo(input.dtype).eps if isinstance(input, Tensor) and input.is_floating_point() else 1e-6
+        eps = default_rms_eps(input.dtype) if isinstance(input, Tensor) else 1e-6
     return _norm("rms_norm", input, normalized_shape, weight, None, eps, rms=True)

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from .._ext import backend
+from ._autocast import autocast_dtype, register_lowp_autocast
 from .cross_entropy import (REDUCTIONS, SMOOTHINGS, _KERNEL_TYPES, _loss_dtype, ce_bwd_rows_, ce_fwd_rows,
                             smoothing_coefficients)
 
@@ -181,6 +182,10 @@ def _backward(ctx, dloss, _gh, _gw, _gb):
 
 
 torch.library.register_autograd("fasttfm::linear_cross_entropy_fwd", _backward, setup_context=_setup_context)
+# Autocast: the matmuls follow it as the unfused F.linear does (hidden, weight and bias in the autocast
+# dtype); the cross-entropy is fp32 math anyway, like F.cross_entropy under autocast; the loss is fp32.
+register_lowp_autocast("fasttfm::linear_cross_entropy_fwd", (0, 1, 3))
+register_lowp_autocast("fasttfm::linear_cross_entropy_bwd", (1, 2, 4))
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None,
@@ -192,8 +197,10 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: O
     hidden: (*, H); weight: (V, H) (an ``nn.Linear``/LM-head weight); bias: (V,) or None; target: (*)
     int64 class indices; class_weight: (V,) class weights (``weight`` of F.cross_entropy). All loss
     options as :func:`fasttfm.cross_entropy`. Returns a float32 loss (float64 for float64 input): a
-    scalar for "mean"/"sum", the target's shape for "none". See the module docstring for the chunking,
-    the gradients stored by the forward, and memory.
+    scalar for "mean"/"sum", the target's shape for "none". Under ``torch.autocast`` hidden, weight and
+    bias are cast to the autocast dtype for the matmuls, as ``F.linear`` is (fp32 master weights keep
+    fp32 gradients), and the loss stays fp32, as ``F.cross_entropy``'s. See the module docstring for the
+    chunking, the gradients stored by the forward, and memory.
     """
     if not all(isinstance(t, Tensor) for t in (hidden, weight, target)):
         raise TypeError("fasttfm.linear_cross_entropy: hidden, weight and target must be Tensors")
@@ -205,12 +212,13 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: O
         raise ValueError(f"fasttfm.linear_cross_entropy: weight must be (V, H) with H = hidden.shape[-1]; got hidden "
                          f"{list(hidden.shape)} and weight {list(weight.shape)}")
     vocab = weight.shape[0]
-    for name, p in (("weight", weight), ("bias", bias)):
+    for name, p in (("weight", weight), ("bias", bias)):  # dtypes as the op sees them (autocast casts them)
         if p is None:
             continue
-        if p.dtype != hidden.dtype or p.device != hidden.device:
+        if autocast_dtype(p) != autocast_dtype(hidden) or p.device != hidden.device:
             raise TypeError(f"fasttfm.linear_cross_entropy: {name} must have hidden's dtype and device "
-                            f"({hidden.dtype}, {hidden.device}), got {p.dtype} on {p.device}")
+                            f"({hidden.dtype}, {hidden.device}), or both be cast by torch.autocast; got "
+                            f"{p.dtype} on {p.device}")
     if bias is not None and bias.shape != (vocab,):
         raise ValueError(f"fasttfm.linear_cross_entropy: bias must be ({vocab},), got {list(bias.shape)}")
     if reduction not in REDUCTIONS or smoothing not in SMOOTHINGS:

@@ -23,8 +23,9 @@ source in the SIMT emulator. CPU tensors otherwise, chosen by measurement on the
   * scaled / masked / causal rows: the fused C++ kernel csrc/cpu/softmax_cpu.cpp (one pass into a
     float row buffer, AVX2 exp), 2.3-2.8x faster than composing torch ops (fp32/bf16; on par for
     fp16), with fp32 math and empty rows -> 0; its backward is aten's ``_softmax_backward_data``.
-float64 runs on the CPU path only (torch ops; gradcheck); plain ``softmax`` of float64 CUDA tensors
-calls ``torch.softmax``.
+There are no float64 kernels: plain ``softmax`` of float64 (input, or ``dtype=torch.float64``) calls
+``torch.softmax`` on every backend (CPU, emulation, CUDA); the custom ops take float64 on the plain CPU
+path only (torch ops; gradcheck).
 """
 import math
 from typing import Optional
@@ -221,7 +222,7 @@ def softmax(input: Tensor, dim: int = -1, dtype: Optional[torch.dtype] = None) -
     input: any shape and strides, fp32/fp16/bf16 (fp32 math). ``dtype``: as torch, the input is cast
     to it first; fp16/bf16 -> float32 is fused into the kernel (no cast copy). Fully -inf slices give
     NaN, as in torch (``scaled_masked_softmax`` gives zeros instead). Non-last dims are reduced in place
-    by a strided kernel (see the module docstring). float64 CUDA tensors call ``torch.softmax``.
+    by a strided kernel (see the module docstring). float64 calls ``torch.softmax`` (every backend).
     """
     if not isinstance(input, Tensor):
         raise TypeError(f"fasttfm.softmax: input must be a Tensor, got {type(input).__name__}")
@@ -236,7 +237,7 @@ def softmax(input: Tensor, dim: int = -1, dtype: Optional[torch.dtype] = None) -
     if not isinstance(dim, int) or not -n <= dim < n:
         raise IndexError(f"fasttfm.softmax: dim {dim} is out of range for a {x.dim()}-D input "
                          f"(expected an int in [{-n}, {n - 1}])")
-    if x.dtype == torch.float64 and x.device.type == "cuda":
+    if x.dtype == torch.float64:  # no float64 kernels: torch's op, one rule for CPU, emulation and CUDA
         return torch.softmax(x, dim)
     _check_input("softmax", x)
     if backend(x) == "cpu":  # aten's CPU kernel: the fastest measured; the op layer would only add dispatch
