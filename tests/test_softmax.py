@@ -114,6 +114,37 @@ def test_strided_inputs(kernel_device, layout):
             torch.testing.assert_close(y.cpu().double(), torch.softmax(x0, dim), atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("reduce", ["sum", "mean_of_slice"])
+@pytest.mark.parametrize("dim", [-1, 1])
+def test_gradient_of_a_reduction(kernel_device, dim, reduce):
+    """``softmax(x).sum().backward()`` hands the backward an expanded (stride-0) gradient; the CUDA
+    kernels refused it (found on the first real-GPU run; reproduced under emulation)."""
+    device, ctx = on_device(kernel_device)
+    x0 = randn(7, 33, 5, dtype=torch.float64)
+    s0 = randn(2, 3, 9, 17, dtype=torch.float64)
+    mask = torch.rand(2, 1, 9, 17) > 0.3
+
+    def loss(y):
+        return y.sum() if reduce == "sum" else y[..., ::2].mean()
+
+    with ctx:
+        for dtype in (torch.float32, torch.bfloat16):
+            x = x0.to(dtype).to(device).requires_grad_(True)
+            loss(fasttfm.softmax(x, dim)).backward()
+            xr = x0.to(dtype).double().requires_grad_(True)
+            loss(torch.softmax(xr, dim)).backward()
+            xl = x0.to(dtype).requires_grad_(True)
+            loss(torch.softmax(xl, dim)).backward()
+            assert_close_oracle(x.grad, xr.grad, xl.grad, name=f"softmax dim={dim} {dtype} dx")
+            s = s0.to(dtype).to(device).requires_grad_(True)
+            loss(fasttfm.scaled_masked_softmax(s, mask.to(device), scale=0.5)).backward()
+            sr = s0.to(dtype).double().requires_grad_(True)
+            loss(torch.softmax((sr * 0.5).masked_fill(~mask, NEG_INF), -1)).backward()
+            sl = s0.to(dtype).requires_grad_(True)
+            loss(torch.softmax((sl * 0.5).masked_fill(~mask, NEG_INF), -1)).backward()
+            assert_close_oracle(s.grad, sr.grad, sl.grad, name=f"scaled_masked_softmax {dtype} dx")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("dim", [-1, 1])
 def test_fused_upcast_dtype(kernel_device, dtype, dim):

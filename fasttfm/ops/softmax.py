@@ -134,9 +134,17 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output)
 
 
+def _kernel_layout(t: Tensor) -> Tensor:
+    """``t`` ([outer, C, inner]) when it has the unit stride the kernels read along (C when inner == 1,
+    else inner), otherwise a contiguous copy: e.g. the expanded (stride-0) gradient of ``y.sum()``."""
+    ok = (t.shape[1] <= 1 or t.stride(1) == 1) if t.shape[2] == 1 else t.stride(2) == 1
+    return t if ok else t.contiguous()
+
+
 def _backward(ctx, dy):
     (y,) = ctx.saved_tensors
     nq, scale, causal, x_dtype = ctx.args
+    dy = _kernel_layout(dy)
     need_x, need_mask = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
     if not need_mask:
         dx = _softmax_bwd(y, dy, nq, scale, causal, x_dtype) if need_x else None
