@@ -226,7 +226,7 @@ __device__ __forceinline__ Sum2 bwd_sums(const RowFrag<T, VEC, ITERS>& x, const 
   for (int i = 0; i < ITERS; ++i)
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      const float g = dy.f(i, j) * to_float(w[i].v[j]);
+      const float g = __fmul_rn(dy.f(i, j), to_float(w[i].v[j]));  // rounded as in bwd_apply (no FMA)
       s.a += g;
       s.b += g * ((x.f(i, j) - mu) * rs);
     }
@@ -244,7 +244,9 @@ __device__ __forceinline__ void bwd_apply(const RowFrag<T, VEC, ITERS>& x, const
     Vec<T, VEC> out;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      const float xh = (x.f(i, j) - mu) * rs, d = dy.f(i, j), g = d * to_float(w[i].v[j]);
+      // g rounded on its own (__fmul_rn is never contracted): nvcc fused d * w into g - mean(g), so a
+      // 1-column row (exact answer 0) got rstd x the product's rounding error (2e-6 fp32 on an H200)
+      const float xh = (x.f(i, j) - mu) * rs, d = dy.f(i, j), g = __fmul_rn(d, to_float(w[i].v[j]));
       out.v[j] = from_float<T>(rs * (g - c.a - xh * c.b));
       dw[i][j] += d * xh;
       db[i][j] += d;
