@@ -241,3 +241,22 @@ def test_cli_bench_lists_ops_and_has_its_own_help(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["bench", "--help"])
     assert exc.value.code == 0 and "--seqlens" in capsys.readouterr().out
+
+
+def test_tune_attention_runner_interpreted():
+    """bench/tune_attention.py's launch thunks on the Triton interpreter at toy size: two configs of each
+    kernel compute the same outputs, and the FLOP counts follow the visible pairs."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "tune_attention.py")
+    spec = importlib.util.spec_from_file_location("tune_attention", path)
+    tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune)
+    s = tune._setup(16, 32, torch.float32, True, device="cpu", tokens=64, hidden=32)
+    for kernel in ("fwd", "dkdv", "dq"):
+        a = tune._runner(kernel, s, (16, 16, 4, 1), interpret=True)()
+        b = tune._runner(kernel, s, (32, 16, 4, 1), interpret=True)()
+        assert tune._rel(a, b) < 1e-5, kernel
+    assert tune._flops("fwd", s, True, 16) == 4 * s["b"] * s["h"] * 16 * (32 * 33 // 2)
+    assert all(len(c) == 4 for cands in tune.CANDIDATES.values() for c in cands)
