@@ -44,6 +44,7 @@ class KernelReport:
     expects_mma: bool = False
     tma: int = 0  # TMA loads (UTMALDG) in the SASS
     expects_tma: bool = False
+    spill_ok: int = 0  # stack bytes allowed: a GPU-measured exception (kernels' MEASURED_SPILLS)
 
     def row(self):
         return (f"{self.source:6s} sm_{self.arch}  {self.name[:100]:100s} regs {self.registers:3d}  "
@@ -204,7 +205,7 @@ def _compile_triton_case(mod_name, arch, index):
         mma = sum(_sass_mma_counts(cubin).values())
         tma = sum(_sass_mma_counts(cubin, _TMA_LOAD).values())
     return KernelReport("triton", f"{mod_name}: {case.name}", arch, regs, stack, int(k.metadata.shared), mma,
-                        case.tensor_core, tma, case.tma)
+                        case.tensor_core, tma, case.tma, case.spill_ok)
 
 
 def triton_reports(archs=(80, 90), modules=None, jobs=None):
@@ -230,8 +231,9 @@ def violations(reports):
     """Human-readable problems: spills, shared memory over the limit, missing tensor-core use."""
     bad = []
     for r in reports:
-        if r.spill_bytes:
-            bad.append(f"{r.name} sm_{r.arch}: {r.spill_bytes} B of spills/stack")
+        if r.spill_bytes > r.spill_ok:
+            bad.append(f"{r.name} sm_{r.arch}: {r.spill_bytes} B of spills/stack"
+                       + (f" (over the {r.spill_ok} B measured allowance)" if r.spill_ok else ""))
         if r.smem_bytes > SMEM_LIMIT.get(r.arch, 48 * 1024):
             bad.append(f"{r.name} sm_{r.arch}: {r.smem_bytes} B shared memory > {SMEM_LIMIT[r.arch]} B")
         if r.expects_mma and r.mma == 0:

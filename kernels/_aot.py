@@ -27,3 +27,6 @@ class AotCase:
     # by 16. Without them pointer loads are not vectorized/pipelined and the report overstates
     # registers and spills (attention fwd d64 128x128: 255 regs + 360 B stack without, 174 with).
     attrs: dict = dataclasses.field(default_factory=dict)
+    # Stack bytes this config may spill: nonzero only for configs a GPU measured faster than every
+    # spill-free candidate (kernels/attention_bwd.py MEASURED_SPILLS says which and by how much).
+    spill_ok: int = 0

@@ -57,13 +57,16 @@ AttnConfig = namedtuple("AttnConfig", "BLOCK_M BLOCK_N num_warps num_stages")
 # -- configs ---------------------------------------------------------------------------------
 # (max head-dim block, [configs]) per compute capability major; every entry must pass the
 # static report (no spills, smem within the per-block limit, HGMMA on sm_90), see aot_cases.
-_FWD_CONFIGS = {  # measured (fp16; sm_90 with TMA loads): registers, smem -- see aot_cases / the static report
-    9: [(64, [AttnConfig(128, 128, 8, 3),    # 159 regs, 112 KB (174 regs with pointer loads)
+# sm_90 order: timed on an H200 (triton 3.6, bf16, N=4096; full / causal ms; bench/tune_attention.py,
+# bench/results/gpu/tune_bf16_n4096.json). Registers with TMA loads (pointer loads in parentheses).
+_FWD_CONFIGS = {
+    9: [(64, [AttnConfig(64, 128, 4, 2),     # 1.26 / 0.72 ms; 159 regs, 72 KB
+              AttnConfig(128, 128, 8, 3),    # 1.66 / 0.95 ms (the old default); 159 regs, 112 KB (174)
               AttnConfig(128, 64, 8, 3),     # 107 regs, 64 KB
-              AttnConfig(64, 64, 4, 3)]),    # 106 regs, 56 KB
-        (128, [AttnConfig(128, 64, 8, 3),    # 153 regs, 128 KB (164)
-               AttnConfig(128, 128, 8, 2),   # 188 regs, 160 KB (238)
-               AttnConfig(64, 64, 4, 3)]),   # 139 regs, 112 KB
+              AttnConfig(64, 64, 4, 3)]),    # 1.32 / 0.74 ms; 106 regs, 56 KB
+        (128, [AttnConfig(64, 64, 4, 3),     # 1.10 / 0.61 ms; 139 regs, 112 KB
+               AttnConfig(128, 64, 8, 3),    # 1.22 / 0.70 ms (the old default); 153 regs, 128 KB (164)
+               AttnConfig(128, 128, 8, 2)]), # 188 regs, 160 KB (238)
         (256, [AttnConfig(128, 64, 8, 2),    # 224 regs, 192 KB (255)
                AttnConfig(128, 32, 8, 2)])], # 209 regs, 128 KB
     8: [(64, [AttnConfig(128, 128, 8, 2),    # 218 regs, 80 KB

@@ -69,3 +69,16 @@ ptxas info    : Used 40 registers, used 1 barriers, 2048 bytes smem, 356 bytes c
     (r,) = aot._parse_ptxas(log, 80, {"_Z3fooPf": 2}, "x.cu")
     assert (r.registers, r.spill_bytes, r.smem_bytes, r.mma) == (40, 16, 2048, 2)
     assert r.name == "x.cu: foo"
+
+
+def test_measured_spill_allowance():
+    """A config may spill only within the allowance a GPU measurement granted it (MEASURED_SPILLS)."""
+    from fasttfm.kernels import attention as KA, attention_bwd as KB
+
+    r = aot.KernelReport("triton", "k", 90, 255, 392, 96 * 1024, 8, True, spill_ok=512)
+    assert aot.violations([r]) == []
+    assert aot.violations([dataclasses.replace(r, spill_bytes=600)])
+    assert aot.violations([dataclasses.replace(r, spill_ok=0)])
+    cases = [c for c in KB.aot_cases_bwd(90, 128, KA.torch.bfloat16, "bf16") if c.spill_ok]
+    assert [c.name for c in cases] == ["attn_bwd_dkdv[bf16,d128,bm64,bn64,w4,s2]"]
+    assert all(c.spill_ok == 0 for c in KB.aot_cases_bwd(80, 128, KA.torch.bfloat16, "bf16"))

@@ -595,8 +595,44 @@ def _mod_configs():
     return sorted(out, key=str)
 
 
-@pytest.mark.parametrize("d,fwd,dkdv,dq", _mod_configs(), ids=lambda x: (
-    f"bm{x.BLOCK_M}-bn{x.BLOCK_N}-w{x.num_warps}-s{x.num_stages}" if isinstance(x, tuple) else str(x)))
+def _default_configs():
+    """(head dim, fwd, dK/dV, dQ): the first (default) config of every plain list, every arch class."""
+    out = set()
+    for cc, d in itertools.product((80, 86, 90), (64, 128, 256)):
+        bc = KB.bwd_configs(cc, d, F16)
+        out.add((d, KA.fwd_configs(cc, d, F16)[0], bc.dkdv[0], bc.dq[0]))
+    return sorted(out, key=str)
+
+
+_CFG_ID = dict(ids=lambda x: f"bm{x.BLOCK_M}-bn{x.BLOCK_N}-w{x.num_warps}-s{x.num_stages}" if isinstance(x, tuple)
+               else str(x))
+
+
+@pytest.mark.parametrize("d,fwd,dkdv,dq", _default_configs(), **_CFG_ID)
+def test_every_default_config(d, fwd, dkdv, dq):
+    """Each default config (what a GPU launches without autotuning; sm_90's chosen by an H200 sweep)
+    runs fwd + bwd through the interpreter on a causal + window + chunk problem with GQA, odd lengths
+    and tiles cut by every mask edge, against the fp64 reference."""
+    nq, nk = (150, 170) if d < 256 else (70, 90)
+    q, do = (torch.randn(1, 2, nq, d, dtype=torch.float64).to(F16) for _ in range(2))
+    k, v = (torch.randn(1, 1, nk, d, dtype=torch.float64).to(F16) for _ in range(2))
+    scale = d ** -0.5
+    for causal, window, chunk in ((True, (50, -1), None), (False, (-1, -1), 48)):
+        mask = dense_mask(nq, nk, causal, window, chunk)
+        refs = {}
+        for name, dt in (("64", torch.float64), ("lowp", F16)):
+            qq, kk, vv = (t.to(dt).requires_grad_() for t in (q, k, v))
+            o, lse = ref_attention(qq, kk, vv, mask, scale)
+            refs[name] = (o.detach(), lse, *torch.autograd.grad(o, (qq, kk, vv), do.to(dt)))
+        got = run_kernels(q, k, v, do, scale=scale, causal=causal, window=window, chunk=chunk, fwd_cfg=fwd,
+                          dkdv_cfg=dkdv, dq_cfg=dq)
+        assert_close_oracle(got[0], refs["64"][0], refs["lowp"][0], name="out")
+        for i, name in ((2, "dq"), (3, "dk"), (4, "dv")):
+            assert_close_oracle(got[i], refs["64"][i], refs["lowp"][i], factor=3.0, name=name,
+                                floor=grad_floor(F16, refs["64"][2:]))
+
+
+@pytest.mark.parametrize("d,fwd,dkdv,dq", _mod_configs(), **_CFG_ID)
 def test_every_modifier_config(d, fwd, dkdv, dq):
     """Each config shipped for modified problems runs fwd + bwd through the interpreter with softcap
     and ALiBi on a causal + window problem with GQA, against the fp64 reference."""
