@@ -152,14 +152,12 @@ def dtype_name(dtype):
 
 
 def peak_memory_mb(fn, device):
+    """Peak CUDA memory (MiB) above the baseline while fn() runs; NaN on the CPU (fn is not run there)."""
     if device != "cuda":
         return float("nan")
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+    from fasttfm.gpu_check._common import peak_memory_mib
+
+    return peak_memory_mib(fn, device)
 
 
 def write_results(rows, info, out_dir, stem, skipped=()):

@@ -6,7 +6,7 @@ import traceback
 
 import torch
 
-__all__ = ["deadline", "left", "record", "out_dir", "median_ms", "rel_oracle", "guarded", "free_cuda"]
+__all__ = ["deadline", "left", "record", "out_dir", "median_ms", "rel_oracle", "guarded", "free_cuda", "peak_memory_mib"]
 
 
 def deadline():
@@ -91,3 +91,17 @@ def free_cuda():
             torch.cuda.empty_cache()
         except Exception:  # noqa: BLE001 - a sticky CUDA error: later cases report it themselves
             pass
+
+
+def peak_memory_mib(fn, device="cuda"):
+    """Peak CUDA memory allocated while ``fn()`` runs, above what was allocated before (MiB); NaN off CUDA
+    (fn still runs). Shared with bench/common.py."""
+    if device != "cuda":
+        fn()
+        return float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20

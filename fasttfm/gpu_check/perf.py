@@ -25,7 +25,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from ._common import free_cuda, guarded, left, record
+from ._common import free_cuda, guarded, left, peak_memory_mib, record
 
 __all__ = ["SECTIONS", "attention_flops", "main"]
 
@@ -251,23 +251,11 @@ def linear_ce(quick):
              "torch": lambda: F.cross_entropy(F.linear(h, w).float(), t)}
     for name, fn in provs.items():
         free_cuda()
-        peak = _peak_mib(lambda: fn().backward())
+        peak = peak_memory_mib(lambda: fn().backward(), DEV)
         ms, lo, hi = _time(lambda: fn().backward(), grads=(h, w))
         flops = 6.0 * bt * hid * vocab
         record("perf", section="linear_ce", provider=name, status="ok", bt=bt, hidden=hid, vocab=vocab, dtype="bfloat16",
                dir="fwd+bwd", ms=ms, ms_lo=lo, ms_hi=hi, peak_mib=peak, tflops=flops / (ms * 1e-3) / 1e12)
-
-
-def _peak_mib(fn):
-    if DEV != "cuda":
-        fn()
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def decode(quick):
