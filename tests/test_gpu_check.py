@@ -181,3 +181,12 @@ def test_report_targets_from_records(tmp_path):
     assert table["softmax fwd, % of copy BW"][3] == pytest.approx(0.5)
     assert table["decode tokens/s vs SDPA"][6] is None
     assert "not measured" in report.target_table(recs)
+
+
+def test_weights_override_and_refusals(tmp_path):
+    w = gpu_check._parse_weights("tests=0.6,perf=0.2")
+    assert w["tests"] == 0.6 and w["perf"] == 0.2 and w["build"] == gpu_check.WEIGHTS["build"]
+    assert gpu_check.allocate("tests", ["tests", "perf"], 80, w) == pytest.approx(60)
+    with pytest.raises(ValueError, match="unknown phase 'bogus'"):
+        gpu_check._parse_weights("bogus=1")
+    assert gpu_check.main(["--out", str(tmp_path), "--weights", "bogus=1"]) == 2

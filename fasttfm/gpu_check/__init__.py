@@ -40,10 +40,22 @@ REPORT_RESERVE_S = 10.0
 GPU_PHASES = {"tests", "grid", "sanitizer", "perf"}
 
 
-def allocate(phase, remaining_phases, seconds_left):
+def allocate(phase, remaining_phases, seconds_left, weights=None):
     """Seconds for ``phase`` given the phases not yet run (``phase`` included) and the time left."""
-    total = sum(WEIGHTS.get(p, 0.1) for p in remaining_phases)
-    return max(0.0, seconds_left * WEIGHTS.get(phase, 0.1) / total) if total else 0.0
+    weights = weights or WEIGHTS
+    total = sum(weights.get(p, 0.1) for p in remaining_phases)
+    return max(0.0, seconds_left * weights.get(phase, 0.1) / total) if total else 0.0
+
+
+def _parse_weights(spec):
+    """``"tests=0.6,perf=0.2"`` -> WEIGHTS with those entries replaced (ValueError on a bad entry)."""
+    out = dict(WEIGHTS)
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        name, _, value = item.partition("=")
+        if name not in PHASES:
+            raise ValueError(f"--weights: unknown phase {name!r}; accepted: {','.join(PHASES)}")
+        out[name] = float(value)
+    return out
 
 
 class Run:
@@ -223,6 +235,8 @@ def _phase_cmd(run, name, args):
     cmd = [run.python, "-m", mod]
     if name == "perf" and args.quick:
         cmd.append("--quick")
+    if name == "perf" and args.perf_sections:
+        cmd += ["--sections", args.perf_sections]
     if name == "tests" and args.pytest_args:
         cmd += ["--pytest-args", args.pytest_args]
     return cmd
@@ -236,6 +250,9 @@ def parse_args(argv):
     p.add_argument("--phases", default=",".join(PHASES), help=f"comma list out of {','.join(PHASES)}")
     p.add_argument("--quick", action="store_true", help="fewer benchmark cases (plumbing checks)")
     p.add_argument("--pytest-args", default="", help="extra pytest arguments for the tests phase")
+    p.add_argument("--perf-sections", default="", help="comma list of perf sections (default: all; see perf.py)")
+    p.add_argument("--weights", default="", help="budget shares per phase, e.g. tests=0.6,perf=0.2 "
+                   f"(default {','.join(f'{k}={v}' for k, v in WEIGHTS.items())})")
     return p.parse_args(argv)
 
 
@@ -245,6 +262,11 @@ def main(argv=None):
     bad = [p for p in phases if p not in PHASES]
     if bad:
         print(f"gpu-check: --phases: unknown {bad}; accepted: {','.join(PHASES)}", file=sys.stderr)
+        return 2
+    try:
+        weights = _parse_weights(args.weights)
+    except ValueError as exc:
+        print(f"gpu-check: {exc}", file=sys.stderr)
         return 2
     run = Run(args.out, args.budget_s)
     run.command = "python -m fasttfm gpu-check " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -256,7 +278,7 @@ def main(argv=None):
     run.save()
     todo = list(phases)
     for name in phases:
-        budget = allocate(name, todo, run.left() - REPORT_RESERVE_S)
+        budget = allocate(name, todo, run.left() - REPORT_RESERVE_S, weights)
         todo.remove(name)
         if name in GPU_PHASES and not has_gpu:
             run.phases[name] = {"status": "skipped", "why": "no CUDA GPU visible (torch.cuda.is_available() False)"}
