@@ -117,6 +117,9 @@ def cuda_reports(archs=(80, 90), sources=None):
         raise RuntimeError("fasttfm aot: no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)")
     csrc = os.path.join(_root(), "csrc")
     sources = sources or sorted(glob.glob(os.path.join(csrc, "*.cu")))
+    if not sources:  # an installed wheel has no csrc/: say so instead of reporting on nothing
+        raise RuntimeError(f"fasttfm aot: no CUDA sources under {csrc} (an installed wheel does not ship "
+                           "csrc/): run it from a source checkout or an unpacked sdist")
     reports = []
     with tempfile.TemporaryDirectory() as tmp:
         for src in sources:

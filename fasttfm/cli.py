@@ -119,6 +119,10 @@ def main(argv=None) -> int:
         return train_command(argv[1:])
     if argv[:1] == ["bench"]:  # bench/suite.py's parser, --help included
         return bench(argv[1:])
+    if argv[:1] == ["aot"]:  # its own parser, --help included
+        from .aot import main as aot_main
+
+        return aot_main(argv[1:])
     if argv[:1] == ["gpu-check"]:  # its own parser, --help included
         from .gpu_check import main as gpu_check_main
 
