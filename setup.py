@@ -106,7 +106,12 @@ def _write_build_info(build_cuda, build_emu):
     """fasttfm/_build_info.json: what this build contains, for `python -m fasttfm info`."""
     import json
 
-    info = {"cuda": build_cuda, "archs": _archs() if build_cuda else [], "cuda_home": cuda_home, "emulator": build_emu}
+    import platform
+
+    import torch
+
+    info = {"cuda": build_cuda, "archs": _archs() if build_cuda else [], "cuda_home": cuda_home, "emulator": build_emu,
+            "torch": torch.__version__, "python": platform.python_version()}
     with open(os.path.join(ROOT, "fasttfm", "_build_info.json"), "w") as f:
         json.dump(info, f)
 

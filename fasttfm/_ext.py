@@ -7,13 +7,16 @@ part raises :class:`MissingExtensionError` saying how to build it.
 """
 import functools
 import importlib
+import importlib.util
+import json
+import os
 
 import torch
 
 from ._env import emulate_enabled
 
 __all__ = ["MissingExtensionError", "KERNEL_DTYPES", "backend", "cuda_lib", "emu_lib", "cpu_lib", "cpu_kernels_for",
-           "built_parts", "emu_set_order"]
+           "built_parts", "emu_set_order", "load_errors"]
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the CUDA and CPU C++ kernels take
 
@@ -25,13 +28,52 @@ class MissingExtensionError(RuntimeError):
     """A compiled part of fasttfm that this call needs is not built."""
 
 
+def _build_info():
+    """fasttfm/_build_info.json as written by setup.py (archs, torch version, ...), or {}."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_build_info.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
 @functools.lru_cache(maxsize=None)
-def _load(module):
+def _load_error(module):
+    """None when ``fasttfm.<module>`` loads; else why not: "not built" when there is no such file,
+    otherwise the real reason (a torch version the build was not made for, or the ImportError text)."""
+    if importlib.util.find_spec(f"fasttfm.{module}") is None:
+        return "not built"
+    built = _build_info().get("torch")
+    if built and built != torch.__version__:
+        return (f"was built against torch {built}, but torch {torch.__version__} is running (a C++ extension only "
+                f"loads into the torch it was built for); rebuild it")
     try:
         importlib.import_module(f"fasttfm.{module}")
-        return True
-    except ImportError:
-        return False
+        return None
+    except ImportError as exc:
+        return f"fails to load: {exc}"
+
+
+def _load(module):
+    return _load_error(module) is None
+
+
+def load_errors():
+    """{part: reason} for the compiled parts that exist but do not load (absent parts are not listed)."""
+    out = {}
+    for part, module in (("_C", "_C"), ("_C_emu", "_C_emu")):
+        err = _load_error(module)
+        if err not in (None, "not built"):
+            out[part] = err
+    return out
+
+
+def _missing(module, what):
+    err = _load_error(module)
+    if err == "not built":
+        return MissingExtensionError(f"{what} is not built; {_BUILD_HINT}")
+    return MissingExtensionError(f"{what} {err}; {_BUILD_HINT}")
 
 
 def _has_kernels(lib):
@@ -47,7 +89,7 @@ def built_parts():
 def cuda_lib():
     """``torch.ops.fasttfm_C`` with the CUDA kernels, or a clear error."""
     if not _load("_C"):
-        raise MissingExtensionError(f"fasttfm._C is not built; {_BUILD_HINT}")
+        raise _missing("_C", "fasttfm._C")
     if not _has_kernels("fasttfm_C"):
         raise MissingExtensionError("fasttfm._C was built without CUDA kernels (no CUDA toolkit found at build "
                                     f"time, or FASTTFM_SKIP_CUDA_BUILD=1); {_BUILD_HINT}")
@@ -57,23 +99,29 @@ def cuda_lib():
 def cpu_lib():
     """``torch.ops.fasttfm_C`` for the CPU C++ kernels, or a clear error."""
     if not _load("_C"):
-        raise MissingExtensionError(f"fasttfm._C is not built; {_BUILD_HINT}")
+        raise _missing("_C", "fasttfm._C")
     return torch.ops.fasttfm_C
 
 
 def cpu_kernels_for(t: torch.Tensor):
     """``torch.ops.fasttfm_C`` when the CPU C++ kernels take ``t``'s dtype and fasttfm._C is built, else
-    None (float64 inputs, or a build without the extension: callers fall back to torch ops)."""
-    if t.dtype not in KERNEL_DTYPES or not _load("_C"):
+    None (float64 inputs, or an install without the extension: callers fall back to torch ops). An
+    extension that exists but does not load raises with the real reason instead of falling back."""
+    if t.dtype not in KERNEL_DTYPES:
         return None
+    err = _load_error("_C")
+    if err == "not built":
+        return None
+    if err is not None:
+        raise _missing("_C", "fasttfm._C")
     return torch.ops.fasttfm_C
 
 
 def emu_lib():
     """``torch.ops.fasttfm_emu`` (CUDA kernels on CPU tensors through the SIMT emulator)."""
     if not _load("_C_emu"):
-        raise MissingExtensionError("FASTTFM_EMULATE=1 needs fasttfm._C_emu (the SIMT emulator build of the CUDA "
-                                    f"kernels), which is not built; {_BUILD_HINT}")
+        raise _missing("_C_emu", "FASTTFM_EMULATE=1 needs fasttfm._C_emu (the SIMT emulator build of the CUDA "
+                       "kernels), which")
     return torch.ops.fasttfm_emu
 
 

@@ -36,6 +36,10 @@ def info() -> int:
         print("GPU          none (CUDA tensors unavailable; CPU paths and emulation only)")
     parts = built_parts()
     print("extension    " + ", ".join(f"{k}: {'built' if v else 'missing'}" for k, v in parts.items()))
+    from ._ext import load_errors
+
+    for part, why in load_errors().items():
+        print(f"  LOAD ERROR fasttfm.{part}: {why}")
     import json
     import os
 

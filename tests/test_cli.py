@@ -18,7 +18,7 @@ def test_info_lists_versions_and_parts():
 
 
 def test_missing_extension_error_says_how_to_build(monkeypatch):
-    monkeypatch.setattr(_ext, "_load", lambda module: False)
+    monkeypatch.setattr(_ext, "_load_error", lambda module: "not built")
     with pytest.raises(_ext.MissingExtensionError, match="make build"):
         _ext.emu_lib()
     with pytest.raises(_ext.MissingExtensionError, match="fasttfm._C is not built"):

@@ -54,3 +54,28 @@ def test_aot_help_is_its_own():
     proc = subprocess.run([sys.executable, "-m", "fasttfm", "aot", "--help"], capture_output=True, text=True,
                           cwd=ROOT, timeout=120)
     assert proc.returncode == 0 and "--only" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_extension_built_for_another_torch_is_reported_not_hidden(monkeypatch, capsys):
+    """A _C built against another torch (recorded in _build_info.json) must not read as 'not built' nor
+    let CPU tensors silently take torch's path: info prints the reason, ops raise it."""
+    import torch
+
+    import fasttfm
+    from fasttfm import _ext, cli
+
+    if _ext._load_error("_C") == "not built":
+        pytest.skip("fasttfm._C is not built here")
+    monkeypatch.setattr(_ext, "_build_info", lambda: {"torch": "0.0.0+other"})
+    _ext._load_error.cache_clear()
+    try:
+        with pytest.raises(fasttfm.MissingExtensionError, match="built against torch 0.0.0"):
+            _ext.cpu_lib()
+        with pytest.raises(fasttfm.MissingExtensionError, match="rebuild"):
+            fasttfm.rms_norm(torch.randn(3, 8), (8,), torch.ones(8))
+        cli.info()
+        assert "LOAD ERROR fasttfm._C: was built against torch 0.0.0+other" in capsys.readouterr().out
+    finally:
+        monkeypatch.undo()
+        _ext._load_error.cache_clear()
+    assert _ext._load_error("_C") is None
