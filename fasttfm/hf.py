@@ -233,6 +233,13 @@ use_attention.display = "fasttfm.hf.attention_forward"
 
 
 # -- norms -----------------------------------------------------------------------------------------
+# Three numerics among HF's norm classes, each reproduced exactly (tests/test_hf.py compares every
+# registered class with HF's own module in fp32 and bf16, outputs and gradients):
+#   Llama style   weight * rms_norm(x in fp32).to(x.dtype)           (round, then the weight)
+#   fp32 weight   (weight * rms_norm(x in fp32)).to(x.dtype)          OLMo-2: the weight in fp32
+#   Gemma         (rms_norm(x in fp32) * (1 + weight in fp32)).to(x.dtype)
+# and two LayerNorms computed in fp32: Cohere's (no bias; weight 1-D, or (heads, head_dim) for its
+# q/k norms) and OLMo's (no parameters, eps 1e-5).
 class _RMSNormForward:
     """forward of HF's Llama-style RMSNorm on fasttfm.rms_norm (attributes weight, variance_epsilon)."""
 
@@ -247,14 +254,69 @@ class _RMSNormForward:
         return w * rms_norm(hidden_states, shape, None, self.variance_epsilon)
 
 
+class _FP32WeightRMSNormForward:
+    """OLMo-2's RMSNorm: the weight multiplies in fp32, one rounding at the end."""
+
+    def forward(self, hidden_states):
+        from .ops.layer_norm import rms_norm
+
+        y = rms_norm(hidden_states.float(), (hidden_states.shape[-1],), self.weight.float(), self.variance_epsilon)
+        return y.to(hidden_states.dtype)
+
+
+class _GemmaRMSNormForward:
+    """Gemma/Gemma 2/Gemma 3: scale (1 + weight), all in fp32, one rounding at the end (attribute eps)."""
+
+    def forward(self, x):
+        from .ops.layer_norm import rms_norm
+
+        return rms_norm(x.float(), (x.shape[-1],), 1.0 + self.weight.float(), self.eps).type_as(x)
+
+
+class _FP32LayerNormForward:
+    """Cohere's LayerNorm (weight, no bias, in fp32) and OLMo's (no parameters, eps 1e-5), over the last dim."""
+
+    def forward(self, hidden_states):
+        from .ops.layer_norm import layer_norm
+
+        x = hidden_states.float()
+        w = getattr(self, "weight", None)
+        eps = getattr(self, "variance_epsilon", 1e-5)
+        d = (x.shape[-1],)
+        if w is None:
+            y = layer_norm(x, d, None, None, eps)
+        elif w.dim() == 1:
+            y = layer_norm(x, d, w.float(), None, eps)
+        else:  # Cohere's q/k norm: weight (heads, head_dim) broadcast over the leading dims
+            y = layer_norm(x, d, None, None, eps) * w.float()
+        return y.to(hidden_states.dtype)
+
+
 _classes = {}
 
 
-def rms_norm_class(source):
-    """The fasttfm subclass of an HF RMSNorm class (cached; same __init__, parameters, state_dict)."""
+def _subclass(source, forward_mixin):
+    """The fasttfm subclass of an HF norm class (cached; same __init__, parameters, state_dict)."""
     if source not in _classes:
         name = f"Fasttfm{source.__name__}"
-        cls = type(name, (_RMSNormForward, source), {"__module__": __name__, "__qualname__": name})
+        cls = type(name, (forward_mixin, source), {"__module__": __name__, "__qualname__": name})
         globals()[name] = cls  # findable by pickle as fasttfm.hf.<name>
         _classes[source] = cls
     return _classes[source]
+
+
+def rms_norm_class(source):
+    """Llama-style RMSNorm classes (Llama, Mistral, Mixtral, Qwen2/3 (+MoE), Phi-3, Granite, DeepSeek-V3)."""
+    return _subclass(source, _RMSNormForward)
+
+
+def fp32_weight_rms_norm_class(source):
+    return _subclass(source, _FP32WeightRMSNormForward)
+
+
+def gemma_rms_norm_class(source):
+    return _subclass(source, _GemmaRMSNormForward)
+
+
+def fp32_layer_norm_class(source):
+    return _subclass(source, _FP32LayerNormForward)

@@ -100,8 +100,26 @@ class Row:
     scope: str = "module"
 
 
-_LLAMA = "transformers.models.llama.modeling_llama"
-_MISTRAL = "transformers.models.mistral.modeling_mistral"
+def _hf(family, cls):
+    return f"transformers.models.{family}.modeling_{family}.{cls}"
+
+
+# (model family, norm class, fasttfm.hf factory): each verified equal to HF's own module in fp32 and
+# bf16, outputs and gradients (tests/test_hf.py::test_every_registered_hf_norm_matches_hf).
+HF_NORMS = (
+    *((fam, cls, "rms_norm_class") for fam, cls in (
+        ("llama", "LlamaRMSNorm"), ("mistral", "MistralRMSNorm"), ("mixtral", "MixtralRMSNorm"),
+        ("qwen2", "Qwen2RMSNorm"), ("qwen2_moe", "Qwen2MoeRMSNorm"), ("qwen3", "Qwen3RMSNorm"),
+        ("qwen3_moe", "Qwen3MoeRMSNorm"), ("phi3", "Phi3RMSNorm"), ("granite", "GraniteRMSNorm"),
+        ("deepseek_v3", "DeepseekV3RMSNorm"))),
+    ("olmo2", "Olmo2RMSNorm", "fp32_weight_rms_norm_class"),
+    ("gemma", "GemmaRMSNorm", "gemma_rms_norm_class"),
+    ("gemma2", "Gemma2RMSNorm", "gemma_rms_norm_class"),
+    ("gemma3", "Gemma3RMSNorm", "gemma_rms_norm_class"),
+    ("cohere", "CohereLayerNorm", "fp32_layer_norm_class"),
+    ("cohere2", "Cohere2LayerNorm", "fp32_layer_norm_class"),
+    ("olmo", "OlmoLayerNorm", "fp32_layer_norm_class"),
+)
 
 REGISTRY = (
     Row("attention", "torch.nn.MultiheadAttention", "fasttfm.nn.MultiheadAttention", check=_mha_check,
@@ -112,8 +130,7 @@ REGISTRY = (
     Row("loss", "torch.nn.CrossEntropyLoss", "fasttfm.nn.CrossEntropyLoss", build=_cross_entropy_build),
     # Hugging Face transformers (GPT-2's norms are torch.nn.LayerNorm, covered above)
     Row("attention", "transformers.modeling_utils.PreTrainedModel", "fasttfm.hf.use_attention", scope="model"),
-    Row("norms", f"{_LLAMA}.LlamaRMSNorm", "fasttfm.hf.rms_norm_class"),
-    Row("norms", f"{_MISTRAL}.MistralRMSNorm", "fasttfm.hf.rms_norm_class"),
+    *(Row("norms", _hf(fam, cls), f"fasttfm.hf.{factory}") for fam, cls, factory in HF_NORMS),
 )
 
 # fasttfm.nn classes that no existing module can be swapped for, with the reason; report() and the

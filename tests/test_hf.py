@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 import fasttfm  # noqa: E402
 import fasttfm.ops.attention as attn_ops  # noqa: E402
 from tests.test_patch import NoHostSync, assert_grads_match  # noqa: E402
+from fasttfm.patch import HF_NORMS  # noqa: E402
 
 VOCAB, SEQ = 128, 24
 
@@ -227,3 +228,50 @@ def test_tiny_model_under_emulation():
     assert calls["kernel"] == 1 and launches == [True]  # the Triton kernel, interpreted
     torch.testing.assert_close(logits, run(ref, ids, None), rtol=1e-4, atol=1e-4)
     assert_grads_match(ref, model)
+
+
+def _hf_norm(fam, cls_name, hidden):
+    import importlib
+
+    cls = getattr(importlib.import_module(f"transformers.models.{fam}.modeling_{fam}"), cls_name)
+    norm = cls(hidden)
+    for attr in ("variance_epsilon", "eps"):
+        if hasattr(norm, attr):
+            setattr(norm, attr, 1e-5)
+    if getattr(norm, "weight", None) is not None:
+        with torch.no_grad():
+            norm.weight.normal_(0.0 if "Gemma" in cls_name else 1.0, 0.3)
+    return cls, norm
+
+
+@pytest.mark.parametrize("fam,cls_name,factory", HF_NORMS, ids=lambda x: x)
+@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                             (torch.bfloat16, torch.float32)], ids=["fp32", "bf16", "bf16-fp32w"])
+def test_every_registered_hf_norm_matches_hf(fam, cls_name, factory, x_dtype, w_dtype):
+    """Each HF norm class in the registry, patched, gives HF's own module's output and gradients
+    (input and weight), in fp32 and bf16 (and bf16 activations with fp32 weights)."""
+    hidden = (4, 16) if cls_name.startswith("Cohere") else 64
+    cls, ref = _hf_norm(fam, cls_name, hidden)
+    ref = ref.to(w_dtype)
+    norm = copy.deepcopy(ref)
+    handle = fasttfm.patch(norm)
+    assert type(norm).__name__ == f"Fasttfm{cls_name}" and isinstance(norm, cls), handle.report()
+    shape = (3, 5, 4, 16) if cls_name.startswith("Cohere") else (3, 5, 64)
+    x0 = (torch.randn(*shape, dtype=torch.float64) * 2 + 0.3).to(x_dtype)
+    dy = torch.randn(*shape, dtype=torch.float64)
+    outs = []
+    for m in (norm, ref):
+        x = x0.clone().requires_grad_(True)
+        y = m(x)
+        y.backward(dy.to(y.dtype))
+        w = getattr(m, "weight", None)
+        outs.append((y.detach(), x.grad, None if w is None else w.grad))
+    (y, dx, dw), (y_ref, dx_ref, dw_ref) = outs
+    assert y.dtype == y_ref.dtype
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(dx, dx_ref)
+    if dw_ref is not None:
+        tol = dict(rtol=2e-2, atol=2e-2 * dw_ref.abs().max().item()) if w_dtype == torch.bfloat16 else {}
+        torch.testing.assert_close(dw, dw_ref, **tol)  # bf16 weight grads: sums over 15 rows, rounded once
+    handle.undo()
+    assert type(norm) is cls
