@@ -82,7 +82,11 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         reason = "attention dropout > 0 (training mode)"
     elif softcap and attention_mask is not None:
         reason = "softcapping with a mask"
-    elif not 16 <= d <= 256 or key.shape[-1] != d or value.shape[-1] != d:
+    elif key.shape[-1] != d or value.shape[-1] != d:
+        reason = (f"q/k head dim {d}, v head dim {value.shape[-1]}: the kernels need one head dim "
+                  "(DeepSeek-style MLA is not supported yet)") if key.shape[-1] == d else \
+            f"head dims of q ({d}) and k ({key.shape[-1]}) differ"
+    elif not 16 <= d <= 256:
         reason = f"head dim {d} outside 16..256"
     elif query.dtype not in _DTYPES or not (query.dtype == key.dtype == value.dtype):
         reason = f"dtype {query.dtype}"

@@ -275,3 +275,21 @@ def test_every_registered_hf_norm_matches_hf(fam, cls_name, factory, x_dtype, w_
         torch.testing.assert_close(dw, dw_ref, **tol)  # bf16 weight grads: sums over 15 rows, rounded once
     handle.undo()
     assert type(norm) is cls
+
+
+def test_v_head_dim_differs_falls_back_with_the_real_reason():
+    """q/k head dim 32, v head dim 16 (DeepSeek-V3 MLA's shape): HF's sdpa runs it, and the report
+    names the head-dim mismatch (it used to say 'head dim 32 outside 16..256')."""
+    import torch.nn.functional as F
+
+    from fasttfm import hf
+
+    module = torch.nn.Module()
+    module.is_causal = True
+    q, k = torch.randn(2, 4, 9, 32), torch.randn(2, 4, 9, 32)
+    v = torch.randn(2, 4, 9, 16)
+    out, _ = hf.attention_forward(module, q, k, v, None, scaling=0.2)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.2).transpose(1, 2)
+    torch.testing.assert_close(out, ref)
+    (reason,) = hf.fallback_counts(module)
+    assert "v head dim 16" in reason and "outside" not in reason
