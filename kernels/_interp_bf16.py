@@ -33,14 +33,12 @@ _BUILDER_METHODS = ("create_dot", "cast_impl", "create_fp_to_fp", "binary_op", "
 _REDUCE_METHODS = ("sum", "min_max")
 # One state per process, kept on Triton's interpreter module: a source checkout can import this
 # file twice (as ``kernels._interp_bf16`` and ``fasttfm.kernels._interp_bf16``), and both copies
-# must agree on the interpreter's own methods (captured by the first import, before any patch
-# can be active: ``_interp.py`` imports this module at its own import) and on the nesting depth.
-_STATE = _interp.__dict__.setdefault("_fasttfm_bf16_state", {
-    "lock": threading.Lock(), "depth": 0,
-    "builder": {name: _interp.InterpreterBuilder.__dict__[name] for name in _BUILDER_METHODS},
-    "reduce": {name: _interp.ReduceOps.__dict__[name] for name in _REDUCE_METHODS},
-})
-_ORIG = _STATE["builder"]
+# must agree on the nesting depth and on the methods to delegate to. Those are whatever the
+# interpreter had when the outermost context was entered (Triton's own, or a caller's wrapper,
+# e.g. a test counting ``create_dot`` calls), and they are put back on exit.
+_STATE = _interp.__dict__.setdefault("_fasttfm_bf16_state", {"lock": threading.Lock(), "depth": 0,
+                                                              "builder": {}, "reduce": {}})
+_ORIG = _STATE["builder"]  # name -> the method in place when the outermost context was entered
 _ORIG_REDUCE = _STATE["reduce"]
 
 
@@ -165,10 +163,12 @@ _REDUCE_PATCHES = {"sum": _red_sum, "min_max": _red_min_max}
 
 @contextlib.contextmanager
 def bf16_arithmetic():
-    """bf16-correct interpreter arithmetic inside the context (reentrant); the interpreter's own
-    methods are put back when the outermost context exits."""
+    """bf16-correct interpreter arithmetic inside the context (reentrant); the methods found on
+    entry are put back when the outermost context exits."""
     with _STATE["lock"]:
         if _STATE["depth"] == 0:
+            _ORIG.update({name: _interp.InterpreterBuilder.__dict__[name] for name in _BUILDER_METHODS})
+            _ORIG_REDUCE.update({name: _interp.ReduceOps.__dict__[name] for name in _REDUCE_METHODS})
             for name, fn in _PATCHES.items():
                 setattr(_interp.InterpreterBuilder, name, fn)
             for name, fn in _REDUCE_PATCHES.items():
