@@ -319,10 +319,17 @@ def _tma_scratch(size, alignment, stream):
 def ensure_tma_allocator():
     """Device-side tensor descriptors need a little global scratch per program at launch. Triton keeps
     its allocator in a ContextVar, so a thread that never set one (autograd's backward thread
-    recomputing a checkpointed forward, say) sees none: check before every TMA launch."""
-    from triton.runtime import _allocation
+    recomputing a checkpointed forward, say) sees none: check before every TMA launch. Private
+    Triton names are looked up defensively (``_NULL_ALLOCATOR`` is absent before Triton 3.6): when
+    the current allocator cannot be read, ours is set (it only allocates scratch with torch)."""
+    try:
+        from triton.runtime import _allocation
 
-    if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
+        current = _allocation._allocator.get()
+    except (ImportError, AttributeError):
+        current = None
+    null = getattr(_allocation, "_NULL_ALLOCATOR", None) if current is not None else None
+    if current is None or current is null or type(current).__name__ == "NullAllocator":
         triton.set_allocator(_tma_scratch)
 
 

@@ -439,6 +439,35 @@ def test_use_tma_needs_sm90_16bit_and_alignment(monkeypatch):
     assert not launched.use_tma(90, k, k, False)
 
 
+@pytest.mark.parametrize("has_null", [True, False])
+def test_tma_allocator_set_once_and_never_over_a_users(has_null, monkeypatch):
+    """ensure_tma_allocator sets fasttfm's scratch allocator in a context that has none, keeps a
+    user's, and does not need Triton's private _NULL_ALLOCATOR (absent before Triton 3.6)."""
+    import contextvars
+
+    from triton.runtime import _allocation
+
+    from fasttfm.kernels import attention as launched
+
+    if not has_null:
+        monkeypatch.delattr(_allocation, "_NULL_ALLOCATOR")
+
+    def fresh():
+        launched.ensure_tma_allocator()
+        return _allocation._allocator.get()
+
+    assert contextvars.Context().run(fresh) is launched._tma_scratch  # a thread that never set one
+
+    def users():
+        mine = lambda size, alignment, stream: None  # noqa: E731
+        import triton
+        triton.set_allocator(mine)
+        launched.ensure_tma_allocator()
+        return _allocation._allocator.get() is mine
+
+    assert contextvars.Context().run(users)
+
+
 @pytest.mark.parametrize("mode", ["emu", "cpu", "cuda"])
 def test_fully_masked_rows(mode):
     """Rows with no visible key: out 0, LSE -inf, finite zero gradients (causal with Nq > Nk, and
