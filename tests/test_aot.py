@@ -69,3 +69,24 @@ ptxas info    : Used 40 registers, used 1 barriers, 2048 bytes smem, 356 bytes c
     (r,) = aot._parse_ptxas(log, 80, {"_Z3fooPf": 2}, "x.cu")
     assert (r.registers, r.spill_bytes, r.smem_bytes, r.mma) == (40, 16, 2048, 2)
     assert r.name == "x.cu: foo"
+
+
+def test_replace_configs_copies_and_refuses_drift():
+    """Per-Triton-version swaps (kernels/attention_common.py): the copy shares no list with the
+    table (sm_86's lists are built from sm_80's), and a swap of a config that is not in the table
+    raises instead of being silently ignored when the tables change."""
+    from fasttfm.kernels.attention import AttnConfig as C
+    from fasttfm.kernels.attention_common import TRITON_VERSION, _version, replace_configs
+
+    a, b, c = C(64, 64, 4, 2), C(64, 64, 8, 2), C(32, 32, 4, 2)
+    shared = [a, c]
+    table = {8: [(64, shared), (256, [a])], 86: [(64, shared)]}
+    out = replace_configs(table, {8: {64: {a: b}}})
+    assert out == {8: [(64, [b, c]), (256, [a])], 86: [(64, [a, c])]}
+    assert shared == [a, c] and out[86][0][1] is not shared
+    assert replace_configs({9: {64: a, 128: c}}, {9: {64: {a: b}}}) == {9: {64: b, 128: c}}
+    with pytest.raises(ValueError, match="not in sm_8's d64 list"):
+        replace_configs(table, {8: {64: {b: a}}})
+    with pytest.raises(ValueError, match="is not sm_9's d64 config"):
+        replace_configs({9: {64: a}}, {9: {64: {b: c}}})
+    assert _version("3.6.0") == (3, 6) and _version("3.8.0+git1a2b") == (3, 8) and len(TRITON_VERSION) == 2
