@@ -43,6 +43,22 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _SLIDING_MODELS = ("mistral", "gemma2")  # model types whose attention layers pass ``sliding_window`` to us
 _fallbacks = weakref.WeakKeyDictionary()  # attention module -> Counter(reason)
 _registered = False
+_mu = None  # transformers.masking_utils, bound by register()
+_and_mask_code = None  # the code object of masking_utils.and_masks' inner and_mask
+
+
+def _masking_utils():
+    """transformers.masking_utils. Functions that run under torch.compile (mask_interface) read the
+    module from this global, bound in register() outside any trace: torch 2.11's dynamo cannot trace
+    ``from transformers import masking_utils`` (the package is a _LazyModule: "Bad import result")."""
+    global _mu, _and_mask_code
+    if _mu is None:
+        from transformers import masking_utils
+
+        _and_mask_code = next((c for c in masking_utils.and_masks.__code__.co_consts
+                               if getattr(c, "co_name", None) == "and_mask"), None)
+        _mu = masking_utils
+    return _mu
 
 
 def register():
@@ -51,10 +67,9 @@ def register():
     if _registered:
         return
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(NAME, attention_forward)
-    AttentionMaskInterface.register(NAME, mask_interface)
+    _masking_utils().AttentionMaskInterface.register(NAME, mask_interface)
     _registered = True
 
 
@@ -164,12 +179,21 @@ def _sliding_causal_mask(q_len, kv_len, window, device):
 
 
 def _is_sliding_causal(mask_function, local_size):
-    """True when mask_function is masking_utils.sliding_window_causal_mask_function(local_size)."""
-    from transformers import masking_utils as mu
+    """True when mask_function is masking_utils.sliding_window_causal_mask_function(local_size).
 
+    Eager: from the closures (``and_masks(sliding_window_overlay(local_size), causal_mask_function)``).
+    Under torch.compile the function was created inside the trace, and torch 2.11's dynamo cannot
+    read its closure cells ("Unexpected type in sourceless builder: cell"); there the check is
+    structural: HF's ``and_masks`` closure over one tuple. That suffices because
+    ``create_sliding_window_causal_mask`` clears ``allow_is_causal_skip`` whenever it combines more
+    masks (or/and mask functions, packed sequences, blockwise), and the caller also requires a fresh,
+    unpadded sequence, a sliding model type and ``config.sliding_window == local_size``."""
+    mu = _mu or _masking_utils()
     cells = getattr(mask_function, "__closure__", None) or ()
     if getattr(mask_function, "__qualname__", "") != "and_masks.<locals>.and_mask" or len(cells) != 1:
         return False
+    if torch.compiler.is_compiling():
+        return mask_function.__code__ is _and_mask_code
     parts = cells[0].cell_contents
     if not (isinstance(parts, tuple) and len(parts) == 2 and parts[1] is mu.causal_mask_function):
         return False
@@ -182,7 +206,7 @@ def _is_sliding_causal(mask_function, local_size):
 def mask_interface(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                    attention_mask=None, local_size=None, allow_is_causal_skip=True, **kwargs):
     """HF mask function: None for the patterns attention_forward applies itself, else sdpa_mask."""
-    from transformers import masking_utils as mu
+    mu = _mu or _masking_utils()
 
     if mask_function is None:
         mask_function = mu.causal_mask_function

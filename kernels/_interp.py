@@ -17,9 +17,13 @@ Usage: ``interpreted(_my_kernel)[grid](*args, **constexprs)``.
 import contextlib
 import functools
 
+import numpy as np
 import triton.language as tl
+import triton.runtime.interpreter as _triton_interp
 from triton.runtime.interpreter import FunctionRewriter, InterpretedFunction
 from triton.runtime.jit import JITFunction
+
+from ._interp_bf16 import bf16_arithmetic
 
 try:  # the interpreter imports gluon lazily; it must see the unpatched triton.language
     import triton.experimental.gluon  # noqa: F401
@@ -53,7 +57,7 @@ class _Interpreted(InterpretedFunction):
         self.rewriter = _Rewriter(fn)
 
     def run(self, *args, **kwargs):
-        with _stdlib_interpreted():
+        with _stdlib_interpreted(), _index_fixed(), bf16_arithmetic():
             return super().run(*args, **kwargs)
 
 
@@ -77,3 +81,32 @@ def _stdlib_interpreted():
     finally:
         for owner, name, value in saved:
             setattr(owner, name, value)
+
+
+def _tensor_index(self):
+    """``operator.index`` of an interpreted scalar tensor (e.g. a ``range`` bound): its data is a
+    1-element array, which numpy >= 2.4 refuses to convert with a bare ``int()``."""
+    return int(np.asarray(self.handle.data).reshape(-1)[0]) if np.size(self.handle.data) == 1 \
+        else int(self.handle.data)
+
+
+@contextlib.contextmanager
+def _index_fixed():
+    """During a launch, wrap the interpreter's ``_patch_lang_tensor`` (which installs
+    ``tensor.__index__`` for the kernel's execution, restored by the interpreter afterwards) so
+    that ``__index__`` is ``_tensor_index``. Triton 3.8 already squeezes; 3.6 does not."""
+    original = getattr(_triton_interp, "_patch_lang_tensor", None)
+    if original is None:  # pragma: no cover - a Triton without this hook: leave it alone
+        yield
+        return
+
+    def patch_lang_tensor(tensor, scope, *rest, **kw):
+        result = original(tensor, scope, *rest, **kw)
+        scope.set_attr(tensor, "__index__", _tensor_index)
+        return result
+
+    _triton_interp._patch_lang_tensor = patch_lang_tensor
+    try:
+        yield
+    finally:
+        _triton_interp._patch_lang_tensor = original

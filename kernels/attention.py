@@ -42,9 +42,9 @@ import triton
 import triton.language as tl
 
 from ._aot import AotCase
-from .attention_common import (_alibi_slope, _col_bounds, _drop_rows, _dropout_keep, _dropout_mask,  # noqa: F401
-                               _floor_div, _launch, _load_rows, _row_bounds, _scores, _seq_info, _store_rows,
-                               _tile_ranges, dropout_args, dropout_mask, score_args)
+from .attention_common import (BEFORE_38, TRITON_37, _alibi_slope, _col_bounds, _drop_rows, _dropout_keep,  # noqa: F401
+                               _dropout_mask, _floor_div, _launch, _load_rows, _row_bounds, _scores, _seq_info,
+                               _store_rows, _tile_ranges, dropout_args, dropout_mask, replace_configs, score_args)
 
 __all__ = ["AttnConfig", "attn_fwd", "attn_bwd_preprocess", "fwd_configs", "pick_fwd_config",
            "canonical_strides", "UNBOUNDED", "aot_cases", "SMOKE_FWD"]
@@ -88,6 +88,14 @@ _FWD_CONFIGS[86] = [_FWD_CONFIGS[8][0],
 _MOD_FWD = {9: {64: AttnConfig(64, 64, 4, 3), 128: AttnConfig(64, 64, 4, 3), 256: AttnConfig(64, 32, 4, 2)},
             8: {64: AttnConfig(64, 64, 4, 3), 128: AttnConfig(128, 32, 8, 2), 256: AttnConfig(64, 32, 4, 2)}}
 _MOD_FWD[86] = {**_MOD_FWD[8], 256: AttnConfig(64, 32, 8, 2)}  # sm_80 64x32 w4 spilled 56 B for sm_86
+if BEFORE_38:  # Triton 3.6 and 3.7 (static report, fp16 and bf16): these spill there, 3.8 spills none
+    _FWD_CONFIGS = replace_configs(_FWD_CONFIGS, {
+        8: {256: {AttnConfig(64, 64, 4, 2): AttnConfig(64, 64, 8, 2)}},    # 8 B -> 0 (175 regs, 104 KB)
+        86: {256: {AttnConfig(64, 32, 4, 2): AttnConfig(64, 32, 8, 2)}}})  # 8 B -> 0 (161 regs)
+    _MOD_FWD = replace_configs(_MOD_FWD, {
+        8: {256: {AttnConfig(64, 32, 4, 2): AttnConfig(64, 32, 8, 2)}}})   # 64-72 B -> 0 (sm_86's choice)
+if TRITON_37:  # sm_80 d256 128x64 w8 s2: 8 B on 3.7 (0 on 3.6 and 3.8) -> 128x32 (255 regs, 0)
+    _FWD_CONFIGS = replace_configs(_FWD_CONFIGS, {8: {256: {AttnConfig(128, 64, 8, 2): AttnConfig(128, 32, 8, 2)}}})
 SMOKE_FWD = AttnConfig(32, 32, 4, 1)  # cheap config for interpreter tests
 
 
@@ -322,10 +330,17 @@ def _tma_scratch(size, alignment, stream):
 def ensure_tma_allocator():
     """Device-side tensor descriptors need a little global scratch per program at launch. Triton keeps
     its allocator in a ContextVar, so a thread that never set one (autograd's backward thread
-    recomputing a checkpointed forward, say) sees none: check before every TMA launch."""
-    from triton.runtime import _allocation
+    recomputing a checkpointed forward, say) sees none: check before every TMA launch. Private
+    Triton names are looked up defensively (``_NULL_ALLOCATOR`` is absent before Triton 3.6): when
+    the current allocator cannot be read, ours is set (it only allocates scratch with torch)."""
+    try:
+        from triton.runtime import _allocation
 
-    if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
+        current = _allocation._allocator.get()
+    except (ImportError, AttributeError):
+        current = None
+    null = getattr(_allocation, "_NULL_ALLOCATOR", None) if current is not None else None
+    if current is None or current is null or type(current).__name__ == "NullAllocator":
         triton.set_allocator(_tma_scratch)
 
 

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ._aot import AotCase
+from .attention_common import TRITON_36, replace_configs
 from .attention import (AttnConfig, _alibi_slope, _dropout_keep, _drop_rows, _scores, dropout_args, score_args, _autotuned, _cc, _col_bounds, _input_precision, _launch, _load_rows,
                         _row_bounds, _seq_info, _store_rows, _tile_ranges, autotune_enabled, block_d,
                         canonical_strides, lse_strides, _bucket, _bucket_dim, _arch, aot_signature, aot_attrs)
@@ -86,6 +87,21 @@ _MOD_DQ = {9: {64: AttnConfig(64, 64, 4, 3),        # 197 regs
                128: AttnConfig(64, 32, 4, 2),       # 255 regs
                256: AttnConfig(16, 64, 4, 2)}}      # 247 regs
 _MOD_DKDV[86], _MOD_DQ[86] = _MOD_DKDV[8], _MOD_DQ[8]
+_FP32_DKDV = AttnConfig(32, 32, 4, 2)  # fp32 (IEEE dots on CUDA cores), both kernels, every arch
+if TRITON_36:  # Triton 3.6 (static report, fp16 and bf16): these spill there, 3.7 and 3.8 spill none
+    _DKDV_CONFIGS = replace_configs(_DKDV_CONFIGS, {
+        9: {64: {AttnConfig(64, 128, 8, 3): AttnConfig(32, 128, 8, 3),    # 136 B -> 0 (248 regs): same kv tile
+                 AttnConfig(64, 64, 8, 3): AttnConfig(64, 64, 8, 2)},     # 16 B -> 0 (248 regs)
+            128: {AttnConfig(16, 64, 4, 3): AttnConfig(16, 64, 8, 3)}},   # 8 B -> 0 (227 regs)
+        8: {64: {AttnConfig(32, 64, 4, 2): AttnConfig(32, 64, 4, 1)},     # 8 B -> 0 (236 regs)
+            256: {AttnConfig(16, 32, 4, 2): AttnConfig(16, 32, 8, 2)}},   # 8 B -> 0 (195 regs)
+        86: {64: {AttnConfig(32, 64, 4, 2): AttnConfig(32, 64, 4, 1)}}})  # 8 B -> 0 (232 regs)
+    _MOD_DKDV = replace_configs(_MOD_DKDV, {
+        9: {128: {AttnConfig(32, 64, 8, 2): AttnConfig(16, 64, 8, 2)}},   # 8 B -> 0 (245 regs)
+        8: {128: {AttnConfig(32, 32, 4, 3): AttnConfig(32, 32, 8, 3)}}})  # 24 B -> 0 (202 regs)
+    _MOD_DQ = replace_configs(_MOD_DQ, {
+        9: {64: {AttnConfig(64, 64, 4, 3): AttnConfig(64, 64, 8, 3)}}})   # 8 B -> 0 (184 regs)
+    _FP32_DKDV = AttnConfig(16, 32, 4, 2)  # 32x32: 432-512 B of spills on sm_80/86/90 -> 0 (108-143 regs)
 
 
 def bwd_configs(cc, head_dim, dtype=torch.float16, mods=False):
@@ -93,8 +109,7 @@ def bwd_configs(cc, head_dim, dtype=torch.float16, mods=False):
     softcap, ALiBi or dropout active."""
     elt = torch.empty((), dtype=dtype).element_size()
     if elt == 4:
-        small = [AttnConfig(32, 32, 4, 2)]
-        return BwdConfigs(small, small)
+        return BwdConfigs([_FP32_DKDV], [AttnConfig(32, 32, 4, 2)])
     if mods:
         bucket = _bucket_dim(head_dim)
         return BwdConfigs([_MOD_DKDV[_arch(cc)][bucket]], [_MOD_DQ[_arch(cc)][bucket]])

@@ -3,13 +3,62 @@
 (softcap, ALiBi), dropout's Philox counters and the debug dropout-mask kernel. The masking rules
 and numerics are described in ``kernels/attention.py``.
 """
+import re
+
 import torch
 import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
 
-__all__ = ["score_args", "dropout_args", "dropout_mask"]
+__all__ = ["score_args", "dropout_args", "dropout_mask", "TRITON_VERSION", "TRITON_36", "TRITON_37", "BEFORE_38",
+           "replace_configs"]
+
+
+# -- configs per Triton version ----------------------------------------------------------------
+def _version(text):
+    """(major, minor) of a version string such as "3.6.0" or "3.8.0+git1234"."""
+    return tuple(int(x) for x in re.findall(r"\d+", text)[:2])
+
+
+TRITON_VERSION = _version(triton.__version__)
+# The config tables in attention.py / attention_bwd.py / attention_decode.py are measured on
+# Triton 3.8. Older code generation needs more registers for some of them, so each module swaps
+# the configs that spill there for spill-free ones, measured with the static report
+# (``python -m fasttfm aot --only triton``) on Triton 3.6.0 and 3.7.1:
+TRITON_36 = TRITON_VERSION < (3, 7)  # swaps only 3.6 needs
+TRITON_37 = TRITON_VERSION[:2] == (3, 7)  # swaps only 3.7 needs
+BEFORE_38 = TRITON_VERSION < (3, 8)  # swaps both need
+
+
+def replace_configs(table, replacements):
+    """A copy of a config table with configs replaced, per architecture key and head-dim bucket.
+
+    table: {arch: [(max_d, [configs])]} (the tuning lists) or {arch: {bucket: config}} (the
+    modifier tables); replacements: {arch: {bucket: {old config: new config}}}. The copy shares
+    no list with ``table`` (the tables of one arch class are often built from another's). A
+    replacement whose old config is not in the table raises: the tables and their overrides must
+    not drift apart silently."""
+    out = {}
+    for arch, entry in table.items():
+        rep = replacements.get(arch, {})
+        if isinstance(entry, dict):
+            new = dict(entry)
+            for bucket, swaps in rep.items():
+                for old, cfg in swaps.items():
+                    if new[bucket] != old:
+                        raise ValueError(f"replace_configs: {old} is not sm_{arch}'s d{bucket} config")
+                    new[bucket] = cfg
+        else:
+            new = []
+            for max_d, cfgs in entry:
+                swaps = rep.get(max_d, {})
+                missing = [old for old in swaps if old not in cfgs]
+                if missing:
+                    raise ValueError(f"replace_configs: {missing} not in sm_{arch}'s d{max_d} list")
+                new.append((max_d, [swaps.get(c, c) for c in cfgs]))
+        out[arch] = new
+    return out
 
 
 def _launch(kernel, grid, args, constexprs, cfg, interpret, autotune_configs=None):

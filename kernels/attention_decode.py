@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from ._aot import AotCase
+from .attention_common import BEFORE_38
 from .attention import (LOG2E, _input_precision, _launch, _scores, aot_attrs, aot_signature,
                         block_d, score_args)
 
@@ -143,6 +144,8 @@ def decode_config(head_dim, group_rows):
     warps = 8 if bm == 64 and bd >= 128 else 4  # 64 rows x d128 on 4 warps spilled 32 B on sm_80
     if bd <= 128:
         return bm, 64, warps, 3
+    if bm == 64 and BEFORE_38:  # 64 x d256 on 8 warps spills on Triton 3.6 (sm_90 144 B, sm_86 8 B) and
+        warps = 16              # 3.7 (sm_90 136 B, sm_86 56 B, sm_80 48 B); 16 warps: 0, 115-128 regs
     return bm, 32, warps, 2
 
 

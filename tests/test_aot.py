@@ -82,3 +82,23 @@ def test_measured_spill_allowance():
     cases = [c for c in KB.aot_cases_bwd(90, 128, KA.torch.bfloat16, "bf16") if c.spill_ok]
     assert [c.name for c in cases] == ["attn_bwd_dkdv[bf16,d128,bm64,bn64,w4,s2]"]
     assert all(c.spill_ok == 0 for c in KB.aot_cases_bwd(80, 128, KA.torch.bfloat16, "bf16"))
+
+def test_replace_configs_copies_and_refuses_drift():
+    """Per-Triton-version swaps (kernels/attention_common.py): the copy shares no list with the
+    table (sm_86's lists are built from sm_80's), and a swap of a config that is not in the table
+    raises instead of being silently ignored when the tables change."""
+    from fasttfm.kernels.attention import AttnConfig as C
+    from fasttfm.kernels.attention_common import TRITON_VERSION, _version, replace_configs
+
+    a, b, c = C(64, 64, 4, 2), C(64, 64, 8, 2), C(32, 32, 4, 2)
+    shared = [a, c]
+    table = {8: [(64, shared), (256, [a])], 86: [(64, shared)]}
+    out = replace_configs(table, {8: {64: {a: b}}})
+    assert out == {8: [(64, [b, c]), (256, [a])], 86: [(64, [a, c])]}
+    assert shared == [a, c] and out[86][0][1] is not shared
+    assert replace_configs({9: {64: a, 128: c}}, {9: {64: {a: b}}}) == {9: {64: b, 128: c}}
+    with pytest.raises(ValueError, match="not in sm_8's d64 list"):
+        replace_configs(table, {8: {64: {b: a}}})
+    with pytest.raises(ValueError, match="is not sm_9's d64 config"):
+        replace_configs({9: {64: a}}, {9: {64: {b: c}}})
+    assert _version("3.6.0") == (3, 6) and _version("3.8.0+git1a2b") == (3, 8) and len(TRITON_VERSION) == 2

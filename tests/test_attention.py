@@ -4,8 +4,9 @@ custom ops, torch.compile, SDPA wrapper and input checks.
 Reference: float64 attention from an explicit dense (Nq, Nk) mask written from the definition
 (``dense_mask``), independent of the kernels' interval/tile logic. Tolerances: FlashAttention's
 relative oracle (tests/oracle.py): error <= 2x (outputs) / 3x (gradients) the error of the same
-reference evaluated in the low precision, plus a floor. bf16 under the interpreter runs with
-``tests/triton_bf16.py``'s patch (dot, casts, arithmetic, reductions).
+reference evaluated in the low precision, plus a floor. bf16 under the interpreter runs through
+fasttfm's own interpreted launches (``kernels/_interp_bf16.py``), as a user's emulate mode does:
+no test-only patch.
 """
 import contextlib
 import itertools
@@ -17,7 +18,6 @@ from fasttfm._env import emulate
 from fasttfm.ops import attention as A
 from kernels import attention as KA, attention_bwd as KB
 from tests.oracle import assert_close_oracle, poison_, require_gpu
-from tests.triton_bf16 import bf16_interpreter
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -66,10 +66,8 @@ def ref_attention(q, k, v, mask, scale, softcap=0.0, alibi=None, drop=None):
 
 @contextlib.contextmanager
 def mode_ctx(mode, dtype):
-    with contextlib.ExitStack() as st:
-        st.enter_context(emulate(mode == "emu"))
-        if mode == "emu" and dtype == torch.bfloat16:
-            st.enter_context(bf16_interpreter())
+    """Emulation on for "emu" (every dtype, bf16 included, through the public emulate switch)."""
+    with emulate(mode == "emu"):
         yield
 
 
@@ -439,6 +437,35 @@ def test_use_tma_needs_sm90_16bit_and_alignment(monkeypatch):
     assert launched.use_tma(90, one, one, False)                   # size-1 dims: stride irrelevant
     monkeypatch.setenv("FASTTFM_TMA", "0")                          # the escape hatch
     assert not launched.use_tma(90, k, k, False)
+
+
+@pytest.mark.parametrize("has_null", [True, False])
+def test_tma_allocator_set_once_and_never_over_a_users(has_null, monkeypatch):
+    """ensure_tma_allocator sets fasttfm's scratch allocator in a context that has none, keeps a
+    user's, and does not need Triton's private _NULL_ALLOCATOR (absent before Triton 3.6)."""
+    import contextvars
+
+    from triton.runtime import _allocation
+
+    from fasttfm.kernels import attention as launched
+
+    if not has_null:
+        monkeypatch.delattr(_allocation, "_NULL_ALLOCATOR")
+
+    def fresh():
+        launched.ensure_tma_allocator()
+        return _allocation._allocator.get()
+
+    assert contextvars.Context().run(fresh) is launched._tma_scratch  # a thread that never set one
+
+    def users():
+        mine = lambda size, alignment, stream: None  # noqa: E731
+        import triton
+        triton.set_allocator(mine)
+        launched.ensure_tma_allocator()
+        return _allocation._allocator.get() is mine
+
+    assert contextvars.Context().run(users)
 
 
 @pytest.mark.parametrize("mode", ["emu", "cpu", "cuda"])
