@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from .._ext import KERNEL_DTYPES, backend, cpu_kernels_for, cuda_lib, emu_lib
+from ._autocast import keep, register_autocast
 
 __all__ = ["cross_entropy", "smoothing_coefficients", "class_rows", "reduce_rows", "ce_fwd_rows", "ce_bwd_rows",
            "ce_bwd_rows_", "REDUCTIONS", "SMOOTHINGS"]
@@ -234,6 +235,13 @@ def _backward(ctx, dloss, _dlse):
 
 
 torch.library.register_autograd("fasttfm::cross_entropy_fwd", _backward, setup_context=_setup_context)
+
+# Autocast: F.cross_entropy under autocast computes in fp32 (log_softmax with dtype=float32 on CUDA,
+# nll_loss on the fp32 lists) and returns an fp32 loss; the kernels already read fp16/bf16 logits in
+# fp32 math with fp32 weights and loss, so no cast (and no fp32 copy of the logits) is needed, only
+# autocast off inside (the float64 / no-extension fallback is torch ops).
+for _name in ("cross_entropy_fwd", "cross_entropy_bwd", "cross_entropy_bwd_"):
+    register_autocast("fasttfm::" + _name, keep, keep)
 
 
 # ---- public function ---------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from .._ext import KERNEL_DTYPES, backend, cpu_kernels_for, cuda_lib, emu_lib
+from ._autocast import fp32, keep, register_autocast
 
 __all__ = ["layer_norm", "rms_norm", "default_rms_eps"]
 
@@ -160,6 +161,11 @@ def _backward(ctx, dy, _dmean, _drstd):
 
 
 torch.library.register_autograd("fasttfm::layer_norm_fwd", _backward, setup_context=_setup_context)
+
+# Autocast, as torch's layer_norm/rms_norm: on CUDA they are on autocast's fp32 list (x, weight, bias
+# cast to fp32, fp32 output); on the CPU on no list (input dtype in and out; fp32 math anyway).
+register_autocast("fasttfm::layer_norm_fwd", cpu=keep, cuda=fp32(0, 1, 2))
+register_autocast("fasttfm::layer_norm_bwd", keep, keep)
 
 
 # ---- public functions ------------------------------------------------------------------------
