@@ -186,8 +186,7 @@ int64_t ce_bwd(const float* dloss, int64_t ds, const T* x, int64_t xs, const int
                float a, float b, float z, float cap) {
   const float W = w ? *wsum : static_cast<float>(cols);
   int64_t bad = std::numeric_limits<int64_t>::max();
-  if (static_cast<const void*>(dx) != static_cast<const void*>(x) && rows > 0)  // a fresh buffer, not in place
-    cpu::advise_huge_pages(dx, static_cast<size_t>(((rows - 1) * dxs + cols) * sizeof(T)));
+  // A fresh dx is first touched here with ordinary 4 KiB pages: see cpu_common.h on huge pages.
 #pragma omp parallel for schedule(static) reduction(min : bad)
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t t = target[r];
