@@ -208,3 +208,23 @@ def test_every_op_has_an_autocast_rule():
                if not torch._C._dispatch_has_kernel_for_dispatch_key(f"fasttfm::{n}", "AutocastCPU")
                or not torch._C._dispatch_has_kernel_for_dispatch_key(f"fasttfm::{n}", "AutocastCUDA")]
     assert not missing, f"custom ops without an autocast rule: {missing}"
+
+
+def test_attention_autocast_rule_under_torch_compile():
+    """The rule also holds when torch.compile traces the op (py_impl of the autocast key)."""
+    torch._dynamo.reset()
+    q, k, v = (torch.randn(1, 2, 37, 32, requires_grad=True) for _ in range(3))
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return fasttfm.attention(q, k, v, window=(5, 2))
+
+    with fasttfm.emulate(False):
+        out = torch.compile(step, fullgraph=True, backend="aot_eager")()
+        grads = torch.autograd.grad(out.float().sum(), (q, k, v))
+        ref = step()
+        ref_grads = torch.autograd.grad(ref.float().sum(), (q, k, v))
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
