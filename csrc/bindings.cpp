@@ -248,7 +248,8 @@ int64_t check_dloss(const Tensor& dloss, int64_t rows) {
 }
 
 std::tuple<Tensor, Tensor> cross_entropy_fwd(const Tensor& logits, const Tensor& target, const OptTensor& weight,
-                                             int64_t ignore_index, double a, double b, double z, Target where) {
+                                             int64_t ignore_index, double a, double b, double z, double softcap,
+                                             Target where) {
   check_ce(logits, target, weight, where);
   DeviceGuard guard(logits, where);
   const int64_t rows = logits.size(0), cols = logits.size(1);
@@ -265,7 +266,8 @@ std::tuple<Tensor, Tensor> cross_entropy_fwd(const Tensor& logits, const Tensor&
   if (where == Target::Gpu) {
     ftfm::cross_entropy_fwd(logits.data_ptr(), logits.stride(0), t, w, ws, loss.data_ptr<float>(),
                             lse.data_ptr<float>(), rows, cols, ignore_index, static_cast<float>(a),
-                            static_cast<float>(b), static_cast<float>(z), xd, stream_of(logits));
+                            static_cast<float>(b), static_cast<float>(z), static_cast<float>(softcap), xd,
+                            stream_of(logits));
     return {loss, lse};
   }
 #endif
@@ -273,7 +275,7 @@ std::tuple<Tensor, Tensor> cross_entropy_fwd(const Tensor& logits, const Tensor&
   const int64_t bad = ftfm::cross_entropy_fwd_cpu(logits.data_ptr(), logits.stride(0), t, w, ws,
                                                   loss.data_ptr<float>(), lse.data_ptr<float>(), rows, cols,
                                                   ignore_index, static_cast<float>(a), static_cast<float>(b),
-                                                  static_cast<float>(z), xd);
+                                                  static_cast<float>(z), static_cast<float>(softcap), xd);
   raise_bad_target(bad, target, cols, ignore_index);
 #endif
   return {loss, lse};
@@ -281,8 +283,8 @@ std::tuple<Tensor, Tensor> cross_entropy_fwd(const Tensor& logits, const Tensor&
 
 // Writes the gradient into `out` ([rows, classes], unit class stride; may be `logits` itself).
 void cross_entropy_bwd_into(const Tensor& dloss, const Tensor& logits, const Tensor& target, const OptTensor& weight,
-                            const Tensor& lse, int64_t ignore_index, double a, double b, double z, Tensor& out,
-                            Target where) {
+                            const Tensor& lse, int64_t ignore_index, double a, double b, double z, double softcap,
+                            Tensor& out, Target where) {
   check_ce(logits, target, weight, where);
   const int64_t rows = logits.size(0), cols = logits.size(1);
   check_tensor(dloss, "grad", where);
@@ -306,8 +308,8 @@ void cross_entropy_bwd_into(const Tensor& dloss, const Tensor& logits, const Ten
   if (where == Target::Gpu) {
     ftfm::cross_entropy_bwd(dloss.data_ptr<float>(), ds, logits.data_ptr(), logits.stride(0), t, w, ws,
                             lse.data_ptr<float>(), out.data_ptr(), out.stride(0), rows, cols, ignore_index,
-                            static_cast<float>(a), static_cast<float>(b), static_cast<float>(z), xd,
-                            stream_of(logits));
+                            static_cast<float>(a), static_cast<float>(b), static_cast<float>(z),
+                            static_cast<float>(softcap), xd, stream_of(logits));
     return;
   }
 #endif
@@ -315,36 +317,37 @@ void cross_entropy_bwd_into(const Tensor& dloss, const Tensor& logits, const Ten
   const int64_t bad = ftfm::cross_entropy_bwd_cpu(dloss.data_ptr<float>(), ds, logits.data_ptr(), logits.stride(0), t,
                                                   w, ws, lse.data_ptr<float>(), out.data_ptr(), out.stride(0), rows,
                                                   cols, ignore_index, static_cast<float>(a), static_cast<float>(b),
-                                                  static_cast<float>(z), xd);
+                                                  static_cast<float>(z), static_cast<float>(softcap), xd);
   raise_bad_target(bad, target, cols, ignore_index);
 #endif
 }
 
 template <Target T>
 std::tuple<Tensor, Tensor> cross_entropy_fwd_on(const Tensor& logits, const Tensor& target, const OptTensor& weight,
-                                                int64_t ignore_index, double a, double b, double z) {
-  return cross_entropy_fwd(logits, target, weight, ignore_index, a, b, z, T);
+                                                int64_t ignore_index, double a, double b, double z, double softcap) {
+  return cross_entropy_fwd(logits, target, weight, ignore_index, a, b, z, softcap, T);
 }
 template <Target T>
 Tensor cross_entropy_bwd_on(const Tensor& dloss, const Tensor& logits, const Tensor& target, const OptTensor& weight,
-                            const Tensor& lse, int64_t ignore_index, double a, double b, double z) {
+                            const Tensor& lse, int64_t ignore_index, double a, double b, double z, double softcap) {
   Tensor out = at::empty({logits.size(0), logits.size(1)}, logits.options());  // a new buffer, never the input
-  cross_entropy_bwd_into(dloss, logits, target, weight, lse, ignore_index, a, b, z, out, T);
+  cross_entropy_bwd_into(dloss, logits, target, weight, lse, ignore_index, a, b, z, softcap, out, T);
   return out;
 }
 template <Target T>
 void cross_entropy_bwd_inplace_on(Tensor logits, const Tensor& dloss, const Tensor& target, const OptTensor& weight,
-                                  const Tensor& lse, int64_t ignore_index, double a, double b, double z) {
-  cross_entropy_bwd_into(dloss, logits, target, weight, lse, ignore_index, a, b, z, logits, T);
+                                  const Tensor& lse, int64_t ignore_index, double a, double b, double z,
+                                  double softcap) {
+  cross_entropy_bwd_into(dloss, logits, target, weight, lse, ignore_index, a, b, z, softcap, logits, T);
 }
 
 constexpr const char* kCeFwd = "(Tensor logits, Tensor target, Tensor? weight, int ignore_index, float a, float b, "
-                               "float z) -> (Tensor, Tensor)";
+                               "float z, float softcap) -> (Tensor, Tensor)";
 constexpr const char* kCeBwd = "(Tensor dloss, Tensor logits, Tensor target, Tensor? weight, Tensor lse, "
-                               "int ignore_index, float a, float b, float z) -> Tensor";
+                               "int ignore_index, float a, float b, float z, float softcap) -> Tensor";
 // Internal (fused linear + cross-entropy): overwrites its own temporary logits with their gradient.
 constexpr const char* kCeBwdInplace = "(Tensor(a!) logits, Tensor dloss, Tensor target, Tensor? weight, Tensor lse, "
-                                      "int ignore_index, float a, float b, float z) -> ()";
+                                      "int ignore_index, float a, float b, float z, float softcap) -> ()";
 // ---- end of the cross-entropy section ---------------------------------------------------------------
 
 #ifdef FASTTFM_EMU

@@ -11,6 +11,8 @@
 //   torch   (F.cross_entropy, label_smoothing=eps): a = 1 - eps,             b = eps / C
 //   fairseq (eps_i = eps / (C - 1)):                a = 1 - eps - eps / (C-1), b = eps / (C - 1)
 //   dL_r/dx_c = p_c * (a w_y + b W + 2 z lse) - b w_c - a w_y [c == y],   p_c = exp(x_c - lse)
+// Logit softcapping (Gemma 2's final_logit_softcapping, cap > 0; 0 = off): every x above is
+// cap * tanh(x / cap) of the stored logit, and the gradient is multiplied by 1 - tanh^2(x / cap).
 // Rows whose target equals ignore_index have loss 0, lse 0 and a zero gradient, and are not read.
 // A target outside [0, cols) (and not ignore_index) gives loss = lse = NaN and a NaN gradient row:
 // no device assert and no host synchronization (the CPU kernel raises instead; see bindings.cpp).
@@ -88,6 +90,7 @@ template <typename T>
 struct FwdParams {
   const T* x; int64_t x_stride; const int64_t* target; const float* w; const float* wsum;
   float* loss; float* lse; int64_t rows; int cols; int64_t ignore_index; float a, b, z;
+  float cap, inv_cap;  // softcap (0 = off) and 1 / cap
   int tpr;  // threads per row
 };
 
@@ -95,21 +98,27 @@ template <typename T>
 struct BwdParams {
   const float* dloss; int64_t dloss_stride; const T* x; int64_t x_stride; const int64_t* target; const float* w;
   const float* wsum; const float* lse; T* dx; int64_t dx_stride; int64_t rows; int cols; int64_t ignore_index;
-  float a, b, z; int tpr;
+  float a, b, z; float cap, inv_cap; int tpr;
 };
+
+// The logit the loss sees: cap * tanh(x / cap) with softcapping, else x (a uniform branch).
+__device__ __forceinline__ float capped(float x, float cap, float inv_cap) {
+  return cap != 0.f ? cap * tanhf(x * inv_cap) : x;
+}
 
 // This thread's share (lane of tpr) of one row: online max / sum-exp / sum of (weighted) logits.
 template <typename T, int VEC, bool WEIGHTED>
-__device__ __forceinline__ LseAcc row_scan(const T* xr, int cols, const float* w, int lane, int tpr) {
+__device__ __forceinline__ LseAcc row_scan(const T* xr, int cols, const float* w, int lane, int tpr, float cap,
+                                           float inv_cap) {
   LseAcc acc{-INFINITY, 0.f, 0.f};
   const int head = head_elems<T, VEC>(xr, cols), nvec = (cols - head) / VEC, tail0 = head + nvec * VEC;
   // -- scalar head and tail (< VEC elements each)
   for (int c = lane; c < head; c += tpr) {
-    const float f = to_float(xr[c]);
+    const float f = capped(to_float(xr[c]), cap, inv_cap);
     acc = lse_merge(acc, LseAcc{f, 1.f, WEIGHTED ? f * __ldg(w + c) : f});
   }
   for (int c = tail0 + lane; c < cols; c += tpr) {
-    const float f = to_float(xr[c]);
+    const float f = capped(to_float(xr[c]), cap, inv_cap);
     acc = lse_merge(acc, LseAcc{f, 1.f, WEIGHTED ? f * __ldg(w + c) : f});
   }
   // -- aligned body: kUnroll vectors per iteration, one rescale of the running sum per iteration
@@ -128,7 +137,7 @@ __device__ __forceinline__ LseAcc row_scan(const T* xr, int cols, const float* w
       if (v >= nvec) continue;
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
-        const float f = to_float(buf[u].v[j]);
+        const float f = capped(to_float(buf[u].v[j]), cap, inv_cap);
         cmax = fmaxf(cmax, f);
         acc.sx += WEIGHTED ? f * __ldg(w + head + v * VEC + j) : f;
       }
@@ -141,7 +150,7 @@ __device__ __forceinline__ LseAcc row_scan(const T* xr, int cols, const float* w
       const int v = v0 + u * tpr + lane;
       if (v >= nvec) continue;
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) s += __expf(to_float(buf[u].v[j]) - m);
+      for (int j = 0; j < VEC; ++j) s += __expf(capped(to_float(buf[u].v[j]), cap, inv_cap) - m);
     }
     acc.m = m;
     acc.s = s;
@@ -163,7 +172,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) cross_entropy_fwd_kernel(FwdPa
     const bool active = valid && tgt != p.ignore_index;  // ignored rows are not read
     const T* xr = p.x + (valid ? row : 0) * p.x_stride;
     LseAcc acc{-INFINITY, 0.f, 0.f};
-    if (active) acc = row_scan<T, VEC, WEIGHTED>(xr, p.cols, p.w, lane, tpr);
+    if (active) acc = row_scan<T, VEC, WEIGHTED>(xr, p.cols, p.w, lane, tpr, p.cap, p.inv_cap);
     acc = red.allreduce(acc, LseOp());  // every thread of the group joins
     if (!valid || lane != 0) continue;
     float loss = 0.f, lse = 0.f;
@@ -174,7 +183,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) cross_entropy_fwd_kernel(FwdPa
       } else {
         const float wt = WEIGHTED ? p.w[tgt] : 1.f;
         const float wsum = WEIGHTED ? *p.wsum : static_cast<float>(p.cols);
-        loss = p.a * wt * (lse - to_float(xr[tgt]));
+        loss = p.a * wt * (lse - capped(to_float(xr[tgt]), p.cap, p.inv_cap));
         if (p.b != 0.f) loss += p.b * (wsum * lse - acc.sx);
         if (p.z != 0.f) loss += p.z * lse * lse;
       }
@@ -184,15 +193,21 @@ __global__ void __launch_bounds__(kMaxThreads, 2) cross_entropy_fwd_kernel(FwdPa
   }
 }
 
-// dx for one vector (or element) of a row: coef * exp(x - lse) - bg * w_c - [c == tgt] * tg.
+// dx for one vector (or element) of a row: coef * exp(y - lse) - bg * w_c - [c == tgt] * tg with y the
+// (capped) logit, times 1 - (y / cap)^2 with softcapping.
 template <typename T, int N, bool WEIGHTED>
 __device__ __forceinline__ Vec<T, N> grad_vec(const Vec<T, N>& x, int c, int64_t tgt, float lse, float coef, float bg,
-                                              float tg, const float* w) {
+                                              float tg, const float* w, float cap, float inv_cap) {
   Vec<T, N> out;
 #pragma unroll
   for (int j = 0; j < N; ++j) {
-    float g = coef * __expf(to_float(x.v[j]) - lse) - (WEIGHTED ? bg * __ldg(w + c + j) : bg);
+    const float y = capped(to_float(x.v[j]), cap, inv_cap);
+    float g = coef * __expf(y - lse) - (WEIGHTED ? bg * __ldg(w + c + j) : bg);
     if (c + j == tgt) g -= tg;
+    if (cap != 0.f) {
+      const float t = y * inv_cap;
+      g *= 1.f - t * t;
+    }
     out.v[j] = from_float<T>(g);
   }
   return out;
@@ -229,11 +244,11 @@ __global__ void __launch_bounds__(kMaxThreads, 2) cross_entropy_bwd_kernel(BwdPa
     if (split == 0) {
       for (int c = lane; c < head; c += tpr) {
         Vec<T, 1> x1{{xr[c]}};
-        dxr[c] = grad_vec<T, 1, WEIGHTED>(x1, c, tgt, lse, coef, bg, tg, p.w).v[0];
+        dxr[c] = grad_vec<T, 1, WEIGHTED>(x1, c, tgt, lse, coef, bg, tg, p.w, p.cap, p.inv_cap).v[0];
       }
       for (int c = tail0 + lane; c < p.cols; c += tpr) {
         Vec<T, 1> x1{{xr[c]}};
-        dxr[c] = grad_vec<T, 1, WEIGHTED>(x1, c, tgt, lse, coef, bg, tg, p.w).v[0];
+        dxr[c] = grad_vec<T, 1, WEIGHTED>(x1, c, tgt, lse, coef, bg, tg, p.w, p.cap, p.inv_cap).v[0];
       }
     }
     constexpr int U = bwd_unroll<T>();
@@ -249,7 +264,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) cross_entropy_bwd_kernel(BwdPa
         const int v = v0 + u * tpr + lane;
         if (v >= v_end) continue;
         const int c = head + v * VEC;
-        store_vec(dxr + c, grad_vec<T, VEC, WEIGHTED>(buf[u], c, tgt, lse, coef, bg, tg, p.w));
+        store_vec(dxr + c, grad_vec<T, VEC, WEIGHTED>(buf[u], c, tgt, lse, coef, bg, tg, p.w, p.cap, p.inv_cap));
       }
     }
   }
@@ -297,7 +312,7 @@ bool elem_aligned(const void* ptr, size_t size) { return reinterpret_cast<uintpt
 
 void cross_entropy_fwd(const void* logits, int64_t row_stride, const int64_t* target, const float* weight,
                        const float* weight_sum, float* loss, float* lse, int64_t rows, int64_t cols,
-                       int64_t ignore_index, float a, float b, float z, DType dtype, void* stream) {
+                       int64_t ignore_index, float a, float b, float z, float softcap, DType dtype, void* stream) {
   const char* op = "cross_entropy_fwd";
   ce::check(rows >= 0 && cols >= 1 && cols <= INT_MAX, op, "rows must be >= 0 and cols in [1, 2^31)");
   if (rows == 0) return;
@@ -308,7 +323,8 @@ void cross_entropy_fwd(const void* logits, int64_t row_stride, const int64_t* ta
     using T = typename decltype(tag)::type;
     constexpr int V = VecWidth<T>::value;
     const ce::FwdParams<T> p{static_cast<const T*>(logits), row_stride, target, weight, weight_sum, loss, lse,
-                             rows, static_cast<int>(cols), ignore_index, a, b, z, 0};
+                             rows, static_cast<int>(cols), ignore_index, a, b, z, softcap,
+                             softcap != 0.f ? 1.f / softcap : 0.f, 0};
     const bool vec = ce::elem_aligned(logits, sizeof(T));  // rows are read in place at any 16-byte offset
     if (weight) {
       vec ? ce::fwd_launch<T, V, true>(p, stream) : ce::fwd_launch<T, 1, true>(p, stream);
@@ -321,7 +337,7 @@ void cross_entropy_fwd(const void* logits, int64_t row_stride, const int64_t* ta
 void cross_entropy_bwd(const float* dloss, int64_t dloss_stride, const void* logits, int64_t row_stride,
                        const int64_t* target, const float* weight, const float* weight_sum, const float* lse,
                        void* dlogits, int64_t dlogits_stride, int64_t rows, int64_t cols, int64_t ignore_index,
-                       float a, float b, float z, DType dtype, void* stream) {
+                       float a, float b, float z, float softcap, DType dtype, void* stream) {
   const char* op = "cross_entropy_bwd";
   ce::check(rows >= 0 && cols >= 1 && cols <= INT_MAX, op, "rows must be >= 0 and cols in [1, 2^31)");
   if (rows == 0) return;
@@ -333,7 +349,8 @@ void cross_entropy_bwd(const float* dloss, int64_t dloss_stride, const void* log
     constexpr int V = VecWidth<T>::value;
     const ce::BwdParams<T> p{dloss, dloss_stride, static_cast<const T*>(logits), row_stride, target, weight,
                              weight_sum, lse, static_cast<T*>(dlogits), dlogits_stride, rows,
-                             static_cast<int>(cols), ignore_index, a, b, z, 0};
+                             static_cast<int>(cols), ignore_index, a, b, z, softcap,
+                             softcap != 0.f ? 1.f / softcap : 0.f, 0};
     // Vector body only when every x row and its dx row sit at the same offset from a 16-byte boundary.
     const auto xa = reinterpret_cast<uintptr_t>(logits), da = reinterpret_cast<uintptr_t>(dlogits);
     const bool vec = ce::elem_aligned(logits, sizeof(T)) && ce::elem_aligned(dlogits, sizeof(T)) &&

@@ -4,9 +4,6 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 #include "../include/launchers.h"
 
@@ -46,23 +43,11 @@ inline float to_float(Half x) {
   return f;
 }
 
-// A hint for a large output buffer that was just allocated and is about to be written once: back it
-// with transparent huge pages (Linux, THP in "madvise" or "always" mode) so that the first touch
-// takes one fault and one clear per 2 MiB instead of per 4 KiB page. For the 1 GiB cross-entropy
-// gradient (8192 x 32000 fp32) that first touch, not the arithmetic, was most of the backward.
-// Only whole 2 MiB pages inside [p, p + bytes) are advised; a refused hint changes nothing.
-inline void advise_huge_pages(void* p, size_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  if (bytes < 8 * kHuge) return;
-  const uintptr_t lo = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t hi = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(kHuge - 1);
-  if (hi > lo) (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
-#else
-  (void)p;
-  (void)bytes;
-#endif
-}
+// No transparent-huge-page hint (MADV_HUGEPAGE) for fresh outputs (issue 16 item 12): it once made the
+// first touch of the 1 GiB cross-entropy gradient (8192 x 32000 fp32) cheaper, but on a machine in use
+// the huge-page faults cost 0.3 to 2.7 s from run to run (fill of a fresh 1 GiB buffer here: median
+// 1.34 s, max 2.70 s with the hint; 0.58 s and 0.73 s with 4 KiB pages), so the backward swung between
+// 0.3 and 2.4 s. Ordinary pages: a steady cost, paid in parallel by the threads that write the rows.
 
 template <typename T>
 inline T from_float(float f);

@@ -13,6 +13,8 @@
 // reductions, so g++ -O3 vectorizes them without -ffast-math; on x86-64 they are compiled twice
 // (AVX2+FMA and the baseline ISA) and picked at load time (target_clones), so no -march is needed and
 // the binary runs anywhere. Nothing of size rows x cols is allocated besides the gradient itself.
+// Softcapping (cap > 0) widens every block through cap * tanh(x / cap) (std::tanh, not vectorized: the
+// capped path is slower) and multiplies the gradient by 1 - tanh^2.
 #include <algorithm>
 #include <bit>
 #include <cmath>
@@ -114,15 +116,26 @@ inline const float* widen(const T* x, int64_t n, float* buf) {
   }
 }
 
-// One row: lse and sum_c w_c x_c (w nullable), in one pass over memory.
+// A block as the loss sees it: the plain widened logits, or cap * tanh(x / cap) in `buf` (cap > 0).
 template <typename T>
-inline void row_lse(const T* xr, int64_t cols, const float* w, double* lse_out, double* sx_out) {
+inline const float* widen_capped(const T* x, int64_t n, float* buf, float cap) {
+  if (cap == 0.f) return widen(x, n, buf);
+  const float inv = 1.f / cap;
+  for (int64_t i = 0; i < n; ++i) buf[i] = cap * std::tanh(to_float(x[i]) * inv);
+  return buf;
+}
+
+inline float capped(float x, float cap) { return cap == 0.f ? x : cap * std::tanh(x * (1.f / cap)); }
+
+// One row: lse and sum_c w_c y_c (w nullable; y the capped logits), in one pass over memory.
+template <typename T>
+inline void row_lse(const T* xr, int64_t cols, const float* w, float cap, double* lse_out, double* sx_out) {
   alignas(64) float buf[kBlock];
   double s = 0.0, sx = 0.0;
   float m = -kInf;
   for (int64_t c0 = 0; c0 < cols; c0 += kBlock) {
     const int64_t n = std::min(kBlock, cols - c0);
-    const float* f = widen(xr + c0, n, buf);
+    const float* f = widen_capped(xr + c0, n, buf, cap);
     float bm;
     double bs;
     block_max_sum(f, w ? w + c0 : nullptr, n, &bm, &bs);
@@ -138,7 +151,7 @@ inline void row_lse(const T* xr, int64_t cols, const float* w, double* lse_out, 
 
 template <typename T>
 int64_t ce_fwd(const T* x, int64_t xs, const int64_t* target, const float* w, const float* wsum, float* loss,
-               float* lse, int64_t rows, int64_t cols, int64_t ignore, float a, float b, float z) {
+               float* lse, int64_t rows, int64_t cols, int64_t ignore, float a, float b, float z, float cap) {
   const double W = w ? static_cast<double>(*wsum) : static_cast<double>(cols);
   int64_t bad = std::numeric_limits<int64_t>::max();
 #pragma omp parallel for schedule(static) reduction(min : bad)
@@ -155,9 +168,9 @@ int64_t ce_fwd(const T* x, int64_t xs, const int64_t* target, const float* w, co
     }
     const T* xr = x + r * xs;
     double l, sx;
-    row_lse(xr, cols, w, &l, &sx);
+    row_lse(xr, cols, w, cap, &l, &sx);
     const double wt = w ? w[t] : 1.0;
-    double out = a * wt * (l - to_float(xr[t]));
+    double out = a * wt * (l - capped(to_float(xr[t]), cap));
     if (b != 0.f) out += b * (W * l - sx);
     if (z != 0.f) out += z * l * l;
     if (std::isnan(sx)) out = l = std::numeric_limits<double>::quiet_NaN();
@@ -170,11 +183,10 @@ int64_t ce_fwd(const T* x, int64_t xs, const int64_t* target, const float* w, co
 template <typename T>
 int64_t ce_bwd(const float* dloss, int64_t ds, const T* x, int64_t xs, const int64_t* target, const float* w,
                const float* wsum, const float* lse, T* dx, int64_t dxs, int64_t rows, int64_t cols, int64_t ignore,
-               float a, float b, float z) {
+               float a, float b, float z, float cap) {
   const float W = w ? *wsum : static_cast<float>(cols);
   int64_t bad = std::numeric_limits<int64_t>::max();
-  if (static_cast<const void*>(dx) != static_cast<const void*>(x) && rows > 0)  // a fresh buffer, not in place
-    cpu::advise_huge_pages(dx, static_cast<size_t>(((rows - 1) * dxs + cols) * sizeof(T)));
+  // A fresh dx is first touched here with ordinary 4 KiB pages: see cpu_common.h on huge pages.
 #pragma omp parallel for schedule(static) reduction(min : bad)
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t t = target[r];
@@ -191,10 +203,15 @@ int64_t ce_bwd(const float* dloss, int64_t ds, const T* x, int64_t xs, const int
     alignas(64) float buf[kBlock], out[kBlock];
     for (int64_t c0 = 0; c0 < cols; c0 += kBlock) {
       const int64_t n = std::min(kBlock, cols - c0);
-      const float* f = widen(xr + c0, n, buf);  // fp32: may alias dr (in place); each c is read before written
+      // fp32 uncapped: f may alias dr (in place); each c is read before written
+      const float* f = widen_capped(xr + c0, n, buf, cap);
       float* o = std::is_same_v<T, float> ? reinterpret_cast<float*>(dr + c0) : out;
       block_grad(f, w ? w + c0 : nullptr, n, l, coef, bg, o);
       if (t >= c0 && t < c0 + n) o[t - c0] -= tg;
+      if (cap != 0.f) {  // d(cap tanh(x / cap))/dx = 1 - (y / cap)^2; f is buf here, never dr
+        const float inv = 1.f / cap;
+        for (int64_t i = 0; i < n; ++i) o[i] *= 1.f - (f[i] * inv) * (f[i] * inv);
+      }
       if constexpr (!std::is_same_v<T, float>)
         for (int64_t i = 0; i < n; ++i) dr[c0 + i] = cpu::from_float<T>(out[i]);
     }
@@ -206,12 +223,12 @@ int64_t ce_bwd(const float* dloss, int64_t ds, const T* x, int64_t xs, const int
 
 int64_t cross_entropy_fwd_cpu(const void* logits, int64_t row_stride, const int64_t* target, const float* weight,
                               const float* weight_sum, float* loss, float* lse, int64_t rows, int64_t cols,
-                              int64_t ignore_index, float a, float b, float z, DType dtype) {
+                              int64_t ignore_index, float a, float b, float z, float softcap, DType dtype) {
   int64_t bad = -1;
   cpu::dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     bad = ce_fwd<T>(static_cast<const T*>(logits), row_stride, target, weight, weight_sum, loss, lse, rows, cols,
-                    ignore_index, a, b, z);
+                    ignore_index, a, b, z, softcap);
   });
   return bad;
 }
@@ -219,12 +236,12 @@ int64_t cross_entropy_fwd_cpu(const void* logits, int64_t row_stride, const int6
 int64_t cross_entropy_bwd_cpu(const float* dloss, int64_t dloss_stride, const void* logits, int64_t row_stride,
                               const int64_t* target, const float* weight, const float* weight_sum, const float* lse,
                               void* dlogits, int64_t dlogits_stride, int64_t rows, int64_t cols,
-                              int64_t ignore_index, float a, float b, float z, DType dtype) {
+                              int64_t ignore_index, float a, float b, float z, float softcap, DType dtype) {
   int64_t bad = -1;
   cpu::dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     bad = ce_bwd<T>(dloss, dloss_stride, static_cast<const T*>(logits), row_stride, target, weight, weight_sum, lse,
-                    static_cast<T*>(dlogits), dlogits_stride, rows, cols, ignore_index, a, b, z);
+                    static_cast<T*>(dlogits), dlogits_stride, rows, cols, ignore_index, a, b, z, softcap);
   });
   return bad;
 }

@@ -230,8 +230,6 @@ void softmax_fwd_cpu(const SoftmaxFwdArgs& a) {
   if (a.inner != 1) throw std::invalid_argument("fasttfm: softmax_fwd_cpu handles the last axis only (inner == 1)");
   if (a.outer <= 0 || a.C <= 0) return;
   if (a.nq < 1 || a.outer % a.nq != 0) throw std::invalid_argument("fasttfm: softmax_fwd_cpu: rows must be a multiple of nq");
-  if (a.y != a.x)  // a fresh output: see advise_huge_pages
-    cpu::advise_huge_pages(a.y, static_cast<size_t>(a.outer * a.C) * (a.y_dtype == DType::F32 ? 4 : 2));
   cpu::dispatch(a.x_dtype, [&](auto t) {
     using T = decltype(t);
     if (a.y_dtype == DType::F32) {

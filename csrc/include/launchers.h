@@ -44,27 +44,29 @@ void layer_norm_bwd_cpu(const void* dy, int64_t dy_row_stride, const void* x, in
 // sum (required with weight). Per-row loss
 //   L = a * w_y * (lse - x_y) + b * (W * lse - sum_c w_c x_c) + z * lse^2   (w = 1 and W = cols unweighted)
 // (torch smoothing eps: a = 1 - eps, b = eps / cols; fairseq: a = 1 - eps - eps/(cols-1), b = eps/(cols-1)).
+// softcap > 0 (0 = off): the loss sees cap * tanh(x / cap) for every logit x (Gemma 2's final logit
+// softcapping); the gradient includes the factor 1 - tanh^2.
 // Rows with target == ignore_index: loss 0, lse 0, zero gradient. Any other target outside [0, cols):
 // the CUDA kernels write NaN loss/lse/gradient for that row (no device assert, no host sync); the CPU
 // kernels do the same and return the first such row (else -1) so the caller can raise.
 // loss, lse: [rows] fp32 outputs. Requires rows >= 0 and 1 <= cols < 2^31; throws std::invalid_argument.
 void cross_entropy_fwd(const void* logits, int64_t row_stride, const int64_t* target, const float* weight,
                        const float* weight_sum, float* loss, float* lse, int64_t rows, int64_t cols,
-                       int64_t ignore_index, float a, float b, float z, DType dtype, void* stream);
+                       int64_t ignore_index, float a, float b, float z, float softcap, DType dtype, void* stream);
 // dloss: per-row fp32 gradient of the row losses with a stride (0: one scalar for every row);
 // dlogits: [rows, cols] output with its own row stride, may be exactly `logits` (in place).
 void cross_entropy_bwd(const float* dloss, int64_t dloss_stride, const void* logits, int64_t row_stride,
                        const int64_t* target, const float* weight, const float* weight_sum, const float* lse,
                        void* dlogits, int64_t dlogits_stride, int64_t rows, int64_t cols, int64_t ignore_index,
-                       float a, float b, float z, DType dtype, void* stream);
+                       float a, float b, float z, float softcap, DType dtype, void* stream);
 // csrc/cpu/cross_entropy_cpu.cpp: the same contract for CPU tensors (OpenMP over rows).
 int64_t cross_entropy_fwd_cpu(const void* logits, int64_t row_stride, const int64_t* target, const float* weight,
                               const float* weight_sum, float* loss, float* lse, int64_t rows, int64_t cols,
-                              int64_t ignore_index, float a, float b, float z, DType dtype);
+                              int64_t ignore_index, float a, float b, float z, float softcap, DType dtype);
 int64_t cross_entropy_bwd_cpu(const float* dloss, int64_t dloss_stride, const void* logits, int64_t row_stride,
                               const int64_t* target, const float* weight, const float* weight_sum, const float* lse,
                               void* dlogits, int64_t dlogits_stride, int64_t rows, int64_t cols,
-                              int64_t ignore_index, float a, float b, float z, DType dtype);
+                              int64_t ignore_index, float a, float b, float z, float softcap, DType dtype);
 // ---- end of the cross-entropy section ---------------------------------------------------------------
 
 // ---- softmax.cu (softmax section) --------------------------------------------------------------

@@ -13,6 +13,8 @@ from torch import Tensor
 
 from fasttfm._env import emulate_enabled
 
+from ._autocast import autocast_dtype, keep, register_autocast, register_lowp_autocast
+
 from fasttfm.kernels import attention as _kf, attention_bwd as _kb  # noqa: E402  (kernels/ in a checkout)
 
 __all__ = ["attention", "scaled_dot_product_attention"]
@@ -329,6 +331,12 @@ def _backward(ctx, dout, dlse):
 
 attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
+# Autocast: as F.scaled_dot_product_attention (autocast's lower-precision list), q/k/v go to the
+# autocast dtype (alibi slopes stay fp32); inside, autocast is off, so the CPU path's einsums run in the
+# fp32 math it asks for. The backward keeps the dtypes the forward saved.
+register_lowp_autocast("fasttfm::attn_fwd", (0, 1, 2))
+register_autocast("fasttfm::attn_bwd", keep, keep)
+
 
 class _nullctx:
     def __enter__(self):
@@ -356,7 +364,7 @@ def _check_inputs(q, k, v, layout, varlen):
         if t.dim() != want:
             shape = "(total, H, D) with cu_seqlens" if varlen else f"4-D for layout={layout!r}"
             raise ValueError(f"attention: {name} must be {shape}, got shape {tuple(t.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
+    if not (autocast_dtype(q) == autocast_dtype(k) == autocast_dtype(v)):  # as the op sees them under autocast
         raise TypeError(f"attention: q, k, v must share one dtype, got q={q.dtype}, k={k.dtype}, v={v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
@@ -526,7 +534,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     e = query.shape[-1]
     fast = (attn_mask is None and query.dim() >= 3 and query.dim() == key.dim() == value.dim()
             and value.shape[-1] == e == key.shape[-1] and 16 <= e <= 256
-            and query.dtype in _DTYPES and query.dtype == key.dtype == value.dtype
+            and query.dtype in _DTYPES and key.dtype in _DTYPES and value.dtype in _DTYPES
+            and autocast_dtype(query) == autocast_dtype(key) == autocast_dtype(value)
             and (hkv > 0 and hq % hkv == 0))
     if not fast:
         return torch.nn.functional.scaled_dot_product_attention(

@@ -21,6 +21,8 @@ from torch import Tensor
 from fasttfm._env import emulate_enabled
 from fasttfm.kernels import attention_decode as _kd
 
+from ._autocast import keep, register_autocast
+
 __all__ = ["attention_with_kvcache"]
 
 UNBOUNDED = 1 << 30
@@ -98,6 +100,11 @@ def _(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, window_le
       alibi_slopes, num_splits):
     return _decode_impl(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, window_left,
                         window_right, softcap, alibi_slopes, num_splits)
+
+
+# Autocast: no cast (the op writes into the caches, which must keep their dtype, and q/k_new/v_new
+# must already share it); autocast is off inside, so the CPU path keeps its fp32 math.
+register_autocast("fasttfm::attn_decode", keep, keep)
 
 
 class _nullctx:

@@ -9,7 +9,10 @@ weights w = 1 and W = C), lse = log(sum_c exp(x_c)):
     (1 - eps) * w_y * nll + (eps / C) * sum_c w_c * (-log p_c);
   * ``smoothing="fairseq"`` (fairseq's ``label_smoothed_nll_loss``): eps_i = eps / (C - 1),
     a = 1 - eps - eps_i, b = eps_i (with class weights, the same weighting as torch's);
-  * ``z_loss=z`` adds z * lse^2 per non-ignored row (PaLM's auxiliary loss; not scaled by class weights).
+  * ``z_loss=z`` adds z * lse^2 per non-ignored row (PaLM's auxiliary loss; not scaled by class weights);
+    ``return_z_loss=True`` also returns that term, reduced like the loss, for logging;
+  * ``softcap=c > 0`` (Gemma 2's ``final_logit_softcapping``): every logit x is replaced by c * tanh(x / c)
+    before all of the above, inside the kernels (forward and backward: d/dx gets the factor 1 - tanh^2).
 
 Rows whose target is ``ignore_index`` contribute 0. Reductions follow ``F.cross_entropy`` exactly:
 ``sum`` adds the row losses; ``mean`` divides by the number of non-ignored rows, or with class weights
@@ -44,9 +47,10 @@ import torch
 from torch import Tensor
 
 from .._ext import KERNEL_DTYPES, backend, cpu_kernels_for, cuda_lib, emu_lib
+from ._autocast import keep, register_autocast
 
-__all__ = ["cross_entropy", "smoothing_coefficients", "class_rows", "reduce_rows", "ce_fwd_rows", "ce_bwd_rows",
-           "ce_bwd_rows_", "REDUCTIONS", "SMOOTHINGS"]
+__all__ = ["cross_entropy", "smoothing_coefficients", "class_rows", "reduce_rows", "z_loss_term", "ce_fwd_rows",
+           "ce_bwd_rows", "ce_bwd_rows_", "REDUCTIONS", "SMOOTHINGS"]
 
 _KERNEL_TYPES = KERNEL_DTYPES
 REDUCTIONS = ("none", "mean", "sum")
@@ -76,8 +80,16 @@ def _raise_bad_target(target, bad, num_classes, ignore_index):
                          f"{num_classes} classes (and is not ignore_index={ignore_index})")
 
 
-def _torch_fwd(logits, target, weight, ignore_index, a, b, z):
-    x = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
+def _capped(x, softcap):
+    """(logits the loss sees, tanh(x / cap) or None) for the torch-ops path."""
+    if not softcap:
+        return x, None
+    t = torch.tanh(x / softcap)
+    return t * softcap, t
+
+
+def _torch_fwd(logits, target, weight, ignore_index, a, b, z, softcap=0.0):
+    x, _ = _capped(logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32), softcap)
     num_classes = x.shape[1]
     valid, bad = _bad_rows(target, ignore_index, num_classes)
     _raise_bad_target(target, bad, num_classes, ignore_index)
@@ -100,8 +112,8 @@ def _torch_fwd(logits, target, weight, ignore_index, a, b, z):
     return loss, lse
 
 
-def _torch_bwd(dloss, logits, target, weight, lse, ignore_index, a, b, z):
-    x = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
+def _torch_bwd(dloss, logits, target, weight, lse, ignore_index, a, b, z, softcap=0.0):
+    x, tanh = _capped(logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32), softcap)
     rows, num_classes = x.shape
     valid, bad = _bad_rows(target, ignore_index, num_classes)
     _raise_bad_target(target, bad, num_classes, ignore_index)
@@ -116,6 +128,8 @@ def _torch_bwd(dloss, logits, target, weight, lse, ignore_index, a, b, z):
     grad = coef[:, None] * torch.exp(x - lse.to(x.dtype)[:, None])
     grad = grad - (g * b)[:, None] * (1.0 if w is None else w[None, :])
     grad[torch.arange(rows, device=x.device), safe] -= g * a * wt
+    if tanh is not None:
+        grad = grad * (1.0 - tanh * tanh)
     grad = torch.where(bad[:, None], float("nan"), torch.where(valid[:, None], grad, 0.0))
     return grad.to(logits.dtype)
 
@@ -123,48 +137,49 @@ def _torch_bwd(dloss, logits, target, weight, lse, ignore_index, a, b, z):
 # ---- low-level entry points (also used by the fused linear + cross-entropy) --------------------------
 
 def ce_fwd_rows(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int, a: float, b: float,
-                z: float) -> Tuple[Tensor, Tensor]:
+                z: float, softcap: float = 0.0) -> Tuple[Tensor, Tensor]:
     """Row losses and LSE of logits [rows, C] (unit class stride) on the kernels for its device.
 
     target: [rows] int64 contiguous; weight: [C] fp32 contiguous (float64 with float64 logits) or None.
-    Returns (loss, lse), each [rows] fp32 (float64 for float64 logits).
+    softcap: 0 = off. Returns (loss, lse), each [rows] fp32 (float64 for float64 logits).
     """
     where = backend(logits)
     if where == "cuda":
-        return cuda_lib().cross_entropy_fwd(logits, target, weight, ignore_index, a, b, z)
+        return cuda_lib().cross_entropy_fwd(logits, target, weight, ignore_index, a, b, z, softcap)
     if where == "emu":
-        return emu_lib().cross_entropy_fwd(logits, target, weight, ignore_index, a, b, z)
+        return emu_lib().cross_entropy_fwd(logits, target, weight, ignore_index, a, b, z, softcap)
     ext = cpu_kernels_for(logits)
     if ext is None:
-        return _torch_fwd(logits, target, weight, ignore_index, a, b, z)
-    return ext.cross_entropy_fwd_cpu(logits, target, weight, ignore_index, a, b, z)
+        return _torch_fwd(logits, target, weight, ignore_index, a, b, z, softcap)
+    return ext.cross_entropy_fwd_cpu(logits, target, weight, ignore_index, a, b, z, softcap)
 
 
-def ce_bwd_rows(dloss, logits, target, weight, lse, ignore_index, a, b, z) -> Tensor:
+def ce_bwd_rows(dloss, logits, target, weight, lse, ignore_index, a, b, z, softcap=0.0) -> Tensor:
     """Gradient of sum(dloss * loss) wrt logits, in a new [rows, C] tensor of the logits' dtype."""
     where = backend(logits)
     if where == "cuda":
-        return cuda_lib().cross_entropy_bwd(dloss, logits, target, weight, lse, ignore_index, a, b, z)
+        return cuda_lib().cross_entropy_bwd(dloss, logits, target, weight, lse, ignore_index, a, b, z, softcap)
     if where == "emu":
-        return emu_lib().cross_entropy_bwd(dloss, logits, target, weight, lse, ignore_index, a, b, z)
+        return emu_lib().cross_entropy_bwd(dloss, logits, target, weight, lse, ignore_index, a, b, z, softcap)
     ext = cpu_kernels_for(logits)
     if ext is None:
-        return _torch_bwd(dloss, logits, target, weight, lse, ignore_index, a, b, z)
-    return ext.cross_entropy_bwd_cpu(dloss, logits, target, weight, lse, ignore_index, a, b, z)
+        return _torch_bwd(dloss, logits, target, weight, lse, ignore_index, a, b, z, softcap)
+    return ext.cross_entropy_bwd_cpu(dloss, logits, target, weight, lse, ignore_index, a, b, z, softcap)
 
 
-def ce_bwd_rows_(logits, dloss, target, weight, lse, ignore_index, a, b, z) -> Tensor:
+def ce_bwd_rows_(logits, dloss, target, weight, lse, ignore_index, a, b, z, softcap=0.0) -> Tensor:
     """In-place variant for buffers nobody else sees (the fused linear + CE's own logits chunk):
     overwrites ``logits`` with the gradient and returns it. Never used on tensors autograd saved."""
     where = backend(logits)
     if where == "cuda":
-        cuda_lib().cross_entropy_bwd_inplace(logits, dloss, target, weight, lse, ignore_index, a, b, z)
+        cuda_lib().cross_entropy_bwd_inplace(logits, dloss, target, weight, lse, ignore_index, a, b, z, softcap)
     elif where == "emu":
-        emu_lib().cross_entropy_bwd_inplace(logits, dloss, target, weight, lse, ignore_index, a, b, z)
+        emu_lib().cross_entropy_bwd_inplace(logits, dloss, target, weight, lse, ignore_index, a, b, z, softcap)
     elif cpu_kernels_for(logits) is not None and logits.stride(0) >= logits.shape[1]:
-        cpu_kernels_for(logits).cross_entropy_bwd_inplace_cpu(logits, dloss, target, weight, lse, ignore_index, a, b, z)
+        cpu_kernels_for(logits).cross_entropy_bwd_inplace_cpu(logits, dloss, target, weight, lse, ignore_index, a, b,
+                                                              z, softcap)
     else:
-        logits.copy_(_torch_bwd(dloss, logits, target, weight, lse, ignore_index, a, b, z))
+        logits.copy_(_torch_bwd(dloss, logits, target, weight, lse, ignore_index, a, b, z, softcap))
     return logits
 
 
@@ -176,14 +191,14 @@ def _loss_dtype(logits):
 
 @torch.library.custom_op("fasttfm::cross_entropy_fwd", mutates_args=())
 def _ce_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int, a: float, b: float,
-            z: float, inplace_backward: bool) -> Tuple[Tensor, Tensor]:
+            z: float, inplace_backward: bool, softcap: float = 0.0) -> Tuple[Tensor, Tensor]:
     """logits [rows, C] (unit class stride), target [rows] int64. Returns loss [rows], lse [rows].
-    inplace_backward only changes the autograd backward (see cross_entropy)."""
-    return ce_fwd_rows(logits, target, weight, ignore_index, a, b, z)
+    inplace_backward only changes the autograd backward (see cross_entropy). softcap: 0 = off."""
+    return ce_fwd_rows(logits, target, weight, ignore_index, a, b, z, softcap)
 
 
 @_ce_fwd.register_fake
-def _(logits, target, weight, ignore_index, a, b, z, inplace_backward):
+def _(logits, target, weight, ignore_index, a, b, z, inplace_backward, softcap=0.0):
     rows = logits.shape[0]
     dt = _loss_dtype(logits)
     return logits.new_empty((rows,), dtype=dt), logits.new_empty((rows,), dtype=dt)
@@ -191,49 +206,56 @@ def _(logits, target, weight, ignore_index, a, b, z, inplace_backward):
 
 @torch.library.custom_op("fasttfm::cross_entropy_bwd", mutates_args=())
 def _ce_bwd(dloss: Tensor, logits: Tensor, target: Tensor, weight: Optional[Tensor], lse: Tensor, ignore_index: int,
-            a: float, b: float, z: float) -> Tensor:
+            a: float, b: float, z: float, softcap: float = 0.0) -> Tensor:
     """dloss [rows] (any stride, e.g. 0 after sum/mean) -> dlogits [rows, C] (a new contiguous buffer)."""
-    return ce_bwd_rows(dloss, logits, target, weight, lse, ignore_index, a, b, z)
+    return ce_bwd_rows(dloss, logits, target, weight, lse, ignore_index, a, b, z, softcap)
 
 
 @_ce_bwd.register_fake
-def _(dloss, logits, target, weight, lse, ignore_index, a, b, z):
+def _(dloss, logits, target, weight, lse, ignore_index, a, b, z, softcap=0.0):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("fasttfm::cross_entropy_bwd_", mutates_args=("logits",))
 def _ce_bwd_inplace(logits: Tensor, dloss: Tensor, target: Tensor, weight: Optional[Tensor], lse: Tensor,
-                    ignore_index: int, a: float, b: float, z: float) -> None:
+                    ignore_index: int, a: float, b: float, z: float, softcap: float = 0.0) -> None:
     """Overwrites logits [rows, C] (non-overlapping rows) with their gradient; bumps its version counter."""
-    ce_bwd_rows_(logits, dloss, target, weight, lse, ignore_index, a, b, z)
+    ce_bwd_rows_(logits, dloss, target, weight, lse, ignore_index, a, b, z, softcap)
 
 
 @_ce_bwd_inplace.register_fake
-def _(logits, dloss, target, weight, lse, ignore_index, a, b, z):
+def _(logits, dloss, target, weight, lse, ignore_index, a, b, z, softcap=0.0):
     return None
 
 
 def _setup_context(ctx, inputs, output):
-    logits, target, weight, ignore_index, a, b, z, inplace_backward = inputs
+    logits, target, weight, ignore_index, a, b, z, inplace_backward, *rest = inputs
     _, lse = output
-    ctx.args = (ignore_index, a, b, z)
+    ctx.args = (ignore_index, a, b, z, rest[0] if rest else 0.0)
     ctx.inplace = inplace_backward and (logits.shape[0] <= 1 or logits.stride(0) >= logits.shape[1])
     ctx.save_for_backward(logits, target, weight, lse)
 
 
 def _backward(ctx, dloss, _dlse):
     if not ctx.needs_input_grad[0]:
-        return None, None, None, None, None, None, None, None
+        return None, None, None, None, None, None, None, None, None
     logits, target, weight, lse = ctx.saved_tensors
     if ctx.inplace:  # the logits' storage becomes their gradient (opt-in; see cross_entropy)
         _ce_bwd_inplace(logits, dloss.to(lse.dtype), target, weight, lse, *ctx.args)
         dlogits = logits
     else:
         dlogits = _ce_bwd(dloss.to(lse.dtype), logits, target, weight, lse, *ctx.args)
-    return dlogits, None, None, None, None, None, None, None
+    return dlogits, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("fasttfm::cross_entropy_fwd", _backward, setup_context=_setup_context)
+
+# Autocast: F.cross_entropy under autocast computes in fp32 (log_softmax with dtype=float32 on CUDA,
+# nll_loss on the fp32 lists) and returns an fp32 loss; the kernels already read fp16/bf16 logits in
+# fp32 math with fp32 weights and loss, so no cast (and no fp32 copy of the logits) is needed, only
+# autocast off inside (the float64 / no-extension fallback is torch ops).
+for _name in ("cross_entropy_fwd", "cross_entropy_bwd", "cross_entropy_bwd_"):
+    register_autocast("fasttfm::" + _name, keep, keep)
 
 
 # ---- public function ---------------------------------------------------------------------------------
@@ -253,7 +275,7 @@ def class_rows(x: Tensor) -> Tensor:
     return moved.reshape(rows, num_classes).contiguous()
 
 
-def _check(name, input, target, weight, reduction, label_smoothing, smoothing, z_loss):
+def _check(name, input, target, weight, reduction, label_smoothing, smoothing, z_loss, softcap=0.0):
     if not isinstance(input, Tensor) or not isinstance(target, Tensor):
         raise TypeError(f"fasttfm.{name}: input and target must be Tensors")
     where = backend(input)
@@ -270,6 +292,8 @@ def _check(name, input, target, weight, reduction, label_smoothing, smoothing, z
         raise ValueError(f"fasttfm.{name}: label_smoothing must be in [0, 1], got {label_smoothing}")
     if not float(z_loss) >= 0.0:
         raise ValueError(f"fasttfm.{name}: z_loss must be >= 0, got {z_loss}")
+    if not float(softcap) >= 0.0 or softcap == float("inf"):
+        raise ValueError(f"fasttfm.{name}: softcap must be a finite float >= 0 (0 = off), got {softcap}")
     if target.device != input.device:
         raise ValueError(f"fasttfm.{name}: target is on {target.device} but input is on {input.device}")
     num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
@@ -312,13 +336,17 @@ def reduce_rows(loss: Tensor, target1d: Tensor, weight: Optional[Tensor], ignore
 
 def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, ignore_index: int = -100,
                   reduction: str = "mean", label_smoothing: float = 0.0, smoothing: str = "torch",
-                  z_loss: float = 0.0, inplace_backward: bool = False) -> Tensor:
+                  z_loss: float = 0.0, inplace_backward: bool = False, softcap: float = 0.0,
+                  return_z_loss: bool = False):
     """Drop-in ``F.cross_entropy`` for class-index targets, plus fairseq smoothing and z-loss.
 
     input: (C,), (N, C) or (N, C, d1, ...) logits, fp32/fp16/bf16 (float64 on the plain CPU path);
     target: int64 (or uint8) class indices of shape (), (N,) or (N, d1, ...); weight: (C,) class weights.
     ``smoothing``: "torch" (eps / C, F.cross_entropy's) or "fairseq" (eps / (C - 1)); ``z_loss``: adds
-    z_loss * lse^2 per non-ignored row. Returns a float32 loss (float64 for float64 input): a scalar for
+    z_loss * lse^2 per non-ignored row; ``softcap=c`` (Gemma 2's final_logit_softcapping, 0 = off): the
+    loss is that of the logits c * tanh(input / c), fused (no capped copy; the gradient includes the
+    tanh factor). ``return_z_loss=True`` returns ``(loss, z_loss)``: the z-loss term alone, reduced like
+    the loss (it is already included in ``loss``), detached -- for logging, as Liger-Kernel's. Returns a float32 loss (float64 for float64 input): a scalar for
     "mean"/"sum", the target's shape for "none". Float (class-probability) targets are passed to
     ``torch.nn.functional.cross_entropy`` when smoothing="torch" and z_loss=0 (not fused).
     See the module docstring for the exact formulas, layouts and out-of-range targets.
@@ -332,15 +360,29 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     detected. Inputs whose class-rows view had to be copied (see the module docstring) overwrite that
     private copy, and inputs with overlapping rows (stride-0 broadcasts) use a new buffer.
     """
-    num_classes = _check("cross_entropy", input, target, weight, reduction, label_smoothing, smoothing, z_loss)
+    num_classes = _check("cross_entropy", input, target, weight, reduction, label_smoothing, smoothing, z_loss,
+                         softcap)
     if target.is_floating_point():
         if smoothing != "torch" or z_loss:
             raise ValueError("fasttfm.cross_entropy: class-probability (float) targets support only smoothing='torch' "
                              "and z_loss=0; pass int64 class indices")
-        return torch.nn.functional.cross_entropy(input, target, weight, ignore_index=ignore_index, reduction=reduction,
+        x = _capped(input, float(softcap))[0]
+        loss = torch.nn.functional.cross_entropy(x, target, weight, ignore_index=ignore_index, reduction=reduction,
                                                  label_smoothing=label_smoothing)
+        return (loss, torch.zeros_like(loss).detach()) if return_z_loss else loss
     t = _check_target("cross_entropy", input, target)
     w = None if weight is None else weight.detach().to(_loss_dtype(input)).contiguous()
     a, b = smoothing_coefficients(label_smoothing, smoothing, num_classes)
-    loss, _ = _ce_fwd(class_rows(input), t, w, int(ignore_index), a, b, float(z_loss), bool(inplace_backward))
-    return reduce_rows(loss, t, w, int(ignore_index), reduction, target.shape)
+    loss, lse = _ce_fwd(class_rows(input), t, w, int(ignore_index), a, b, float(z_loss), bool(inplace_backward),
+                        float(softcap))
+    loss = reduce_rows(loss, t, w, int(ignore_index), reduction, target.shape)
+    if not return_z_loss:
+        return loss
+    return loss, z_loss_term(lse, t, w, int(ignore_index), reduction, target.shape, float(z_loss))
+
+
+def z_loss_term(lse: Tensor, target1d: Tensor, weight: Optional[Tensor], ignore_index: int, reduction: str,
+                out_shape, z: float) -> Tensor:
+    """z * lse^2 per row (0 for ignored rows, whose lse is 0), reduced as the loss, detached."""
+    lse = lse.detach()
+    return reduce_rows(z * lse * lse, target1d, weight, ignore_index, reduction, out_shape)

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from .._ext import KERNEL_DTYPES, backend, cpu_kernels_for, cuda_lib, emu_lib
+from ._autocast import fp32, keep, register_autocast
 
 __all__ = ["layer_norm", "rms_norm", "default_rms_eps"]
 
@@ -70,8 +71,17 @@ def _layer_norm_fwd_cpu(x, weight, bias, eps, rms):
             return ext.layer_norm_fwd_cpu(x, weight, bias, eps, True)
         y, rstd = torch.ops.aten._fused_rms_norm(x, [cols], weight, eps)
         return y, x.new_empty((0,), dtype=_stat_dtype(x)), rstd.to(_stat_dtype(x)).reshape(rows)
+    if x.dtype in _HALF:  # fp32 parameters make aten return its fp32 statistics (else rounded to x's dtype)
+        weight, bias = _fp32(weight), _fp32(bias)
     y, mean, rstd = torch.native_layer_norm(x, [cols], weight, bias, eps)
     return y, mean.to(_stat_dtype(x)).reshape(rows), rstd.to(_stat_dtype(x)).reshape(rows)
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _fp32(t):
+    return None if t is None else t.float()
 
 
 @_layer_norm_fwd.register_fake
@@ -101,6 +111,25 @@ def _cpu_stat_dtype(x, weight):
     return torch.float32 if x.dtype == torch.float32 or (weight is not None and weight.dtype == torch.float32) else x.dtype
 
 
+def _half_ln_bwd_cpu(dy, x, weight, mean, rstd, need_dweight, need_dbias):
+    """LayerNorm backward for fp16/bf16 x on the CPU with fp32 statistics and fp32 accumulation: aten's
+    CPU backward gives dx (with fp32 weight, so it reads the fp32 mean/rstd as they are), but its
+    dweight/dbias row reductions for 16-bit inputs were ~8% off float64 at 4096 x 1024 (issue 16 item 13),
+    so those are fp32 torch reductions here (one fp32 temporary of x's size)."""
+    rows, cols = x.shape
+    w32 = _fp32(weight)
+    dx = torch.ops.aten.native_layer_norm_backward(
+        dy, x, [cols], mean.reshape(rows, 1), rstd.reshape(rows, 1), w32, None, [True, False, False])[0]
+    dyf = dy.float()
+    dw = db = None
+    if need_dweight:
+        xhat = (x.float() - mean.reshape(rows, 1)) * rstd.reshape(rows, 1)
+        dw = (dyf * xhat).sum(0).to(weight.dtype)
+    if need_dbias:
+        db = dyf.sum(0).to(x.dtype if weight is None else weight.dtype)
+    return dx, dw, db
+
+
 @_layer_norm_bwd.register_kernel("cpu")
 def _layer_norm_bwd_cpu(dy, x, weight, mean, rstd, rms, need_dweight, need_dbias):
     if backend(x) == "emu":
@@ -118,6 +147,8 @@ def _layer_norm_bwd_cpu(dy, x, weight, mean, rstd, rms, need_dweight, need_dbias
         dx = (rstd.to(math_dtype).reshape(rows, 1) * (g - xhat * (g * xhat).mean(-1, keepdim=True))).to(x.dtype)
         dw = (dyf * xhat).sum(0).to(weight.dtype) if need_dweight else None
         db = None
+    elif x.dtype in _HALF:
+        dx, dw, db = _half_ln_bwd_cpu(dy, x, weight, mean, rstd, need_dweight, need_dbias)
     else:
         sd = _cpu_stat_dtype(x, weight)
         bias = None if weight is None else torch.zeros_like(weight)  # only its presence matters to aten
@@ -160,6 +191,11 @@ def _backward(ctx, dy, _dmean, _drstd):
 
 
 torch.library.register_autograd("fasttfm::layer_norm_fwd", _backward, setup_context=_setup_context)
+
+# Autocast, as torch's layer_norm/rms_norm: on CUDA they are on autocast's fp32 list (x, weight, bias
+# cast to fp32, fp32 output); on the CPU on no list (input dtype in and out; fp32 math anyway).
+register_autocast("fasttfm::layer_norm_fwd", cpu=keep, cuda=fp32(0, 1, 2))
+register_autocast("fasttfm::layer_norm_bwd", keep, keep)
 
 
 # ---- public functions ------------------------------------------------------------------------

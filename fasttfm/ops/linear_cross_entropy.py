@@ -2,7 +2,7 @@
 
 loss = cross_entropy(hidden @ weight.T + bias, target, ...) with every option of
 :func:`fasttfm.cross_entropy` (class weights, ignore_index, reductions, torch/fairseq smoothing,
-z-loss). Shapes: hidden (*, H), weight (V, H), bias (V,) or None, target (*) int64; hidden, weight
+z-loss, logit softcapping, the z-loss term returned for logging). Shapes: hidden (*, H), weight (V, H), bias (V,) or None, target (*) int64; hidden, weight
 and bias share one dtype (fp32/fp16/bf16; float64 on the plain CPU path).
 
 How: rows are processed in chunks of ``chunk`` rows, so at most a [chunk, V] logits buffer (in the
@@ -31,7 +31,7 @@ from torch import Tensor
 from .._ext import backend
 from ._autocast import autocast_dtype, register_lowp_autocast
 from .cross_entropy import (REDUCTIONS, SMOOTHINGS, _KERNEL_TYPES, _loss_dtype, ce_bwd_rows_, ce_fwd_rows,
-                            smoothing_coefficients)
+                            smoothing_coefficients, z_loss_term)
 
 __all__ = ["linear_cross_entropy", "default_chunk_rows"]
 
@@ -62,11 +62,14 @@ def _acc_dtype(t: Tensor):
     return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
 
 
-def _run(hidden, weight, target, bias, class_weight, ignore_index, a, b, z, dloss, need_h, need_w, need_b, chunk):
+def _run(hidden, weight, target, bias, class_weight, ignore_index, a, b, z, dloss, need_h, need_w, need_b, chunk,
+         softcap=0.0):
     """One pass over row chunks. dloss: None (losses only) or the per-row gradient of the row losses
-    ([rows] or 0-d). Returns (loss [rows], grad_hidden | None, grad_weight | None, grad_bias | None)."""
+    ([rows] or 0-d). Returns (loss [rows], grad_hidden | None, grad_weight | None, grad_bias | None,
+    lse [rows])."""
     rows, vocab = hidden.shape[0], weight.shape[0]
     loss = hidden.new_empty((rows,), dtype=_loss_dtype(hidden))
+    lse_all = torch.empty_like(loss)
     grads = dloss is not None
     gh = torch.empty_like(hidden, memory_format=torch.contiguous_format) if grads and need_h else None
     gw = torch.zeros(weight.shape, dtype=_acc_dtype(weight), device=weight.device) if grads and need_w else None
@@ -76,12 +79,13 @@ def _run(hidden, weight, target, bias, class_weight, ignore_index, a, b, z, dlos
         e = min(rows, s + chunk)
         h, t = hidden[s:e], target[s:e]
         logits = torch.addmm(bias, h, wt) if bias is not None else torch.mm(h, wt)  # [chunk, V], our own buffer
-        loss_c, lse = ce_fwd_rows(logits, t, class_weight, ignore_index, a, b, z)
+        loss_c, lse = ce_fwd_rows(logits, t, class_weight, ignore_index, a, b, z, softcap)
         loss[s:e] = loss_c
+        lse_all[s:e] = lse
         if not grads:
             continue
         d = dloss if dloss.dim() == 0 else dloss[s:e]
-        g = ce_bwd_rows_(logits, d, t, class_weight, lse, ignore_index, a, b, z)  # logits -> dlogits, in place
+        g = ce_bwd_rows_(logits, d, t, class_weight, lse, ignore_index, a, b, z, softcap)  # logits -> dlogits, in place
         if gh is not None:
             torch.mm(g, weight, out=gh[s:e])
         if gw is not None:
@@ -89,7 +93,8 @@ def _run(hidden, weight, target, bias, class_weight, ignore_index, a, b, z, dlos
         if gb is not None:
             gb.add_(g.sum(0, dtype=gb.dtype))
         del logits, g
-    return (loss, gh, None if gw is None else gw.to(weight.dtype), None if gb is None else gb.to(bias.dtype))
+    return (loss, gh, None if gw is None else gw.to(weight.dtype), None if gb is None else gb.to(bias.dtype),
+            lse_all)
 
 
 def _mean_scale(target, class_weight, ignore_index, dtype):
@@ -107,50 +112,52 @@ def _empty(t):
 @torch.library.custom_op("fasttfm::linear_cross_entropy_fwd", mutates_args=())
 def _lce_fwd(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor], class_weight: Optional[Tensor],
              ignore_index: int, a: float, b: float, z: float, reduction: int, need_h: bool, need_w: bool,
-             need_b: bool, chunk: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+             need_b: bool, chunk: int, softcap: float = 0.0) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """hidden [N, H], weight [V, H], target [N] int64. reduction 0 none / 1 sum / 2 mean.
-    Returns (loss [N] or [], grad_hidden, grad_weight, grad_bias); the gradients (of the reduced loss,
-    computed only for sum/mean and when requested, else empty) are saved for the backward."""
+    Returns (loss [N] or [], grad_hidden, grad_weight, grad_bias, lse [N]); the gradients (of the reduced
+    loss, computed only for sum/mean and when requested, else empty) are saved for the backward."""
     dloss = None
     if reduction != 0 and (need_h or need_w or need_b):
         dt = _loss_dtype(hidden)
         dloss = (torch.ones((), dtype=dt, device=hidden.device) if reduction == 1 else
                  _mean_scale(target, class_weight, ignore_index, dt))
-    loss, gh, gw, gb = _run(hidden, weight, target, bias, class_weight, ignore_index, a, b, z, dloss, need_h, need_w,
-                            need_b, chunk)
+    loss, gh, gw, gb, lse = _run(hidden, weight, target, bias, class_weight, ignore_index, a, b, z, dloss, need_h,
+                                 need_w, need_b, chunk, softcap)
     if reduction == 1:
         loss = loss.sum()
     elif reduction == 2:
         scale = dloss if dloss is not None else _mean_scale(target, class_weight, ignore_index, loss.dtype)
         loss = loss.sum() * scale
     return (loss, _empty(hidden) if gh is None else gh, _empty(weight) if gw is None else gw,
-            _empty(weight) if gb is None else gb)
+            _empty(weight) if gb is None else gb, lse)
 
 
 @_lce_fwd.register_fake
-def _(hidden, weight, target, bias, class_weight, ignore_index, a, b, z, reduction, need_h, need_w, need_b, chunk):
+def _(hidden, weight, target, bias, class_weight, ignore_index, a, b, z, reduction, need_h, need_w, need_b, chunk,
+      softcap=0.0):
     rows = hidden.shape[0]
     grads = reduction != 0
     loss = hidden.new_empty((rows,) if reduction == 0 else (), dtype=_loss_dtype(hidden))
     gh = torch.empty_like(hidden, memory_format=torch.contiguous_format) if grads and need_h else _empty(hidden)
     gw = torch.empty_like(weight, memory_format=torch.contiguous_format) if grads and need_w else _empty(weight)
     gb = bias.new_empty(bias.shape) if grads and need_b and bias is not None else _empty(weight)
-    return loss, gh, gw, gb
+    return loss, gh, gw, gb, hidden.new_empty((rows,), dtype=_loss_dtype(hidden))
 
 
 @torch.library.custom_op("fasttfm::linear_cross_entropy_bwd", mutates_args=())
 def _lce_bwd(dloss: Tensor, hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
              class_weight: Optional[Tensor], ignore_index: int, a: float, b: float, z: float, need_h: bool,
-             need_w: bool, need_b: bool, chunk: int) -> Tuple[Tensor, Tensor, Tensor]:
+             need_w: bool, need_b: bool, chunk: int, softcap: float = 0.0) -> Tuple[Tensor, Tensor, Tensor]:
     """reduction "none": recomputes the logits chunk by chunk with the row gradients dloss [N]."""
-    _, gh, gw, gb = _run(hidden, weight, target, bias, class_weight, ignore_index, a, b, z,
-                         dloss.to(_loss_dtype(hidden)), need_h, need_w, need_b, chunk)
+    _, gh, gw, gb, _ = _run(hidden, weight, target, bias, class_weight, ignore_index, a, b, z,
+                            dloss.to(_loss_dtype(hidden)), need_h, need_w, need_b, chunk, softcap)
     return (_empty(hidden) if gh is None else gh, _empty(weight) if gw is None else gw,
             _empty(weight) if gb is None else gb)
 
 
 @_lce_bwd.register_fake
-def _(dloss, hidden, weight, target, bias, class_weight, ignore_index, a, b, z, need_h, need_w, need_b, chunk):
+def _(dloss, hidden, weight, target, bias, class_weight, ignore_index, a, b, z, need_h, need_w, need_b, chunk,
+      softcap=0.0):
     gh = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_h else _empty(hidden)
     gw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else _empty(weight)
     gb = bias.new_empty(bias.shape) if need_b and bias is not None else _empty(weight)
@@ -158,27 +165,30 @@ def _(dloss, hidden, weight, target, bias, class_weight, ignore_index, a, b, z, 
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, target, bias, class_weight, ignore_index, a, b, z, reduction, need_h, need_w, need_b, chunk = inputs
+    hidden, weight, target, bias, class_weight, ignore_index, a, b, z, reduction, need_h, need_w, need_b, chunk, \
+        *rest = inputs
     ctx.recompute = reduction == 0
     ctx.args = (ignore_index, a, b, z)
     ctx.need = (need_h, need_w, need_b and bias is not None)
     ctx.chunk = chunk
+    ctx.softcap = rest[0] if rest else 0.0
     if ctx.recompute:
         ctx.save_for_backward(hidden, weight, target, bias, class_weight)
     else:
-        _, gh, gw, gb = output
+        _, gh, gw, gb, _ = output
         ctx.save_for_backward(gh, gw, gb)
 
 
-def _backward(ctx, dloss, _gh, _gw, _gb):
+def _backward(ctx, dloss, _gh, _gw, _gb, _lse):
     if ctx.recompute:
         hidden, weight, target, bias, class_weight = ctx.saved_tensors
-        gh, gw, gb = _lce_bwd(dloss, hidden, weight, target, bias, class_weight, *ctx.args, *ctx.need, ctx.chunk)
+        gh, gw, gb = _lce_bwd(dloss, hidden, weight, target, bias, class_weight, *ctx.args, *ctx.need, ctx.chunk,
+                              ctx.softcap)
     else:
         gh, gw, gb = (g * dloss.to(g.dtype) if g.numel() else g for g in ctx.saved_tensors)
     need_h, need_w, need_b = ctx.need
     return (gh if need_h else None, gw if need_w else None, None, gb if need_b else None,
-            None, None, None, None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("fasttfm::linear_cross_entropy_fwd", _backward, setup_context=_setup_context)
@@ -191,12 +201,13 @@ register_lowp_autocast("fasttfm::linear_cross_entropy_bwd", (1, 2, 4))
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None,
                          ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
                          smoothing: str = "torch", z_loss: float = 0.0, class_weight: Optional[Tensor] = None,
-                         chunk_size: Optional[int] = None) -> Tensor:
+                         chunk_size: Optional[int] = None, softcap: float = 0.0, return_z_loss: bool = False):
     """``cross_entropy(F.linear(hidden, weight, bias), target, ...)`` without materializing the logits.
 
     hidden: (*, H); weight: (V, H) (an ``nn.Linear``/LM-head weight); bias: (V,) or None; target: (*)
     int64 class indices; class_weight: (V,) class weights (``weight`` of F.cross_entropy). All loss
-    options as :func:`fasttfm.cross_entropy`. Returns a float32 loss (float64 for float64 input): a
+    options as :func:`fasttfm.cross_entropy`, ``softcap`` (the logits capped to c * tanh(logits / c) in
+    the chunks, forward and backward) and ``return_z_loss`` (returns ``(loss, z_loss)``) included. Returns a float32 loss (float64 for float64 input): a
     scalar for "mean"/"sum", the target's shape for "none". Under ``torch.autocast`` hidden, weight and
     bias are cast to the autocast dtype for the matmuls, as ``F.linear`` is (fp32 master weights keep
     fp32 gradients), and the loss stays fp32, as ``F.cross_entropy``'s. See the module docstring for the
@@ -226,6 +237,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: O
                          f"{SMOOTHINGS}, got {reduction!r}, {smoothing!r}")
     if not 0.0 <= float(label_smoothing) <= 1.0 or not float(z_loss) >= 0.0:
         raise ValueError("fasttfm.linear_cross_entropy: label_smoothing must be in [0, 1] and z_loss >= 0")
+    if not float(softcap) >= 0.0 or softcap == float("inf"):
+        raise ValueError(f"fasttfm.linear_cross_entropy: softcap must be a finite float >= 0 (0 = off), got {softcap}")
     if target.dtype not in (torch.int64, torch.uint8):
         raise TypeError(f"fasttfm.linear_cross_entropy: target must hold int64 class indices, got {target.dtype}")
     if tuple(target.shape) != tuple(hidden.shape[:-1]) or target.device != hidden.device:
@@ -243,6 +256,9 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: O
     grad = torch.is_grad_enabled()
     need_h, need_w = grad and hidden.requires_grad, grad and weight.requires_grad
     need_b = grad and bias is not None and bias.requires_grad
-    loss = _lce_fwd(h2, weight, t, bias, cw, int(ignore_index), a, b, float(z_loss), _REDUCTION_CODE[reduction],
-                    need_h, need_w, need_b, chunk)[0]
-    return loss.view(target.shape) if reduction == "none" else loss
+    out = _lce_fwd(h2, weight, t, bias, cw, int(ignore_index), a, b, float(z_loss), _REDUCTION_CODE[reduction],
+                   need_h, need_w, need_b, chunk, float(softcap))
+    loss = out[0].view(target.shape) if reduction == "none" else out[0]
+    if not return_z_loss:
+        return loss
+    return loss, z_loss_term(out[4], t, cw, int(ignore_index), reduction, target.shape, float(z_loss))

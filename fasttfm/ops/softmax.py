@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from .._ext import KERNEL_DTYPES, backend, cpu_kernels_for, cuda_lib, emu_lib
+from ._autocast import eligible, keep, register_autocast
 
 __all__ = ["softmax", "scaled_masked_softmax"]
 
@@ -155,6 +156,20 @@ def _backward(ctx, dy):
 
 
 torch.library.register_autograd("fasttfm::softmax_fwd", _backward, setup_context=_setup_context)
+
+
+def _fp32_out(args, device_type):
+    """torch.softmax on CUDA under autocast (fp32_set_opt_dtype): no dtype given and fp16/bf16 input ->
+    dtype=float32 (the upcast is fused; no input copy); an explicit dtype is kept."""
+    x, dtype = args[0], args[6]
+    if dtype is None and eligible(x, device_type) and x.dtype != torch.float32:
+        args = args[:6] + (torch.float32,)
+    return args
+
+
+# Autocast: torch.softmax is on CUDA autocast's fp32 list (output fp32) and on no CPU list.
+register_autocast("fasttfm::softmax_fwd", cpu=keep, cuda=_fp32_out)
+register_autocast("fasttfm::softmax_bwd", keep, keep)
 
 
 # ---- layouts ---------------------------------------------------------------------------------
