@@ -7,7 +7,6 @@ cpu / emu / cuda via the kernel_device fixture: a GPU run covers CUDA autocast (
 layer_norm, rms_norm and softmax are fp32 ops there, on the CPU they are on no list).
 linear_cross_entropy has its own autocast test in tests/test_linear_cross_entropy.py.
 """
-import contextlib
 
 import pytest
 import torch
@@ -16,7 +15,6 @@ import torch.nn.functional as F
 import fasttfm
 from tests.conftest import on_device
 from tests.oracle import assert_close_oracle
-from tests.triton_bf16 import bf16_interpreter
 
 AMP = [torch.bfloat16, torch.float16]
 
@@ -81,10 +79,7 @@ def test_attention_under_autocast(kernel_device, amp_dtype, kw):
     qkv = [torch.randn(b, h, n, d, dtype=torch.float64).float() for _ in range(3)]
     window = kw.get("window", (-1, 0 if kw.get("causal") else -1))
     mask = _mask(n, n, window, kw.get("chunk_size", 0))
-    # bf16 in Triton's interpreter needs the test harness's patch until issue 16 item 2 lands in
-    # kernels/_interp.py (not this test's subject: the dtype and precision choices are)
-    bf16 = bf16_interpreter() if kernel_device == "emu" and amp_dtype == torch.bfloat16 else contextlib.nullcontext()
-    with ctx, bf16:
+    with ctx:  # bf16 under emulation: fasttfm's interpreted launches compute it right (issue 16 item 2)
         out, grads, dy = _run(lambda q, k, v: fasttfm.attention(q, k, v, **kw), dev, amp_dtype, qkv)
     low, low_grads, _ = _run(lambda q, k, v: _torch_attn(q, k, v, mask, kw.get("softcap", 0.0)), "cpu", amp_dtype,
                              qkv, dy)
@@ -101,8 +96,7 @@ def test_sdpa_under_autocast_mixed_dtypes(kernel_device, amp_dtype):
     dev, ctx = on_device(kernel_device)
     q = torch.randn(2, 2, 19, 16, device=dev)
     k, v = (torch.randn(2, 2, 23, 16, device=dev).to(amp_dtype) for _ in range(2))
-    bf16 = bf16_interpreter() if kernel_device == "emu" and amp_dtype == torch.bfloat16 else contextlib.nullcontext()
-    with ctx, bf16, _amp(dev, amp_dtype):
+    with ctx, _amp(dev, amp_dtype):
         out = fasttfm.scaled_dot_product_attention(q, k, v)
         low = F.scaled_dot_product_attention(q, k, v)
     assert out.dtype == low.dtype == amp_dtype
