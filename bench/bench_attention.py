@@ -273,7 +273,8 @@ def main(argv=None):
                 med, lo, hi = time_ms(run)
                 mem = peak_memory_mb(run, dev)
             except Exception as exc:  # a provider that rejects the shape is reported, not dropped
-                skipped.append(f"{name} [d={d} n={n} {mname} {mode}]: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+                why = str(exc).splitlines()[0][:200] if str(exc) else ""
+                skipped.append(f"{name} [d={d} n={n} {mname} {mode}]: {type(exc).__name__}: {why}")
                 print(f"skipped {skipped[-1]}")
                 continue
             row = dict(provider=name, device=device, dtype=args.dtype, d=d, seqlen=n, batch=b, heads=h, hkv=hkv,
@@ -359,8 +360,8 @@ def bench_decode(args, dev, dtype):
                     med, lo, hi = time_ms(fn)
                     mem = peak_memory_mb(fn, dev)
                 except Exception as exc:
-                    skipped.append(f"{name} [decode d={d} L={L} b={b}]: {type(exc).__name__}: "
-                                   f"{str(exc).splitlines()[0][:200]}")
+                    why = str(exc).splitlines()[0][:200] if str(exc) else ""
+                    skipped.append(f"{name} [decode d={d} L={L} b={b}]: {type(exc).__name__}: {why}")
                     print(f"skipped {skipped[-1]}")
                     continue
             row = dict(provider=name, device=device, dtype=args.dtype, d=d, cache_len=L, batch=b, heads=f"{hq}/{hkv}",

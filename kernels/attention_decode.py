@@ -215,7 +215,8 @@ def attn_decode(q, k_cache, v_cache, seqlens, out, lse, *, softmax_scale, win_le
         pstrides = (part.stride(0), part.stride(1), part.stride(2), part.stride(3))
         lstrides = plse.stride()
     args = (q, k_cache, v_cache, part, plse, seqlens, alibi,
-            seqlens if cache_batch_idx is None else cache_batch_idx, seqlens if cache_leftpad is None else cache_leftpad,
+            seqlens if cache_batch_idx is None else cache_batch_idx,
+            seqlens if cache_leftpad is None else cache_leftpad,
             seqlens if block_table is None else block_table, q.stride(0), q.stride(1), q.stride(2),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
             v_cache.stride(2), *pstrides, *lstrides, stride_ab, block_table.stride(0) if paged else 0, page_size,

@@ -173,7 +173,8 @@ def test_flash_attn_varlen_output(mode, case):
         grads = torch.autograd.grad(out, (qd, kd, vd), do.to(dev))
     assert lse.shape == (hq, int(cu_q[-1])) and out.shape == (b, sq, hq, d)
     outs = {n: torch.zeros(b, sq, hq, d, dtype=dt) for n, dt in (("64", torch.float64), ("lowp", dtype))}
-    gref = {n: [torch.zeros(t.shape, dtype=dt) for t in (q, k, v)] for n, dt in (("64", torch.float64), ("lowp", dtype))}
+    gref = {n: [torch.zeros(t.shape, dtype=dt) for t in (q, k, v)]
+            for n, dt in (("64", torch.float64), ("lowp", dtype))}
     for i in range(b):
         nq, nk = lens_q[i], lens_k[i]
         keep = None
@@ -215,7 +216,8 @@ def test_bert_padding_round_trip_and_grads():
     unused = torch.zeros(b, s, dtype=torch.bool)
     unused[2, 3:5] = True
     xu2, idx2, cu2, max2, used2 = BP.unpad_input(x, mask, unused)
-    assert cu2[-1] == sum(lens) + 2 and used2.tolist() == lens and torch.equal(idx2, torch.nonzero((mask | unused).flatten()).flatten())
+    assert cu2[-1] == sum(lens) + 2 and used2.tolist() == lens
+    assert torch.equal(idx2, torch.nonzero((mask | unused).flatten()).flatten())
     # index_first_axis: gather along the first axis, gradient scatters back
     y = torch.randn(6, 3, requires_grad=True)
     sel = torch.tensor([4, 0, 4])

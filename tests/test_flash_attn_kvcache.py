@@ -67,7 +67,8 @@ def from_pages(pages, table):
     return pages[table.long()].flatten(1, 2)
 
 
-# (dtype, mha_type, d, Sq, S_max, Snew, causal, window, alibi, softcap, rotary, page, batch_idx, leftpad, int_seqlens, splits)
+# (dtype, mha_type, d, Sq, S_max, Snew, causal, window, alibi, softcap, rotary, page, batch_idx, leftpad,
+#  int_seqlens, splits)
 GRID = [
     (F16, "mha", 64, 1, 160, 1, False, (-1, -1), False, 0.0, None, None, False, False, False, 0),
     (F16, "gqa", 64, 1, 160, 1, True, (-1, -1), False, 0.0, "interleaved", 16, False, False, False, 3),
@@ -241,7 +242,8 @@ def test_kvcache_bad_arguments():
     with pytest.raises(ValueError, match="page size"):
         FI.flash_attn_with_kvcache(q, kc[:, :8], vc[:, :8], cache_seqlens=3, block_table=table)
     with pytest.raises(ValueError, match=r"block_table\[1, 0\] = 9"):
-        FI.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=3, block_table=torch.tensor([[0, 1], [9, 3]], dtype=torch.int32))
+        FI.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=3,
+                                   block_table=torch.tensor([[0, 1], [9, 3]], dtype=torch.int32))
     with pytest.raises(ValueError, match="block_table must be a torch.int32"):
         FI.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=3, block_table=table.long())
     cos, sin = make_rotary(32, 16, torch.float32)
@@ -251,7 +253,8 @@ def test_kvcache_bad_arguments():
         c2, s2 = make_rotary(32, 8, torch.float32)
         FI.flash_attn_with_kvcache(q, kc, vc, kn, kn, cache_seqlens=3, block_table=table, rotary_cos=c2, rotary_sin=s2)
     with pytest.raises(ValueError, match="cache_leftpad out of range"):
-        FI.flash_attn_with_kvcache(q, kc[:2], vc[:2], cache_seqlens=3, cache_leftpad=torch.tensor([4, 0], dtype=torch.int32))
+        FI.flash_attn_with_kvcache(q, kc[:2], vc[:2], cache_seqlens=3,
+                                   cache_leftpad=torch.tensor([4, 0], dtype=torch.int32))
     with pytest.raises(ValueError, match="cache_batch_idx out of range"):
         FI.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=3, cache_batch_idx=torch.tensor([0, 6], dtype=torch.int32))
     with pytest.raises(ValueError, match="need cache_seqlens"):
