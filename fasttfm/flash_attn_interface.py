@@ -19,7 +19,8 @@ differentiable) and ``fasttfm.attention_with_kvcache`` (decode). Differences, al
   the kernel dropped the entry -- flash-attn documents its values as "possibly with different
   scaling" and pads the sizes to multiples of 128; the dropout pattern (``~S.signbit()``) is
   exactly the kernels' keep mask.
-- ``softmax_lse`` carries no gradient (flash-attn's backward ignores it too).
+- ``softmax_lse`` carries no gradient (flash-attn's backward ignores it too); rows that see no key
+  get +inf as in flash-attn (fasttfm.attention itself reports -inf there).
 - ``flash_attn_varlen_func(block_table=...)`` (paged prefill) raises NotImplementedError; paged KV
   caches are supported in ``flash_attn_with_kvcache``.
 """
@@ -55,6 +56,12 @@ def _common(fn, dropout_p, softcap, deterministic, return_attn_probs, causal):
         if not isinstance(val, bool):
             raise ValueError(f"{fn}: {name} must be a bool, got {val!r}")
     return float(softcap) if softcap > 0 else 0.0  # flash-attn: softcap <= 0 = off
+
+
+def _fa_lse(lse):
+    """flash-attn's LSE convention: +inf (not -inf) for rows with no visible key; no gradient."""
+    lse = lse.detach()
+    return lse.masked_fill(lse == float("-inf"), float("inf"))
 
 
 def _pad_d(ts, d):
@@ -99,7 +106,7 @@ def _run(fn, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, al
         with torch.no_grad():
             s_dmask = _s_dmask(q, k, scale, causal, window, softcap, alibi_slopes, float(dropout_p), seed,
                                cu_q, cu_k, max_q, max_k)
-    return out, lse.detach(), s_dmask
+    return out, _fa_lse(lse), s_dmask
 
 
 def _s_dmask(q, k, scale, causal, window, softcap, slopes, p, seed, cu_q, cu_k, max_q, max_k):
@@ -269,7 +276,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     Rotary: cos/sin (seqlen_ro >= S_max, rotary_dim / 2); keys at positions cache_seqlens - leftpad
     + i; queries at the same positions when causal or local, else all at cache_seqlens - leftpad.
     Masks, softcap, ALiBi as flash_attn_func, with Sk = cache_seqlens + Snew - leftpad keys.
-    num_splits: 0 heuristic, else KV splits. Returns out (B, Sq, Hq, D) [, softmax_lse (B, Hq, Sq)].
+    num_splits: 0 heuristic, else KV splits. Returns out (B, Sq, Hq, D) [, softmax_lse (B, Hq, Sq),
+    +inf for rows that see no key].
     Head dim 16..256 here (no padding of the cache)."""
     fn = "flash_attn_with_kvcache"
     softcap = _common(fn, 0.0, softcap, False, bool(return_softmax_lse), causal)
@@ -300,8 +308,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             qpos = qpos.expand(b, q.shape[1])
             k = apply_rotary(k, rotary_cos, rotary_sin, kpos, rotary_interleaved)
             q = apply_rotary(q, rotary_cos, rotary_sin, qpos, rotary_interleaved)
-        return attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, causal=causal, window=window,
-                                      softmax_scale=softmax_scale, softcap=softcap, alibi_slopes=alibi_slopes,
-                                      num_splits=num_splits, return_lse=bool(return_softmax_lse),
-                                      cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
-                                      block_table=block_table)
+        res = attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, causal=causal, window=window,
+                                     softmax_scale=softmax_scale, softcap=softcap, alibi_slopes=alibi_slopes,
+                                     num_splits=num_splits, return_lse=bool(return_softmax_lse),
+                                     cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
+                                     block_table=block_table)
+    return (res[0], _fa_lse(res[1])) if return_softmax_lse else res

@@ -177,7 +177,26 @@ def test_kvcache_matches_reference(mode, case):
     assert torch.equal(kd.nan_to_num(7.0), x["kx"].nan_to_num(7.0)), "k_cache after the append"
     assert torch.equal(vd.nan_to_num(7.0), x["vx"].nan_to_num(7.0)), "v_cache after the append"
     assert_close_oracle(out, x["r64"][0], x["rlp"][0], name="out")
-    assert_close_oracle(lse, x["r64"][1], x["r64"][1].float(), floor=1e-4, name="lse")
+    ref_lse = x["r64"][1].masked_fill(x["r64"][1] == float("-inf"), float("inf"))  # flash-attn: +inf, no keys
+    assert_close_oracle(lse, ref_lse, ref_lse.float(), floor=1e-4, name="lse")
+
+
+@pytest.mark.parametrize("mode", ["cpu", "emu", "cuda"])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_kvcache_empty_rows(mode, splits):
+    """A sequence with no valid key (empty cache, nothing appended): output 0 and LSE +inf, as flash-attn;
+    the other sequence is unaffected."""
+    dev = device_of(mode)
+    q = torch.randn(2, 1, 4, 32, dtype=F16)
+    kc, vc = torch.randn(2, 96, 2, 32, dtype=F16), torch.randn(2, 96, 2, 32, dtype=F16)
+    seq = torch.tensor([0, 50], dtype=torch.int32)
+    with mode_ctx(mode, F16):
+        out, lse = FI.flash_attn_with_kvcache(q.to(dev), kc.to(dev), vc.to(dev), cache_seqlens=seq.to(dev),
+                                              num_splits=splits, return_softmax_lse=True)
+    assert (out[0].cpu() == 0).all() and torch.isposinf(lse[0].cpu()).all()
+    r64 = kv_ref(q.double(), kc.double(), vc.double(), [0, 50], [0, 0], 32 ** -0.5, False, (-1, -1), 0.0, None)
+    rlp = kv_ref(q, kc, vc, [0, 50], [0, 0], 32 ** -0.5, False, (-1, -1), 0.0, None)
+    assert_close_oracle(out[1:], r64[0][1:], rlp[0][1:], name="out")
 
 
 @pytest.mark.parametrize("mode", ["cpu", "emu"])
