@@ -21,8 +21,10 @@ differentiable) and ``fasttfm.attention_with_kvcache`` (decode). Differences, al
   exactly the kernels' keep mask.
 - ``softmax_lse`` carries no gradient (flash-attn's backward ignores it too); rows that see no key
   get +inf as in flash-attn (fasttfm.attention itself reports -inf there).
-- ``flash_attn_varlen_func(block_table=...)`` (paged prefill) raises NotImplementedError; paged KV
-  caches are supported in ``flash_attn_with_kvcache``.
+- ``flash_attn_varlen_func(block_table=...)`` (paged prefill): the used pages are gathered into
+  packed K/V by a torch pre-op (one copy), then the varlen kernels run; page size any multiple of
+  16 (flash-attn: 256); differentiable (flash-attn's paged varlen is forward-only). The decode
+  kernel of ``flash_attn_with_kvcache`` reads pages in place.
 """
 import torch
 from torch import Tensor
@@ -185,16 +187,49 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     """Packed sequences: q (total_q, Hq, D), k/v (total_k, Hkv, D), cu_seqlens_q/k int32 (B + 1,),
     max_seqlen_q/k ints. Masks per sequence as ``flash_attn_func``; alibi_slopes (Hq,) or (B, Hq).
     Returns out (total_q, Hq, D), or (out, softmax_lse (Hq, total_q), S_dmask (B, Hq, max_q, max_k)
-    or None). block_table (paged prefill) is not supported: NotImplementedError."""
+    or None). block_table int32 (B, P): k/v are pages (num_pages, page_size, Hkv, D), page_size a
+    multiple of 16; sequence b's key t is row t % page_size of page block_table[b, t // page_size]
+    (t < cu_seqlens_k[b + 1] - cu_seqlens_k[b]); the pages are gathered into packed K/V first."""
     fn = "flash_attn_varlen_func"
     if block_table is not None:
-        raise NotImplementedError(f"{fn}: block_table (a paged KV cache in varlen prefill) is not supported; "
-                                  f"use flash_attn_with_kvcache(block_table=...) for paged decoding")
+        k, v = _gather_pages(fn, k, v, block_table, cu_seqlens_k)
     for name, val in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if isinstance(val, bool) or not isinstance(val, int) or val < 0:
             raise ValueError(f"{fn}: {name} must be an int >= 0, got {val!r}")
     return _run(fn, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                 return_attn_probs, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+
+
+def _gather_pages(fn, k, v, block_table, cu_k):
+    """Packed (total_k, Hkv, D) K/V of a paged cache: the keys of each sequence from its pages."""
+    for name, t in (("k", k), ("v", v)):
+        _check_tensor(fn, name, t, 4)
+    if k.shape != v.shape:
+        raise ValueError(f"{fn}: with block_table, k and v must be pages (num_pages, page_size, Hkv, D) of one "
+                         f"shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    ps = k.shape[1]
+    if ps % 16 or ps == 0:
+        raise ValueError(f"{fn}: page size (k.shape[1]) must be a positive multiple of 16, got {ps}")
+    if not isinstance(cu_k, Tensor) or cu_k.dim() != 1:
+        raise ValueError(f"{fn}: cu_seqlens_k must be a 1-D torch.int32 tensor")
+    nb = cu_k.numel() - 1
+    if not isinstance(block_table, Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2 or \
+            block_table.shape[0] != nb or block_table.device != k.device:
+        desc = f"{block_table.dtype} tensor of shape {tuple(block_table.shape)}" if isinstance(block_table, Tensor) \
+            else type(block_table).__name__
+        raise ValueError(f"{fn}: block_table must be a torch.int32 tensor of shape ({nb}, pages per sequence) on "
+                         f"{k.device}, got {desc}")
+    lens = (cu_k[1:] - cu_k[:-1]).long()
+    if nb and int(lens.max()) > block_table.shape[1] * ps:
+        raise ValueError(f"{fn}: a sequence of {int(lens.max())} keys does not fit its block_table row of "
+                         f"{block_table.shape[1]} pages of {ps}")
+    seq = torch.repeat_interleave(torch.arange(nb, device=k.device), lens)
+    pos = torch.arange(seq.numel(), device=k.device) - cu_k.long()[seq]
+    pages = block_table.long()[seq, torch.div(pos, ps, rounding_mode="floor")]
+    if pages.numel() and (int(pages.min()) < 0 or int(pages.max()) >= k.shape[0]):
+        raise ValueError(f"{fn}: block_table holds page indices outside 0..{k.shape[0] - 1} (k.shape[0] pages)")
+    rows = pos % ps
+    return k[pages, rows], v[pages, rows]
 
 
 def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,

@@ -206,6 +206,45 @@ def test_flash_attn_varlen_output(mode, case):
                             floor=grad_floor(dtype, gref["64"]))
 
 
+def _paged(k, cu, page, extra=3):
+    """Scatter packed (total, H, D) keys into shuffled pages: (pages (num, page, H, D), block_table)."""
+    lens = (cu[1:] - cu[:-1]).tolist()
+    per = max(-(-n // page) for n in lens)
+    num = len(lens) * per + extra
+    perm = torch.randperm(num)
+    pages = torch.full((num, page, *k.shape[1:]), float("nan"), dtype=k.dtype)
+    table = perm[:len(lens) * per].reshape(len(lens), per).to(torch.int32)
+    for b, n in enumerate(lens):
+        for t in range(n):
+            pages[table[b, t // page], t % page] = k[int(cu[b]) + t]
+    return pages, table
+
+
+@pytest.mark.parametrize("mode", ["cpu", "emu"])
+def test_varlen_paged_kv_equals_packed(mode):
+    """flash_attn_varlen_func with block_table (K/V in shuffled pages) equals the packed call; a block table
+    with one wrong page index does not."""
+    lens_q, lens_k = [5, 33, 1], [40, 33, 70]
+    cu_q = torch.tensor([0, 5, 38, 39], dtype=torch.int32)
+    cu_k = torch.tensor([0, 40, 73, 143], dtype=torch.int32)
+    q = torch.randn(39, 4, 32, dtype=F16)
+    k, v = torch.randn(143, 2, 32, dtype=F16), torch.randn(143, 2, 32, dtype=F16)
+    kp, table = _paged(k, cu_k, 16)
+    vp, _ = _paged(v, cu_k, 16)
+    vp = torch.full_like(vp, float("nan"))
+    for b, n in enumerate(lens_k):  # the same layout for v
+        for t in range(n):
+            vp[table[b, t // 16], t % 16] = v[int(cu_k[b]) + t]
+    with mode_ctx(mode, F16):
+        ref = FI.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 33, 70, causal=True)
+        got = FI.flash_attn_varlen_func(q, kp, vp, cu_q, cu_k, 33, 70, causal=True, block_table=table)
+        bad_table = table.clone()
+        bad_table[2, 1] = table[0, 1]
+        bad = FI.flash_attn_varlen_func(q, kp, vp, cu_q, cu_k, 33, 70, causal=True, block_table=bad_table)
+    assert torch.equal(got, ref)
+    assert not torch.allclose(bad.float(), ref.float(), atol=1e-2)
+
+
 # -- bert_padding ------------------------------------------------------------------------------------
 def test_bert_padding_round_trip_and_grads():
     b, s, h = 4, 9, 5
@@ -263,8 +302,13 @@ def test_bad_arguments_name_themselves():
         FI.flash_attn_qkvpacked_func(torch.randn(1, 8, 2, 2, 32))
     cu = torch.tensor([0, 8], dtype=torch.int32)
     qv = q[0]
-    with pytest.raises(NotImplementedError, match="block_table"):
-        FI.flash_attn_varlen_func(qv, qv, qv, cu, cu, 8, 8, block_table=torch.zeros(1, 1, dtype=torch.int32))
+    with pytest.raises(ValueError, match="page size"):
+        FI.flash_attn_varlen_func(qv, q, q, cu, cu, 8, 8, block_table=torch.zeros(1, 1, dtype=torch.int32))
+    pages = torch.randn(3, 16, 2, 32)
+    with pytest.raises(ValueError, match="block_table must be a torch.int32"):
+        FI.flash_attn_varlen_func(qv, pages, pages, cu, cu, 8, 8, block_table=torch.zeros(1, 1))
+    with pytest.raises(ValueError, match="page indices outside"):
+        FI.flash_attn_varlen_func(qv, pages, pages, cu, cu, 8, 8, block_table=torch.full((1, 1), 3, dtype=torch.int32))
     with pytest.raises(ValueError, match="max_seqlen_q"):
         FI.flash_attn_varlen_func(qv, qv, qv, cu, cu, None, 8)
 
