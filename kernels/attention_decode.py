@@ -30,22 +30,36 @@ __all__ = ["attn_decode", "decode_config", "pick_num_splits", "aot_cases_decode"
 
 
 @triton.jit
-def _decode_partial(Q, K, V, Out, Lse, SeqLens, Alibi,
+def _decode_partial(Q, K, V, Out, Lse, SeqLens, Alibi, CacheIdx, LeftPad, BlockTable,
                     stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
                     stride_vb, stride_vn, stride_vh,
                     stride_pb, stride_ph, stride_pn, stride_ps, stride_lb, stride_lh, stride_ln, stride_ls,
-                    stride_ab, seqlen_q, group, num_splits, split_len, qk_scale, softcap, win_left, win_right,
+                    stride_ab, bt_stride, page_size,
+                    seqlen_q, group, num_splits, split_len, qk_scale, softcap, win_left, win_right,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                    CACHE_IDX: tl.constexpr, LEFTPAD: tl.constexpr, PAGED: tl.constexpr):
     """Grid (row blocks * num_splits, Hkv, B). Out/Lse: partials (B, Hq, Sq, splits[, D]) fp32, or
-    with one split the final (B, Sq, Hq, D) output and (B, Hq, Sq) LSE (stride_ps/ls unused)."""
+    with one split the final (B, Sq, Hq, D) output and (B, Hq, Sq) LSE (stride_ps/ls unused).
+    CACHE_IDX: batch b reads cache row CacheIdx[b]. LEFTPAD: batch b's keys start at cache position
+    LeftPad[b] (key j of the attention is cache position LeftPad[b] + j). PAGED: cache position t
+    of batch b is row t % page_size of page BlockTable[b, t // page_size] (K/V are (pages, page_size,
+    Hkv, D)); the table is read once per key row of a tile."""
     pid = tl.program_id(0)
     off_hk = tl.program_id(1)
     off_b = tl.program_id(2)
     split = pid % num_splits
     m_block = pid // num_splits
     b64 = off_b.to(tl.int64)
-    n_k = tl.load(SeqLens + off_b)
+    if CACHE_IDX:
+        cb64 = tl.load(CacheIdx + off_b).to(tl.int64)
+    else:
+        cb64 = b64
+    if LEFTPAD:
+        pad = tl.load(LeftPad + off_b)
+    else:
+        pad = 0
+    n_k = tl.load(SeqLens + off_b) - pad
     shift = n_k - seqlen_q
 
     r = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -73,15 +87,27 @@ def _decode_partial(Q, K, V, Out, Lse, SeqLens, Alibi,
     start = tl.maximum(s0, (lo // BLOCK_N) * BLOCK_N)
     end = tl.minimum(s0 + split_len, hi + 1)
 
-    K_base = K + b64 * stride_kb + off_hk.to(tl.int64) * stride_kh
-    V_base = V + b64 * stride_vb + off_hk.to(tl.int64) * stride_vh
+    if PAGED:  # pages are addressed per row below
+        K_base = K + off_hk.to(tl.int64) * stride_kh
+        V_base = V + off_hk.to(tl.int64) * stride_vh
+    else:
+        K_base = K + cb64 * stride_kb + off_hk.to(tl.int64) * stride_kh
+        V_base = V + cb64 * stride_vb + off_hk.to(tl.int64) * stride_vh
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
         kv_mask = (cols[:, None] < n_k) & d_ok[None, :]
-        k = tl.load(K_base + cols.to(tl.int64)[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        t = cols + pad  # cache positions of the tile's keys
+        if PAGED:
+            page = tl.load(BlockTable + b64 * bt_stride + t // page_size, mask=cols < n_k, other=0).to(tl.int64)
+            k_rows = page * stride_kb + (t % page_size).to(tl.int64) * stride_kn
+            v_rows = page * stride_vb + (t % page_size).to(tl.int64) * stride_vn
+        else:
+            k_rows = t.to(tl.int64) * stride_kn
+            v_rows = t.to(tl.int64) * stride_vn
+        k = tl.load(K_base + k_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         s, _t = _scores(tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION), pos[:, None], cols[None, :],
                         qk_scale, softcap, slope, SOFTCAP, ALIBI)
         visible = (cols[None, :] >= lo_row[:, None]) & (cols[None, :] <= hi_row[:, None])
@@ -90,7 +116,7 @@ def _decode_partial(Q, K, V, Out, Lse, SeqLens, Alibi,
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V_base + cols.to(tl.int64)[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V_base + v_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
         m_i = m_new
@@ -160,11 +186,18 @@ def pick_num_splits(batch, hkv, m_blocks, cache_len, block_n, num_sms):
 
 
 def attn_decode(q, k_cache, v_cache, seqlens, out, lse, *, softmax_scale, win_left, win_right, softcap=0.0,
-                alibi_slopes=None, num_splits=None, config=None, interpret=False):
-    """Launch the decode kernels. q/out (B, Sq, Hq, D), caches (B, S_max, Hkv, D), seqlens int32 (B,)
-    valid lengths (after the append), lse fp32 (B, Hq, Sq). num_splits None: ``pick_num_splits``."""
+                alibi_slopes=None, num_splits=None, config=None, interpret=False, cache_batch_idx=None,
+                cache_leftpad=None, block_table=None):
+    """Launch the decode kernels. q/out (B, Sq, Hq, D), caches (B_cache, S_max, Hkv, D), seqlens int32 (B,)
+    valid lengths (after the append), lse fp32 (B, Hq, Sq). num_splits None: ``pick_num_splits``.
+    cache_batch_idx int32 (B,): cache row of each batch entry; cache_leftpad int32 (B,): first valid
+    cache position; block_table int32 (B, pages per sequence): paged caches (pages, page_size, Hkv, D),
+    S_max = pages per sequence * page_size."""
     b, sq, hq, d = q.shape
-    s_max, hkv = k_cache.shape[1], k_cache.shape[2]
+    hkv = k_cache.shape[2]
+    paged = block_table is not None
+    page_size = k_cache.shape[1] if paged else 1
+    s_max = block_table.shape[1] * page_size if paged else k_cache.shape[1]
     group = hq // hkv
     bm, bn, warps, stages = config or decode_config(d, group * sq)
     m_blocks = triton.cdiv(group * sq, bm)
@@ -184,12 +217,16 @@ def attn_decode(q, k_cache, v_cache, seqlens, out, lse, *, softmax_scale, win_le
         plse = torch.empty(b, hq, sq, num_splits, dtype=torch.float32, device=q.device)
         pstrides = (part.stride(0), part.stride(1), part.stride(2), part.stride(3))
         lstrides = plse.stride()
-    args = (q, k_cache, v_cache, part, plse, seqlens, alibi, q.stride(0), q.stride(1), q.stride(2),
+    args = (q, k_cache, v_cache, part, plse, seqlens, alibi,
+            seqlens if cache_batch_idx is None else cache_batch_idx,
+            seqlens if cache_leftpad is None else cache_leftpad,
+            seqlens if block_table is None else block_table, q.stride(0), q.stride(1), q.stride(2),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-            v_cache.stride(2), *pstrides, *lstrides, stride_ab, sq, group, num_splits, split_len, kscale, kcap,
-            win_left, win_right)
+            v_cache.stride(2), *pstrides, *lstrides, stride_ab, block_table.stride(0) if paged else 0, page_size,
+            sq, group, num_splits, split_len, kscale, kcap, win_left, win_right)
     cx = dict(HEAD_DIM=d, BLOCK_D=block_d(d), BLOCK_M=bm, BLOCK_N=bn, SOFTCAP=has_cap, ALIBI=has_alibi,
-              INPUT_PRECISION=_input_precision(q.dtype))
+              INPUT_PRECISION=_input_precision(q.dtype), CACHE_IDX=cache_batch_idx is not None,
+              LEFTPAD=cache_leftpad is not None, PAGED=paged)
     from .attention import AttnConfig
 
     _launch(_decode_partial, (m_blocks * num_splits, hkv, b), args, cx, AttnConfig(bm, bn, warps, stages), interpret)
@@ -202,20 +239,30 @@ def attn_decode(q, k_cache, v_cache, seqlens, out, lse, *, softmax_scale, win_le
 
 
 # -- static report (collected by kernels/attention.py's aot_cases) ------------------------------
+def _decode_signature(dt):
+    sig = aot_signature(_decode_partial, dt)
+    sig.update(CacheIdx="*i32", LeftPad="*i32", BlockTable="*i32", CACHE_IDX="constexpr", LEFTPAD="constexpr",
+               PAGED="constexpr")
+    return sig
+
+
 def aot_cases_decode(cc):
-    """Per head dim: the 16-row block (MHA / GQA decode) writing fp32 split partials, the 64-row block
-    (MQA, several new tokens) writing the output directly, the 16-row block with softcap + ALiBi
-    (bf16), and the combine kernel at 64 splits. Same configs on sm_80 and sm_90."""
+    """Per head dim: the 16-row block (MHA / GQA decode) writing fp32 split partials, the same from a
+    paged cache through a block table, the 64-row block (MQA, several new tokens) writing the output
+    directly, the 16-row block with softcap + ALiBi + cache_batch_idx + left padding (bf16), and the
+    combine kernel at 64 splits. Same configs on sm_80 and sm_90."""
     cases = []
     for d in (64, 128, 256):
-        for dt, rows, split, mods in (("fp16", 8, True, False), ("fp16", 64, False, False), ("bf16", 8, True, True)):
+        for dt, rows, split, mods, paged in (("fp16", 8, True, False, False), ("fp16", 8, True, False, True),
+                                             ("fp16", 64, False, False, False), ("bf16", 8, True, True, False)):
             bm, bn, w, st = decode_config(d, rows)
             cx = dict(HEAD_DIM=d, BLOCK_D=block_d(d), BLOCK_M=bm, BLOCK_N=bn, SOFTCAP=mods, ALIBI=mods,
-                      INPUT_PRECISION="tf32")
-            sig = aot_signature(_decode_partial, dt)
+                      INPUT_PRECISION="tf32", CACHE_IDX=mods, LEFTPAD=mods, PAGED=paged)
+            sig = _decode_signature(dt)
             if split:
                 sig["Out"] = "*fp32"
-            tag = (",split" if split else "") + (",softcap,alibi" if mods else "")
+            tag = (",split" if split else "") + (",paged" if paged else "") + \
+                (",softcap,alibi,cache_idx,leftpad" if mods else "")
             cases.append(AotCase(f"attn_decode[{dt},d{d},bm{bm},bn{bn},w{w},s{st}{tag}]", _decode_partial,
                                  sig, cx, w, st, attrs=aot_attrs(_decode_partial, sig)))
         sig = aot_signature(_decode_combine, "bf16")

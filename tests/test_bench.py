@@ -260,3 +260,27 @@ def test_tune_attention_runner_interpreted():
         assert tune._rel(a, b) < 1e-5, kernel
     assert tune._flops("fwd", s, True, 16) == 4 * s["b"] * s["h"] * 16 * (32 * 33 // 2)
     assert all(len(c) == 4 for cands in tune.CANDIDATES.values() for c in cands)
+
+
+# -- bench_attention.py's provider list: every backend a user could pick, GPU ones skipped with a reason
+def test_bench_attention_providers_listed_on_cpu(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU machine's provider list (a GPU runs these providers instead)")
+    from bench import bench_attention as BA
+
+    out = tmp_path / "att.csv"
+    rows = BA.main(["--dtype", "fp32", "--d", "32", "--seqlens", "64", "--masks", "causal", "doc4", "--mode", "fwd",
+                    "--gqa", "2", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert {(r["provider"], r["mask"]) for r in rows} >= {("fasttfm", "causal"), ("torch_sdpa", "causal"),
+                                                        ("fasttfm", "doc4")}
+    assert all(r["hkv"] == r["heads"] // 2 for r in rows)
+    for name in ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math", "flex"):
+        assert f"skipped: {name}: GPU provider" in text, name
+    assert "sdpa_flash: SDPA has no window/chunk/document mask" in text  # doc4 has no SDPA rows
+    summary = (tmp_path / "att_summary.md").read_text()
+    assert "| 32 | 64 | causal | fwd |" in summary and "torch_sdpa" in summary and "ratio" in summary
+    rows = BA.main(["--decode", "--dtype", "fp32", "--d", "32", "--cache", "64", "--batch", "1",
+                    "--out", str(tmp_path / "dec.csv")])
+    assert {r["provider"] for r in rows} >= {"fasttfm", "fasttfm_paged", "torch_sdpa"}
+    assert "skipped: flex (decode): GPU provider" in capsys.readouterr().out

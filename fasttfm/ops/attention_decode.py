@@ -29,28 +29,42 @@ UNBOUNDED = 1 << 30
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _append_(k_cache, v_cache, cache_seqlens, k_new, v_new):
+def _rows(k_cache, b, pos, cache_batch_idx, block_table):
+    """(cache row, position within it) index tensors of cache positions ``pos`` (B, n) of each batch
+    entry: paged caches through the block table, else row cache_batch_idx[b] (or b)."""
+    if block_table is not None:
+        ps = k_cache.shape[1]
+        return block_table.long().gather(1, torch.div(pos, ps, rounding_mode="floor")), pos % ps
+    rows = torch.arange(b, device=k_cache.device) if cache_batch_idx is None else cache_batch_idx.long()
+    return rows[:, None].expand_as(pos), pos
+
+
+def _append_(k_cache, v_cache, cache_seqlens, k_new, v_new, cache_batch_idx=None, block_table=None):
     if k_new is None or k_new.shape[1] == 0:
         return
     b, n = k_new.shape[0], k_new.shape[1]
     pos = cache_seqlens.long()[:, None] + torch.arange(n, device=k_cache.device)[None, :]
-    bidx = torch.arange(b, device=k_cache.device)[:, None].expand(b, n)
-    k_cache.index_put_((bidx, pos), k_new)
-    v_cache.index_put_((bidx, pos), v_new)
+    idx = _rows(k_cache, b, pos, cache_batch_idx, block_table)
+    k_cache.index_put_(idx, k_new)
+    v_cache.index_put_(idx, v_new)
 
 
 @torch.library.custom_op("fasttfm::attn_decode", mutates_args=("k_cache", "v_cache"), device_types="cpu")
 def attn_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, k_new: Optional[Tensor],
                 v_new: Optional[Tensor], softmax_scale: float, window_left: int, window_right: int,
-                softcap: float, alibi_slopes: Optional[Tensor], num_splits: int) -> tuple[Tensor, Tensor]:
+                softcap: float, alibi_slopes: Optional[Tensor], num_splits: int,
+                cache_batch_idx: Optional[Tensor] = None, cache_leftpad: Optional[Tensor] = None,
+                block_table: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """(out (B, Sq, Hq, D), lse (B, Hq, Sq) fp32); appends k_new/v_new into the caches in place.
-    Window sides UNBOUNDED (2**30) for no limit; softcap 0 = off; num_splits 0 = heuristic."""
+    Window sides UNBOUNDED (2**30) for no limit; softcap 0 = off; num_splits 0 = heuristic.
+    cache_batch_idx / cache_leftpad int32 (B,), block_table int32 (B, pages): see attention_with_kvcache."""
     return _decode_impl(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, window_left,
-                        window_right, softcap, alibi_slopes, num_splits)
+                        window_right, softcap, alibi_slopes, num_splits, cache_batch_idx, cache_leftpad, block_table)
 
 
-def _decode_impl(q, k_cache, v_cache, seqlens, k_new, v_new, scale, left, right, softcap, slopes, num_splits):
-    _append_(k_cache, v_cache, seqlens, k_new, v_new)
+def _decode_impl(q, k_cache, v_cache, seqlens, k_new, v_new, scale, left, right, softcap, slopes, num_splits,
+                 cache_batch_idx=None, cache_leftpad=None, block_table=None):
+    _append_(k_cache, v_cache, seqlens, k_new, v_new, cache_batch_idx, block_table)
     n_new = 0 if k_new is None else k_new.shape[1]
     total = (seqlens + n_new).to(torch.int32)
     b, sq, hq, d = q.shape
@@ -62,13 +76,19 @@ def _decode_impl(q, k_cache, v_cache, seqlens, k_new, v_new, scale, left, right,
         with torch.cuda.device(q.device) if q.is_cuda else _nullctx():
             _kd.attn_decode(q, k_cache, v_cache, total, out, lse, softmax_scale=scale, win_left=left,
                             win_right=right, softcap=softcap, alibi_slopes=slopes, num_splits=num_splits or None,
-                            interpret=not q.is_cuda)
+                            interpret=not q.is_cuda, cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
+                            block_table=block_table)
         return out, lse
     hkv = k_cache.shape[2]
     g = hq // hkv
-    for i, n in enumerate(total.tolist()):
-        kk = k_cache[i, :n].float().transpose(0, 1)  # (Hkv, n, D)
-        vv = v_cache[i, :n].float().transpose(0, 1)
+    pads = [0] * b if cache_leftpad is None else cache_leftpad.tolist()
+    for i, end in enumerate(total.tolist()):
+        pos = torch.arange(pads[i], max(end, pads[i]), device=q.device)[None]  # valid cache positions
+        row = torch.tensor([i], device=q.device) if cache_batch_idx is None else cache_batch_idx[i:i + 1]
+        rows, offs = _rows(k_cache, 1, pos, row, None if block_table is None else block_table[i:i + 1])
+        n = pos.shape[1]
+        kk = k_cache[rows[0], offs[0]].float().transpose(0, 1)  # (Hkv, n, D)
+        vv = v_cache[rows[0], offs[0]].float().transpose(0, 1)
         qq = q[i].float().transpose(0, 1).reshape(hkv, g, sq, d)
         s = torch.einsum("hgqd,hkd->hgqk", qq, kk) * scale
         if softcap:
@@ -90,16 +110,16 @@ def _decode_impl(q, k_cache, v_cache, seqlens, k_new, v_new, scale, left, right,
 
 @attn_decode.register_fake
 def _(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, window_left, window_right, softcap,
-      alibi_slopes, num_splits):
+      alibi_slopes, num_splits, cache_batch_idx=None, cache_leftpad=None, block_table=None):
     b, sq, hq, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((b, hq, sq), dtype=torch.float32)
 
 
 @attn_decode.register_kernel("cuda")
 def _(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, window_left, window_right, softcap,
-      alibi_slopes, num_splits):
+      alibi_slopes, num_splits, cache_batch_idx=None, cache_leftpad=None, block_table=None):
     return _decode_impl(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, window_left,
-                        window_right, softcap, alibi_slopes, num_splits)
+                        window_right, softcap, alibi_slopes, num_splits, cache_batch_idx, cache_leftpad, block_table)
 
 
 # Autocast: no cast (the op writes into the caches, which must keep their dtype, and q/k_new/v_new
@@ -119,9 +139,30 @@ def _err(msg):
     return ValueError(f"attention_with_kvcache: {msg}")
 
 
+def _check_indices(seqlens, n_new, n_rows, page_size, cache_batch_idx, cache_leftpad, block_table):
+    """Host-side range checks of the index tensors (one sync on CUDA)."""
+    if cache_batch_idx is not None and cache_batch_idx.numel():
+        lo, hi = int(cache_batch_idx.min()), int(cache_batch_idx.max())
+        if lo < 0 or hi >= n_rows:
+            raise _err(f"cache_batch_idx out of range: need 0 <= idx < {n_rows} (k_cache.shape[0]), got min {lo}, "
+                       f"max {hi}")
+    if cache_leftpad is not None and ((cache_leftpad < 0) | (cache_leftpad > seqlens)).any():
+        raise _err(f"cache_leftpad out of range: need 0 <= cache_leftpad <= cache_seqlens, got "
+                   f"{cache_leftpad.tolist()} with cache_seqlens {seqlens.tolist()}")
+    if block_table is not None and block_table.numel():
+        used = torch.arange(block_table.shape[1], device=block_table.device)[None, :]
+        need = torch.div(seqlens.long() + n_new + page_size - 1, page_size, rounding_mode="floor")[:, None]
+        bad = (used < need) & ((block_table < 0) | (block_table >= n_rows))
+        if bad.any():
+            b_, j = (int(x) for x in bad.nonzero()[0])
+            raise _err(f"block_table[{b_}, {j}] = {int(block_table[b_, j])} is not a page of the cache "
+                       f"(need 0 <= page < {n_rows} = k_cache.shape[0])")
+
+
 def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new=None, *, causal=False,
                            window=(-1, -1), softmax_scale=None, softcap=0.0, alibi_slopes=None, num_splits=0,
-                           check_seqlens=True, return_lse=False):
+                           check_seqlens=True, return_lse=False, cache_batch_idx=None, cache_leftpad=None,
+                           block_table=None):
     """Decode step (flash-attn's ``flash_attn_with_kvcache``): append, then attend over the cache.
 
     q (B, Sq, Hq, D) -- usually Sq = 1; k_cache/v_cache (B, S_max, Hkv, D) preallocated, any strides
@@ -137,6 +178,15 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new
     in place). check_seqlens: validate 0 <= cache_seqlens and cache_seqlens + Snew <= S_max on the
     host (one sync on CUDA; pass False inside CUDA graphs / torch.compile after validating once).
     Returns out (B, Sq, Hq, D), and with return_lse the fp32 LSE (B, Hq, Sq).
+
+    cache_batch_idx int32 (B,): batch entry b uses cache row cache_batch_idx[b] (k_cache may then hold
+    more rows than B). cache_leftpad int32 (B,): batch entry b's keys are cache positions
+    cache_leftpad[b] .. L_b - 1 (left-padded caches; masks and ALiBi count keys from there).
+    block_table int32 (B, P): a paged cache, k_cache/v_cache (num_pages, page_size, Hkv, D) with
+    page_size a multiple of 16; cache position t of batch b is row t % page_size of page
+    block_table[b, t // page_size] (appends go there too); S_max = P * page_size. check_seqlens also
+    checks cache_leftpad (0 <= leftpad <= cache_seqlens), cache_batch_idx and the block table entries
+    in use (0 <= page < num_pages).
     """
     tensors = [("q", q), ("k_cache", k_cache), ("v_cache", v_cache)]
     if (k_new is None) != (v_new is None):
@@ -162,7 +212,27 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new
     bc, s_max, hkv, dc = k_cache.shape
     if v_cache.shape != k_cache.shape:
         raise _err(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
-    if bc != b or dc != d:
+    for name, t in (("cache_batch_idx", cache_batch_idx), ("cache_leftpad", cache_leftpad)):
+        if t is not None and (not isinstance(t, Tensor) or t.dtype != torch.int32 or tuple(t.shape) != (b,)
+                              or t.device != q.device):
+            desc = f"{t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+            raise _err(f"{name} must be a torch.int32 tensor of shape ({b},) on {q.device}, got {desc}")
+    if block_table is not None:
+        if not isinstance(block_table, Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2 or \
+                block_table.shape[0] != b or block_table.device != q.device:
+            desc = f"{block_table.dtype} tensor of shape {tuple(block_table.shape)}" \
+                if isinstance(block_table, Tensor) else type(block_table).__name__
+            raise _err(f"block_table must be a torch.int32 tensor of shape ({b}, pages per sequence) on {q.device}, "
+                       f"got {desc}")
+        if cache_batch_idx is not None:
+            raise _err("cache_batch_idx cannot be combined with block_table (the block table already maps "
+                       "each batch entry to its pages)")
+        if s_max % 16 or s_max == 0:
+            raise _err(f"paged cache: page size (k_cache.shape[1]) must be a positive multiple of 16, got {s_max}")
+        s_max = block_table.shape[1] * s_max
+    elif cache_batch_idx is None and bc != b:
+        raise _err(f"k_cache must be (B={b}, S_max, Hkv, D={d}), got {tuple(k_cache.shape)}")
+    if dc != d:
         raise _err(f"k_cache must be (B={b}, S_max, Hkv, D={d}), got {tuple(k_cache.shape)}")
     if not 16 <= d <= 256:
         raise _err(f"head dim must be in 16..256, got {d}")
@@ -189,6 +259,8 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new
             raise _err(f"cache_seqlens out of range: need 0 <= cache_seqlens and cache_seqlens + {n_new} new "
                        f"<= cache size {s_max}, got min {lo}, max {hi}"
                        + (" (cache too small)" if hi + n_new > s_max else ""))
+    if check_seqlens and not torch.compiler.is_compiling():
+        _check_indices(cache_seqlens, n_new, bc, k_cache.shape[1], cache_batch_idx, cache_leftpad, block_table)
     ok = isinstance(window, (tuple, list)) and len(window) == 2 and all(isinstance(w, int) and w >= -1 for w in window)
     if not ok:
         raise _err(f"window must be a pair (left, right) of ints >= -1 (-1 = unbounded), got {window!r}")
@@ -206,5 +278,6 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new
     if softmax_scale is None:
         softmax_scale = d ** -0.5
     out, lse = torch.ops.fasttfm.attn_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, float(softmax_scale),
-                                             left, right, float(softcap), alibi_slopes, int(num_splits))
+                                             left, right, float(softcap), alibi_slopes, int(num_splits),
+                                             cache_batch_idx, cache_leftpad, block_table)
     return (out, lse) if return_lse else out
