@@ -222,3 +222,20 @@ def test_attention_autocast_rule_under_torch_compile():
     torch.testing.assert_close(out, ref)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b)
+
+
+def test_rms_norm_cuda_rule_matches_the_installed_torch():
+    """rms_norm joined CUDA autocast's fp32 list in torch 2.12; fasttfm's rule must say what the
+    installed torch's own list (ATen/autocast_mode.h, shipped in the wheel) says. On torch 2.11 the
+    H200 run caught fasttfm returning fp32 where torch keeps bf16."""
+    import os
+    import re
+
+    from fasttfm.ops import layer_norm as ln
+
+    header = os.path.join(os.path.dirname(torch.__file__), "include", "ATen", "autocast_mode.h")
+    if not os.path.exists(header):
+        pytest.skip("torch's headers are not installed")
+    text = open(header).read()
+    assert re.search(r"_\(layer_norm\)", text), "the header's layout changed: update this test"
+    assert ln._RMS_NORM_FP32_ON_CUDA == bool(re.search(r"_\(rms_norm\)", text))

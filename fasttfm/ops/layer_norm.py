@@ -192,9 +192,20 @@ def _backward(ctx, dy, _dmean, _drstd):
 
 torch.library.register_autograd("fasttfm::layer_norm_fwd", _backward, setup_context=_setup_context)
 
-# Autocast, as torch's layer_norm/rms_norm: on CUDA they are on autocast's fp32 list (x, weight, bias
-# cast to fp32, fp32 output); on the CPU on no list (input dtype in and out; fp32 math anyway).
-register_autocast("fasttfm::layer_norm_fwd", cpu=keep, cuda=fp32(0, 1, 2))
+# Autocast, as torch's layer_norm/rms_norm: on CUDA layer_norm is on autocast's fp32 list (x, weight,
+# bias cast to fp32, fp32 output), and rms_norm joined it in torch 2.12 (pytorch #174824; on 2.11 an
+# rms_norm under CUDA autocast keeps its input dtype -- the H200 run caught our fp32 output there); on
+# the CPU neither is on a list (input dtype in and out; fp32 math anyway).
+_RMS_NORM_FP32_ON_CUDA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 12)
+_fp32_args = fp32(0, 1, 2)
+
+
+def _cuda_norm_rule(args, device_type):
+    rms = args[4]
+    return _fp32_args(args, device_type) if (not rms or _RMS_NORM_FP32_ON_CUDA) else args
+
+
+register_autocast("fasttfm::layer_norm_fwd", cpu=keep, cuda=_cuda_norm_rule)
 register_autocast("fasttfm::layer_norm_bwd", keep, keep)
 
 
