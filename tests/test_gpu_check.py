@@ -190,3 +190,13 @@ def test_weights_override_and_refusals(tmp_path):
     with pytest.raises(ValueError, match="unknown phase 'bogus'"):
         gpu_check._parse_weights("bogus=1")
     assert gpu_check.main(["--out", str(tmp_path), "--weights", "bogus=1"]) == 2
+
+
+def test_run_phase_kills_on_time_while_output_has_no_newline(tmp_path):
+    """A child printing progress without newlines (pytest -q's dots) must still be stopped at its budget."""
+    run = gpu_check.Run(tmp_path / "out", budget_s=60, python=sys.executable)
+    code = "import sys, time\nfor i in range(600):\n    sys.stdout.write('.'); sys.stdout.flush(); time.sleep(0.1)\n"
+    t0 = time.time()
+    res = gpu_check.run_phase(run, "dots", [sys.executable, "-c", code], budget_s=3)
+    assert res["status"] == "timeout" and time.time() - t0 < 12
+    assert "..." in res["tail"]

@@ -118,13 +118,17 @@ def run_phase(run, name, cmd, budget_s, env=None, log=None):
     logf = open(log, "w") if log else None
     status, rc = "ok", None
     try:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         tail = []
         import selectors
 
+        # Raw chunks, never readline(): pytest's progress dots come without a newline for minutes, and a
+        # blocked readline let the second H200 run's tests phase overrun its budget by 49 s.
+        fd = proc.stdout.fileno()
         sel = selectors.DefaultSelector()
-        sel.register(proc.stdout, selectors.EVENT_READ)
+        sel.register(fd, selectors.EVENT_READ)
+        partial = ""
         while True:
             if time.time() > t0 + budget_s:
                 _kill(proc)
@@ -134,19 +138,24 @@ def run_phase(run, name, cmd, budget_s, env=None, log=None):
                 if proc.poll() is not None:
                     break
                 continue
-            line = proc.stdout.readline()
-            if not line:
+            chunk = os.read(fd, 65536)
+            if not chunk:
                 if proc.poll() is not None:
                     break
                 continue
-            tail.append(line)
-            del tail[:-60]
+            text = chunk.decode("utf-8", errors="replace")
             if logf:
-                logf.write(line)
+                logf.write(text)
                 logf.flush()
             if os.environ.get("FASTTFM_GPU_CHECK_ECHO", "1") == "1":
-                sys.stdout.write(f"  {name}| {line}")
+                sys.stdout.write(text)
                 sys.stdout.flush()
+            lines = (partial + text).split("\n")
+            partial = lines.pop()
+            tail += [ln + "\n" for ln in lines]
+            del tail[:-60]
+        if partial:
+            tail.append(partial)
         rc = proc.wait()
         if status == "ok" and rc != 0:
             status = "failed"
