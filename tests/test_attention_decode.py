@@ -13,12 +13,15 @@ from tests.oracle import assert_close_oracle
 from tests.test_attention import BF16, F16, F32, alibi_bias, dense_mask, device_of, mode_ctx, ref_attention
 
 
-def decode_ref(q, kc, vc, lens, scale, causal, window, softcap, slopes):
-    """Per batch: (B, Sq, Hq, D) out and (B, Hq, Sq) lse over cache[:lens[b]] in q's dtype."""
+def decode_ref(q, kc, vc, lens, scale, causal, window, softcap, slopes, pads=None):
+    """Per batch: (B, Sq, Hq, D) out and (B, Hq, Sq) lse over cache[pads[b]:lens[b]] (pads: left padding,
+    default none) in q's dtype."""
     outs, lses = [], []
-    for i, n in enumerate(lens):
+    for i, end in enumerate(lens):
+        lp = pads[i] if pads is not None else 0
+        n = end - lp
         qq = q[i:i + 1].transpose(1, 2)
-        kk, vv = (t[i:i + 1, :n].transpose(1, 2) for t in (kc, vc))
+        kk, vv = (t[i:i + 1, lp:end].transpose(1, 2) for t in (kc, vc))
         mask = dense_mask(q.shape[1], n, causal, window)
         bias = None if slopes is None else alibi_bias(slopes[i:i + 1] if slopes.dim() == 2 else slopes, q.shape[1], n)
         o, l_ = ref_attention(qq, kk, vv, mask, scale, softcap, bias)

@@ -14,7 +14,8 @@ import torch
 
 from fasttfm import flash_attn_interface as FI
 from tests.oracle import assert_close_oracle
-from tests.test_attention import BF16, F16, F32, alibi_bias, dense_mask, device_of, mode_ctx, ref_attention
+from tests.test_attention import BF16, F16, F32, device_of, mode_ctx
+from tests.test_attention_decode import decode_ref
 
 
 def rotary_ref(x, cos, sin, pos, interleaved):
@@ -40,17 +41,7 @@ def make_rotary(n, rd, dtype):
 
 def kv_ref(q, kc, vc, lens_end, pads, scale, causal, window, softcap, slopes):
     """(B, Sq, Hq, D) out and (B, Hq, Sq) lse over logical caches kc[b, pads[b]:lens_end[b]] (q's dtype)."""
-    outs, lses = [], []
-    for i, (end, lp) in enumerate(zip(lens_end, pads)):
-        n = end - lp
-        qq = q[i:i + 1].transpose(1, 2)
-        kk, vv = (t[i:i + 1, lp:end].transpose(1, 2) for t in (kc, vc))
-        mask = dense_mask(q.shape[1], n, causal, window)
-        bias = None if slopes is None else alibi_bias(slopes[i:i + 1] if slopes.dim() == 2 else slopes, q.shape[1], n)
-        o, l_ = ref_attention(qq, kk, vv, mask, scale, softcap, bias)
-        outs.append(o.transpose(1, 2))
-        lses.append(l_)
-    return torch.cat(outs), torch.cat(lses)
+    return decode_ref(q, kc, vc, lens_end, scale, causal, window, softcap, slopes, pads=pads)
 
 
 def to_pages(logical, page, perm, num_pages):
