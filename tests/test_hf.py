@@ -114,7 +114,8 @@ def test_rms_norm_matches_hf_numerics_in_low_precision():
         x = torch.randn(3, 5, 64).to(x_dtype)
         y, y_ref = norm(x), ref(x)
         assert y.dtype == y_ref.dtype  # bf16 input, fp32 weight -> fp32 output, as HF
-        torch.testing.assert_close(y, y_ref)
+        # one bf16 step of the normalized value may differ (see test_every_registered_hf_norm_matches_hf)
+        torch.testing.assert_close(y, y_ref, rtol=1.6e-2, atol=1e-5)
         handle.undo()
         assert type(norm) is LlamaRMSNorm
 
@@ -268,11 +269,16 @@ def test_every_registered_hf_norm_matches_hf(fam, cls_name, factory, x_dtype, w_
         outs.append((y.detach(), x.grad, None if w is None else w.grad))
     (y, dx, dw), (y_ref, dx_ref, dw_ref) = outs
     assert y.dtype == y_ref.dtype
-    torch.testing.assert_close(y, y_ref)
-    torch.testing.assert_close(dx, dx_ref)
+    # With bf16 activations HF rounds the fp32 normalized value to bf16 inside the norm (Llama style),
+    # so a last-bit difference in the fp32 statistic can land on the neighbouring bf16 value even
+    # when the output is fp32 (fp32 weights): allow one bf16 step there (1 case in ~50 runs hit it).
+    lowp = x_dtype == torch.bfloat16
+    tol = dict(rtol=1.6e-2, atol=1e-5) if lowp else {}
+    torch.testing.assert_close(y, y_ref, **tol)
+    torch.testing.assert_close(dx, dx_ref, **tol)
     if dw_ref is not None:
-        tol = dict(rtol=2e-2, atol=2e-2 * dw_ref.abs().max().item()) if w_dtype == torch.bfloat16 else {}
-        torch.testing.assert_close(dw, dw_ref, **tol)  # bf16 weight grads: sums over 15 rows, rounded once
+        tol = dict(rtol=2e-2, atol=2e-2 * dw_ref.abs().max().item()) if lowp else {}
+        torch.testing.assert_close(dw, dw_ref, **tol)  # weight grads: sums over 15 rows of such values
     handle.undo()
     assert type(norm) is cls
 
