@@ -101,14 +101,14 @@ struct BwdParams {
   float a, b, z; float cap, inv_cap; int tpr;
 };
 
-// tanh to ~2 ulp under --use_fast_math, where tanhf becomes tanh.approx.f32 (relative error ~2^-11:
-// the H200 run measured dlogits 1e-5 off in fp32, 300x torch's error). expm1f has no fast-math
-// substitute: tanh(x) = expm1(2|x|) / (expm1(2|x|) + 2) with x's sign, exactly 1 past |x| = 9.
+// tanh under --use_fast_math, where tanhf becomes MUFU.TANH (tanh.approx, relative error ~2^-11: the
+// H200 run measured dlogits 1e-5 off in fp32, 300x torch's error). 1 - 2 / (e^{2|x|} + 1) with x's
+// sign: absolute error ~1e-7 everywhere (relative near 0 is worse, but the loss only sees cap * tanh
+// through a softmax, where the absolute error of a logit is what counts). A Taylor branch for small
+// |x| or an expm1f form was more accurate near 0 but spilled the bf16 forward on sm_90.
 __device__ __forceinline__ float tanh_accurate(float x) {
-  const float a = fabsf(x);
-  if (a > 9.f) return copysignf(1.f, x);
-  const float e = expm1f(2.f * a);
-  return copysignf(e / (e + 2.f), x);
+  const float r = 1.f - 2.f / (__expf(2.f * fabsf(x)) + 1.f);  // e^{2|x|} = inf past ~44: exactly 1
+  return copysignf(r, x);
 }
 
 // The logit the loss sees: cap * tanh(x / cap) with softcapping, else x (a uniform branch).
