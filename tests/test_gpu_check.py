@@ -200,3 +200,18 @@ def test_run_phase_kills_on_time_while_output_has_no_newline(tmp_path):
     res = gpu_check.run_phase(run, "dots", [sys.executable, "-c", code], budget_s=3)
     assert res["status"] == "timeout" and time.time() - t0 < 12
     assert "..." in res["tail"]
+
+
+def test_sanitizer_tells_a_refused_device_from_a_crash(tmp_path, records_env):
+    """A traceback from fasttfm's own cases is an error, never "compute-sanitizer does not work here"
+    (the first H200 run's softmax crash must not read as a skip); a refused device is a skip."""
+    runner = tmp_path / "fake-sanitizer"
+    # drops the sanitizer's own 6 options and runs the driver: on this CPU machine the cases crash
+    runner.write_text("#!/bin/sh\nshift 6\nexec \"$@\"\n")
+    runner.chmod(0o755)
+    rec = sanitize._run_tool("memcheck", str(runner), 120)
+    assert rec["status"] == "error", rec
+    refuser = tmp_path / "refusing-sanitizer"
+    refuser.write_text("#!/bin/sh\necho '========= Device not supported'\nexit 1\n")
+    refuser.chmod(0o755)
+    assert sanitize._run_tool("memcheck", str(refuser), 60)["status"] == "skipped"

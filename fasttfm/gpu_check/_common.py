@@ -6,7 +6,7 @@ import traceback
 
 import torch
 
-__all__ = ["deadline", "left", "record", "out_dir", "median_ms", "rel_oracle", "guarded", "free_cuda", "peak_memory_mib"]
+__all__ = ["deadline", "left", "record", "rel_oracle", "guarded", "free_cuda", "peak_memory_mib"]
 
 
 def deadline():
@@ -16,10 +16,6 @@ def deadline():
 
 def left():
     return deadline() - time.time()
-
-
-def out_dir():
-    return os.environ.get("FASTTFM_GPU_CHECK_OUT", ".")
 
 
 def record(phase, **fields):
@@ -40,15 +36,6 @@ def _jsonable(x):
     if isinstance(x, torch.dtype):
         return str(x).replace("torch.", "")
     return str(x)
-
-
-def median_ms(fn, warmup=10, rep=40):
-    """Median milliseconds of ``fn`` by ``triton.testing.do_bench`` (CUDA events; warm-up and repeat
-    arguments in milliseconds), with its 20% and 80% quantiles."""
-    import triton.testing
-
-    med, lo, hi = triton.testing.do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])
-    return float(med), float(lo), float(hi)
 
 
 def rel_oracle(out, ref, lowp, factor=2.0, floor_rel=None):

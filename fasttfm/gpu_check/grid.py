@@ -10,7 +10,6 @@ reference is at most 2x that of the same reference math run in the tested dtype,
 half an ulp at the largest magnitude. Inputs are fresh random draws (the seed is recorded).
 Cases run in order of value and stop at the phase deadline (the rest are recorded as skipped).
 """
-import math
 import os
 import sys
 

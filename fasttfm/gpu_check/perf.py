@@ -19,7 +19,6 @@ providers of a case timed back to back on the same inputs, gradients reset betwe
 FLOPs: attention 4*B*H*D*(visible (q, k) pairs), fwd+bwd 3.5x the forward.
 """
 import argparse
-import math
 import sys
 
 import torch
