@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["GPTConfig", "GPT", "KVCache", "KERNELS", "attention_available"]
+__all__ = ["GPTConfig", "GPT", "KVCache", "ContextParallel", "KERNELS", "attention_available"]
 
 KERNELS = ("fasttfm", "torch")
 NORMS = ("layernorm", "rmsnorm")
@@ -176,10 +176,22 @@ class KVCache:
         self.seqlens += n
 
 
+@dataclass
+class ContextParallel:
+    """The sequence of every batch is sharded over the `world` ranks of `group` (None = the default
+    group) in `order` ("contiguous" or "zigzag", see ``fasttfm.distributed``): each rank's forward gets
+    its (B, T / world) shard and attention runs as ``fasttfm.distributed.ring_attention``."""
+    group: object
+    rank: int
+    world: int
+    order: str = "zigzag"
+
+
 class SelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig, kernels: str):
         super().__init__()
         self.cfg, self.kernels = cfg, kernels
+        self.cp = None                              # ContextParallel, set by GPT.set_context_parallel
         d = cfg.head_dim
         self.qkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * d, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
@@ -188,7 +200,8 @@ class SelfAttention(nn.Module):
     def forward(self, x, rope=None, pos_offset=0, kv_cache=None, layer=0):
         """kv_cache (KVCache, inference only): x holds the tokens at absolute positions
         pos_offset .. pos_offset + T - 1 (pos_offset = kv_cache.length); their keys/values are appended
-        to layer `layer`'s cache and the queries attend over the whole cached prefix."""
+        to layer `layer`'s cache and the queries attend over the whole cached prefix. pos_offset may
+        also be an int64 (T,) tensor of the tokens' absolute positions (a context-parallel shard)."""
         cfg = self.cfg
         B, T, C = x.shape
         H, Hkv, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
@@ -198,7 +211,10 @@ class SelfAttention(nn.Module):
         v = v.view(B, T, Hkv, D).transpose(1, 2)   # (B, Hkv, T, D)
         if rope is not None:
             cos, sin = rope
-            cos, sin = cos[pos_offset:pos_offset + T], sin[pos_offset:pos_offset + T]
+            if isinstance(pos_offset, torch.Tensor):
+                cos, sin = cos[pos_offset], sin[pos_offset]                          # (T, D/2)
+            else:
+                cos, sin = cos[pos_offset:pos_offset + T], sin[pos_offset:pos_offset + T]
             q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
         if kv_cache is not None:
             if kv_cache.k[layer] is None:
@@ -212,7 +228,13 @@ class SelfAttention(nn.Module):
                                                 causal=True, window=window, check_seqlens=False)
             y = y.reshape(B, T, C)                 # (B, T, C)
             return self.drop(self.proj(y))
-        if self.kernels == "fasttfm":
+        if self.cp is not None:
+            from .distributed import ring_attention
+
+            window = (cfg.window, 0) if cfg.attention == "sliding" else (-1, -1)
+            y = ring_attention(q, k, v, group=self.cp.group, causal=True, window=window, order=self.cp.order,
+                               check=False)                                      # (B, H, T, D) shard
+        elif self.kernels == "fasttfm":
             window = (cfg.window, 0) if cfg.attention == "sliding" else (-1, -1)
             chunk = cfg.chunk_size if cfg.attention == "chunked" else None
             y = _fasttfm_attention(q, k, v, causal=True, window=window, chunk_size=chunk)  # (B, H, T, D)
@@ -269,6 +291,7 @@ class GPT(nn.Module):
                 raise ValueError(f"GPT(kernels='fasttfm'): head dim d_model/n_head = {config.head_dim} must be "
                                  f"in 16..256 (the fasttfm attention kernels' range)")
         self.config, self.kernels = config, kernels
+        self.cp = None
         cfg = config
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         if cfg.positions == "learned":
@@ -298,6 +321,22 @@ class GPT(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
+    def set_context_parallel(self, cp=None):
+        """Shard sequences over ranks (a :class:`ContextParallel`) or stop (None). While set, forward
+        takes this rank's (B, T / world) shard of each sequence, positions (learned, sinusoidal,
+        RoPE) are the shard's global ones, and attention is ring attention over ``cp.group``; the
+        loss is the mean over the shard's tokens (equal shards: the mean of the ranks' losses is the
+        full sequence's). kernels="fasttfm", causal or sliding attention; not with a KV cache."""
+        if cp is not None:
+            if self.kernels != "fasttfm":
+                raise ValueError("GPT.set_context_parallel: needs kernels='fasttfm' (ring attention)")
+            if self.config.attention == "chunked":
+                raise ValueError("GPT.set_context_parallel: attention='chunked' is not supported with context "
+                                 "parallelism (causal or sliding)")
+        self.cp = cp
+        for block in self.blocks:
+            block.attn.cp = cp
+
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
@@ -313,6 +352,10 @@ class GPT(nn.Module):
         cfg = self.config
         B, T = idx.shape
         pos = 0 if kv_cache is None else kv_cache.length
+        if self.cp is not None:
+            if kv_cache is not None:
+                raise ValueError("GPT: a KV cache is not supported with context parallelism")
+            return self._forward_shard(idx)
         if pos + T > cfg.max_seq_len:
             raise ValueError(f"GPT: sequence length {pos + T} is longer than max_seq_len {cfg.max_seq_len}")
         if kv_cache is not None and pos + T > kv_cache.size:
@@ -330,6 +373,29 @@ class GPT(nn.Module):
             x = block(x, rope, pos, kv_cache, i)
         if kv_cache is not None:
             kv_cache.advance(T)
+        return self.lm_head(self.norm_f(x))                # (B, T, V)
+
+    def _forward_shard(self, idx):
+        """Logits (B, T, V) of this rank's shard idx (B, T) of sequences of T * world tokens."""
+        cfg, cp = self.config, self.cp
+        B, T = idx.shape
+        if T * cp.world > cfg.max_seq_len:
+            raise ValueError(f"GPT: sequence length {T * cp.world} ({cp.world} shards of {T}) is longer than "
+                             f"max_seq_len {cfg.max_seq_len}")
+        from .distributed import shard_positions
+
+        pos = shard_positions(T * cp.world, rank=cp.rank, world=cp.world, order=cp.order, device=idx.device)  # (T,)
+        x = self.wte(idx)                                  # (B, T, C)
+        rope = None
+        if cfg.positions == "learned":
+            x = x + self.wpe(pos)
+        elif cfg.positions == "sinusoidal":
+            x = x + self.pe[pos]
+        else:
+            rope = (self.rope_cos, self.rope_sin)
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, rope, pos)
         return self.lm_head(self.norm_f(x))                # (B, T, V)
 
     def can_use_kv_cache(self):

@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from .data import DataCursor, PackedWindows, Tokenizer, load_corpus
 from .model import GPT, GPTConfig
+from .train_parallel import Parallel, check_config
 
 __all__ = ["TrainConfig", "PRESETS", "preset", "train", "evaluate", "CheckpointError", "save_checkpoint",
            "load_checkpoint", "describe_previous"]
@@ -76,6 +77,8 @@ class TrainConfig:
     grad_clip: float = 1.0          # 0 = off
     amp: str = "auto"               # auto (bf16/fp16 on CUDA, off on CPU) | none | bf16 | fp16
     compile: bool = False
+    context_parallel: int = 1       # shard each sequence over this many ranks (ring attention; train_parallel.py)
+    fsdp: bool = False              # FSDP2 (fully_shard) instead of DDP
     device: str = "auto"            # auto | cpu | cuda
     seed: int = 1337
     threads: int = 0                # torch CPU threads; 0 = torch's default
@@ -318,15 +321,18 @@ def _open_csv(path, resumed_step):
 
 
 @torch.no_grad()
-def evaluate(model, windows: PackedWindows, cfg: TrainConfig, device, autocast, rank=0, world=1) -> float:
-    """Mean validation loss over the first eval_iters * batch_size windows (all when eval_iters=0)."""
+def evaluate(model, windows: PackedWindows, cfg: TrainConfig, device, autocast, rank=0, world=1, par=None) -> float:
+    """Mean validation loss over the first eval_iters * batch_size windows (all when eval_iters=0).
+    par (train_parallel.Parallel): windows split over data-parallel replicas, sequences sharded."""
     was_training = model.training
     model.eval()
     n = windows.n if cfg.eval_iters <= 0 else min(cfg.eval_iters * cfg.batch_size, windows.n)
-    ids = torch.arange(n)[rank::world]
+    ids = torch.arange(n)[par.dp_rank::par.dp_world] if par else torch.arange(n)[rank::world]
     total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of token losses, tokens)
     for i in range(0, len(ids), cfg.batch_size):
         x, y = windows.batch(ids[i:i + cfg.batch_size], device)
+        if par:
+            x, y = par.shard(x, y)
         with autocast():
             _, loss = model(x, y)
         total[0] += loss.double() * y.numel()
@@ -355,6 +361,7 @@ def _check(cfg: TrainConfig):
         bad(f"device must be auto, cpu or cuda, got {cfg.device!r}")
     if cfg.lr <= 0 or cfg.min_lr < 0:
         bad(f"lr must be > 0 and min_lr >= 0, got lr={cfg.lr}, min_lr={cfg.min_lr}")
+    check_config(cfg, seq_len)
     return seq_len
 
 
@@ -422,7 +429,8 @@ def _train(cfg, seq_len, rank, world, device):
                 if ckpt["model_config"].get(k) != v}
         raise ValueError(f"train: the model config differs from the checkpoint's (checkpoint, now): {diff}")
     torch.manual_seed(cfg.seed)
-    model = GPT(mcfg, kernels=cfg.kernels).to(device)
+    par = Parallel(cfg, rank, world, seq_len, device)
+    model = par.shard_model(GPT(mcfg, kernels=cfg.kernels).to(device))
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -456,12 +464,11 @@ def _train(cfg, seq_len, rank, world, device):
         torch.manual_seed(cfg.seed + 1 + rank)   # dropout stream of this rank
         random.seed(cfg.seed + 1 + rank)
     fwd = torch.compile(model) if cfg.compile else model
-    ddp_model = torch.nn.parallel.DistributedDataParallel(
-        fwd, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else fwd
+    ddp_model = par.wrap(fwd)
 
     # -- logs
     stop = cfg.stop_at or cfg.max_steps
-    per_step = cfg.batch_size * cfg.grad_accum * world          # sequences per optimizer step
+    per_step = cfg.batch_size * cfg.grad_accum * par.dp_world   # sequences per optimizer step
     tokens_per_step = per_step * seq_len
     csv_file = writer = tb = None
     if master and cfg.save:
@@ -482,7 +489,7 @@ def _train(cfg, seq_len, rank, world, device):
         f"{len(val_w.tokens):,} valid tokens, seq_len {seq_len}")
     say(f"train: {device.type}{f' x {world} processes' if world > 1 else ''}, amp {amp}, global batch "
         f"{per_step} x {seq_len} = {tokens_per_step:,} tokens/step, steps {step + 1}..{stop} of {cfg.max_steps}"
-        + (f" (resumed from {resume_path})" if ckpt else ""))
+        + (f" (resumed from {resume_path})" if ckpt else "") + (f"; {par.describe()}" if par.describe() else ""))
 
     # a damaged ckpt.pt left behind by a run resumed from elsewhere must not become ckpt.prev.pt
     keep_previous = not (ckpt and os.path.abspath(resume_path) != os.path.abspath(ckpt_path) and _damaged(ckpt_path))
@@ -494,10 +501,11 @@ def _train(cfg, seq_len, rank, world, device):
             dist.all_gather_object(rngs, _rng_state(device))
         else:
             rngs[0] = _rng_state(device)
+        model_sd, optim_sd = par.state_dicts(model, optimizer)
         if master:
             save_checkpoint({
                 "step": step, "train_config": asdict(cfg), "model_config": mcfg.to_dict(),
-                "tokenizer": tok.state_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "tokenizer": tok.state_dict(), "model": model_sd, "optimizer": optim_sd,
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "data": cursor.state_dict(),
                 "rng": rngs, "world_size": world, "kernels": cfg.kernels}, ckpt_path, keep_previous=keep_previous)
         keep_previous = True
@@ -512,10 +520,10 @@ def _train(cfg, seq_len, rank, world, device):
         ids = cursor.take(per_step)                               # this step's global batch
         loss_sum = torch.zeros((), device=device)
         for micro in range(cfg.grad_accum):
-            lo = (micro * world + rank) * cfg.batch_size          # this rank's slice of the global batch
-            x, y = train_w.batch(ids[lo:lo + cfg.batch_size], device)   # (B, T), (B, T)
+            lo, hi = par.micro_slice(micro, cfg.batch_size)      # this rank's slice of the global batch
+            x, y = par.shard(*train_w.batch(ids[lo:hi], device))  # (B, T), (B, T); a T / N shard under CP
             last = micro == cfg.grad_accum - 1
-            sync = contextlib.nullcontext() if (world == 1 or last) else ddp_model.no_sync()
+            sync = par.no_sync(ddp_model, model, last)
             with sync:
                 with autocast():
                     _, loss = ddp_model(x, y)
@@ -547,7 +555,7 @@ def _train(cfg, seq_len, rank, world, device):
 
         val_loss = val_ppl = None
         if (cfg.eval_interval > 0 and step % cfg.eval_interval == 0) or (step == stop and cfg.eval_interval >= 0):
-            val_loss = evaluate(fwd, val_w, cfg, device, autocast, rank, world)
+            val_loss = evaluate(fwd, val_w, cfg, device, autocast, rank, world, par)
             val_ppl = math.exp(min(val_loss, 50.0))
             result["val"].append((step, val_loss, val_ppl))
             progress.print(f"step {step:>5} | train loss {loss_val:.4f} | val loss {val_loss:.4f} | "
@@ -573,7 +581,8 @@ def _train(cfg, seq_len, rank, world, device):
     result["tok_per_s"] = tokens_timed / t_train if t_train > 0 else float("nan")
     result["step"] = step
 
-    if master and cfg.sample_tokens > 0:
+    par.local_model(model)
+    if master and cfg.sample_tokens > 0 and not cfg.fsdp:    # FSDP: parameters are sharded, no sample
         try:
             prompt = tok.encode(cfg.sample_prompt) if cfg.sample_prompt else torch.zeros(1, dtype=torch.long)
         except ValueError:
