@@ -42,7 +42,7 @@ sys.path.insert(0, ROOT)
 from bench.common import device_info, measure_peaks, peers  # noqa: E402
 
 DEFAULT_OUT = os.path.join(ROOT, "bench", "results")
-ORDER = ["attention", "layer_norm", "softmax", "cross_entropy", "train"]
+ORDER = ["attention", "ring_attention", "layer_norm", "softmax", "cross_entropy", "train"]
 
 GPU_ONLY_CASES = [
     "Triton/CUDA kernels (fasttfm's CPU tensors run its CPU reference paths; the rows say CPU)",

@@ -32,12 +32,14 @@ from torch import Tensor
 
 from .attention import UNBOUNDED
 
-__all__ = ["RingAttention", "shard_segments", "step_calls", "merge_", "KERNEL_CALLS", "ring_bytes"]
+__all__ = ["RingAttention", "shard_segments", "step_calls", "merge_", "KERNEL_CALLS", "BYTES_SENT", "ring_bytes"]
 
 ORDERS = ("contiguous", "zigzag")
 
 # per-process count of per-step kernel calls ("fwd", "bwd"); tests read it to prove skipped steps
 KERNEL_CALLS = collections.Counter()
+# per-process bytes this rank sent ("fwd", "bwd"): benchmarks check them against ``ring_bytes``
+BYTES_SENT = collections.Counter()
 
 
 # -- shard geometry --------------------------------------------------------------------------------
@@ -129,7 +131,10 @@ def merge_(acc_out: Tensor, acc_lse: Tensor, out: Tensor, lse: Tensor) -> None:
 
 # -- the ring --------------------------------------------------------------------------------------
 class _Ring:
-    """Point-to-point neighbours of this rank in ``group`` and one-step exchanges of a buffer."""
+    """Point-to-point neighbours of this rank in ``group`` and one-step exchanges of a buffer.
+
+    NCCL sends device tensors directly; gloo sends host memory, so CUDA tensors on a gloo group
+    (several ranks sharing one GPU, tests) are staged through the CPU."""
 
     def __init__(self, group):
         self.group = group
@@ -137,20 +142,25 @@ class _Ring:
         self.world = dist.get_world_size(group)
         glob = (lambda r: r) if group is None else (lambda r: dist.get_global_rank(group, r))
         self.next, self.prev = glob((self.rank + 1) % self.world), glob((self.rank - 1) % self.world)
+        self.stage = dist.get_backend(group) == "gloo"
 
-    def start(self, send: Tensor):
-        """Post send of ``send`` to the next rank and a receive from the previous one: (buffer, works)."""
+    def start(self, send: Tensor, phase: str):
+        """Post send of ``send`` to the next rank and a receive from the previous one: pending state."""
+        BYTES_SENT[phase] += send.numel() * send.element_size()
+        device = send.device
+        if self.stage and send.is_cuda:
+            send = send.cpu()
         recv = torch.empty_like(send)
         ops = [dist.P2POp(dist.isend, send, self.next, self.group),
                dist.P2POp(dist.irecv, recv, self.prev, self.group)]
-        return recv, dist.batch_isend_irecv(ops)
+        return recv, dist.batch_isend_irecv(ops), device, send
 
     @staticmethod
     def finish(pending):
-        recv, works = pending
+        recv, works, device, _ = pending      # the send buffer stays referenced until its work is done
         for w in works:
             w.wait()
-        return recv
+        return recv.to(device)
 
 
 def _rows(t, lo, hi):
@@ -173,7 +183,7 @@ class RingAttention(torch.autograd.Function):
         acc_out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         acc_lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
         for step in range(ring.world):
-            pending = ring.start(kv) if step + 1 < ring.world else None   # next shard travels meanwhile
+            pending = ring.start(kv, "fwd") if step + 1 < ring.world else None   # next shard travels meanwhile
             src = (ring.rank - step) % ring.world
             k_segs = shard_segments(src, ring.world, n, order)
             for q_lo, q_hi, k_lo, k_hi, wl, wr in step_calls(q_segs, k_segs, left, right):
@@ -203,7 +213,7 @@ class RingAttention(torch.autograd.Function):
         kv = torch.stack([k, v]).contiguous()
         dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)   # travels with kv
         for step in range(ring.world):
-            pending = ring.start(kv) if step + 1 < ring.world else None
+            pending = ring.start(kv, "bwd") if step + 1 < ring.world else None
             src = (ring.rank - step) % ring.world
             for q_lo, q_hi, k_lo, k_hi, wl, wr in step_calls(q_segs, shard_segments(src, ring.world, n, order),
                                                              left, right):
@@ -217,7 +227,7 @@ class RingAttention(torch.autograd.Function):
                 _rows(dkv[0], k_lo, k_hi).add_(g[1].float())
                 _rows(dkv[1], k_lo, k_hi).add_(g[2].float())
             # dK/dV of this shard move on with it: after W hops they are back at their owner
-            dpending = ring.start(dkv)
+            dpending = ring.start(dkv, "bwd")
             if pending is not None:
                 kv = ring.finish(pending)
             dkv = ring.finish(dpending)
