@@ -12,6 +12,7 @@ fasttfm's own ops (see ``fasttfm.ops.ring_attention`` for the algorithm).
 import torch
 import torch.distributed as dist
 
+from .ops._autocast import autocast_dtype
 from .ops.attention import UNBOUNDED, _canon, _check_inputs, _check_window
 from .ops.ring_attention import KERNEL_CALLS, ORDERS, RingAttention, ring_bytes, shard_segments
 
@@ -159,6 +160,8 @@ def ring_attention(q, k, v, *, group=None, causal=False, window=(-1, -1), softma
         raise err
     if softmax_scale is None:
         softmax_scale = q4.shape[-1] ** -0.5
+    # under autocast, as fasttfm.attention: q/k/v in the autocast dtype (the output and dK/dV too)
+    q4, k4, v4 = (t.to(autocast_dtype(t)) for t in (q4, k4, v4))
     q4, k4, v4 = (t if t.stride(-1) == 1 else t.contiguous() for t in (q4, k4, v4))
     out, lse = RingAttention.apply(q4, k4, v4, group, order, float(softmax_scale), left, right)
     if layout == "bnhd":
