@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fasttfm.ops.attention import UNBOUNDED, _visible
-from fasttfm.ops.ring_attention import shard_segments, step_calls
+from fasttfm.ops.ring_attention import ring_bytes, shard_segments, step_calls
 from tests.oracle import assert_close_oracle, require_gpu
 from tests.test_attention import dense_mask, grad_floor, ref_attention
 
@@ -82,7 +82,7 @@ def _shard(t, rank, world, order, dim=2):
 def _case_worker(rank, world, cases):
     import fasttfm
     import fasttfm.distributed as fd
-    from fasttfm.ops.ring_attention import KERNEL_CALLS
+    from fasttfm.ops.ring_attention import BYTES_SENT, KERNEL_CALLS
 
     report = []
     for case in cases:
@@ -125,8 +125,9 @@ def _case_worker(rank, world, cases):
             return tuple(t.cpu() for t in (back(out), lse, *(back(g) for g in grads)))
 
         KERNEL_CALLS.clear()
+        BYTES_SENT.clear()
         got = run()
-        calls = dict(KERNEL_CALLS)
+        calls, sent = dict(KERNEL_CALLS), dict(BYTES_SENT)
         floor_g = grad_floor(dtype, refs["64"][2:])
         assert_close_oracle(got[0], mine(refs["64"][0]), mine(refs["lowp"][0]), factor=2.0, name=f"{case} out")
         assert_close_oracle(got[1], mine(refs["64"][1]), mine(lse32), factor=2.0, floor=1e-4, name=f"{case} lse")
@@ -143,7 +144,7 @@ def _case_worker(rank, world, cases):
         for i, name in enumerate(("dq", "dk", "dv")):
             assert_close_oracle(mine(ga[i]), mine(refs["64"][2 + i]), mine(refs["lowp"][2 + i]), factor=3.0,
                                 floor=floor_g, name=f"single {name}")
-        report.append({"case": case, "calls": calls, "again_equal": None,
+        report.append({"case": case, "calls": calls, "sent": sent, "again_equal": None,
                        "max_vs_single": max((a.double() - mine(bb).double()).abs().max().item()
                                             for a, bb in zip((got[0], *got[2:]), (oa, *ga)))})
         if case is cases[0]:  # bitwise determinism for this world size
@@ -252,12 +253,24 @@ def test_ring_attention_matches_single_process(mode, world, tmp_path):
     for rank, report in enumerate(results):
         assert report[0]["again_equal"] is True, f"rank {rank}: a second run is not bitwise identical"
         for item in report:
-            (_, _, _, _, _, n_total, _, causal, window, order, _, _) = item["case"]
+            (_, dtype, b, _, hkv, n_total, d, causal, window, order, _, _) = item["case"]
+            # bytes posted = the documented volume: 2 B Hkv n D elements per K/V hop, fp32 dK/dV
+            kv, e = 2 * b * hkv * (n_total // world) * d, torch.empty((), dtype=dtype).element_size()
+            assert item["sent"] == {"fwd": (world - 1) * kv * e, "bwd": (world - 1) * kv * e + world * kv * 4}
+            assert item["sent"]["fwd"] + item["sent"]["bwd"] == ring_bytes(b, hkv, n_total // world, d, e, world)
             if order == "contiguous":  # one call per step with a visible pair, none for the others
                 want = _expected_calls(n_total, world, rank, causal, window)
                 assert item["calls"] == {"fwd": want, "bwd": want}, f"rank {rank} {item['case']}: {item['calls']}"
             else:
                 assert 0 < item["calls"]["fwd"] == item["calls"]["bwd"], item
+
+
+def test_world_of_one_is_plain_attention(tmp_path):
+    """W = 1: one step, no messages (the dK/dV hop to itself is skipped), the oracle still holds."""
+    cases = [c for c in _cases("cpu", 1) if c[9] == "contiguous"][:2]
+    results = spawn(1, _case_worker, (cases,), tmp_path)
+    _raise_errors(results)
+    assert [item["calls"] for item in results[0]] == [{"fwd": 1, "bwd": 1}] * 2
 
 
 def test_bad_input_raises_on_every_rank(tmp_path):

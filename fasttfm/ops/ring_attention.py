@@ -108,10 +108,11 @@ def step_calls(q_segs, k_segs, left, right):
 def ring_bytes(batch, hkv, n, d, elem_size, world, backward=True):
     """Bytes one rank sends per call: forward (W - 1) x 2 B Hkv n D x elem (K and V, W - 1 hops);
     backward another (W - 1) x 2 B Hkv n D x elem (K/V again) + W x 2 B Hkv n D x 4 (fp32 dK/dV,
-    W hops back to their owner)."""
+    W hops back to their owner; none when W = 1). ``backward`` adds the backward's to the forward's."""
     kv = 2 * batch * hkv * n * d
     fwd = (world - 1) * kv * elem_size
-    return fwd + ((world - 1) * kv * elem_size + world * kv * 4 if backward else 0)
+    dkv_hops = world if world > 1 else 0
+    return fwd + ((world - 1) * kv * elem_size + dkv_hops * kv * 4 if backward else 0)
 
 
 # -- merging ---------------------------------------------------------------------------------------
@@ -227,8 +228,9 @@ class RingAttention(torch.autograd.Function):
                 _rows(dkv[0], k_lo, k_hi).add_(g[1].float())
                 _rows(dkv[1], k_lo, k_hi).add_(g[2].float())
             # dK/dV of this shard move on with it: after W hops they are back at their owner
-            dpending = ring.start(dkv, "bwd")
+            dpending = ring.start(dkv, "bwd") if ring.world > 1 else None
             if pending is not None:
                 kv = ring.finish(pending)
-            dkv = ring.finish(dpending)
+            if dpending is not None:
+                dkv = ring.finish(dpending)
         return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None
