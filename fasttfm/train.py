@@ -449,8 +449,7 @@ def _train(cfg, seq_len, rank, world, device):
     cursor = DataCursor(train_w.n, cfg.seed)
     step = 0
     if ckpt:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        par.load_state_dicts(model, optimizer, ckpt["model"], ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         cursor.load_state_dict(ckpt["data"])

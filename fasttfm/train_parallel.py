@@ -14,7 +14,9 @@ equal one process's on the same global batch (up to summation order).
 ``--fsdp``: ``torch.distributed.fsdp.fully_shard`` (FSDP2) on every Transformer block and on the
 root (embeddings, final norm and the tied head), parameters sharded over all W ranks, with a
 ``MixedPrecisionPolicy`` (parameters in the AMP dtype, gradient reduction in fp32) when AMP is on.
-Checkpoints hold full (unsharded) state dicts, gathered on every rank and written by rank 0.
+Checkpoints hold full (unsharded) state dicts, gathered on every rank and written by rank 0; the
+optimizer's is keyed by parameter name (``torch.distributed.checkpoint.state_dict``), and a run
+resumes from it with or without ``--fsdp``, on any number of processes.
 """
 import contextlib
 
@@ -43,8 +45,6 @@ def check_config(cfg, seq_len):
         if cfg.amp == "fp16":
             raise ValueError("TrainConfig: fsdp supports amp none/bf16/auto (bf16 on GPUs), not fp16 (no sharded "
                              "GradScaler here)")
-        if cfg.resume:
-            raise ValueError("TrainConfig: fsdp cannot resume from a checkpoint yet (saving works)")
 
 
 class Parallel:
@@ -141,6 +141,23 @@ class Parallel:
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return get_state_dict(model, optimizer, options=opts)
+
+    def load_state_dicts(self, model, optimizer, model_sd, optim_sd):
+        """Load full state dicts into the (possibly sharded) model and optimizer. Optimizer states
+        keyed by parameter name (written under --fsdp) load through torch.distributed.checkpoint's
+        set_state_dict, with or without FSDP; index-keyed ones (written without) only without FSDP."""
+        by_name = all(isinstance(key, str) for key in optim_sd.get("state", {}))
+        if not by_name and self.cfg.fsdp and optim_sd.get("state"):
+            raise ValueError("train: this checkpoint was written without --fsdp (optimizer state keyed by index); "
+                             "resume it without --fsdp")
+        if not self.cfg.fsdp and not by_name:
+            model.load_state_dict(model_sd)
+            optimizer.load_state_dict(optim_sd)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                       options=StateDictOptions(full_state_dict=True))
 
     def local_model(self, model):
         """Stop context parallelism (before single-rank work such as sampling)."""

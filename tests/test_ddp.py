@@ -112,6 +112,11 @@ def test_fsdp_two_processes_match_one_process(tmp_path, amp):
         assert type(got) is torch.Tensor and got.dtype == torch.float32 and got.shape == p.shape, name
         if tol[1] is not None:
             torch.testing.assert_close(got, p, atol=tol[1], rtol=1e-5, msg=f"fsdp vs one: {name}")
+    if amp == "none":  # stop after step 1 and resume under FSDP: the same curve
+        _torchrun(tmp_path / "resumed", fsdp=True, batch_size=2, stop_at=1)
+        _torchrun(tmp_path / "resumed", fsdp=True, batch_size=2, resume="auto")
+        resumed = [float(r["loss"]) for r in _csv(tmp_path / "resumed" / "log.csv")]
+        assert resumed == pytest.approx(losses, abs=1e-6)
 
 
 def test_parallel_config_errors():
