@@ -580,23 +580,23 @@ def _train(cfg, seq_len, rank, world, device):
     result["tok_per_s"] = tokens_timed / t_train if t_train > 0 else float("nan")
     result["step"] = step
 
-    par.local_model(model)
-    if master and cfg.sample_tokens > 0 and not cfg.fsdp:    # FSDP: parameters are sharded, no sample
+    sampler = par.local_model(model, master and cfg.sample_tokens > 0)   # every rank (FSDP gathers weights)
+    if master and cfg.sample_tokens > 0:
         try:
             prompt = tok.encode(cfg.sample_prompt) if cfg.sample_prompt else torch.zeros(1, dtype=torch.long)
         except ValueError:
             prompt = torch.zeros(1, dtype=torch.long)
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
-        model.eval()
+        sampler.eval()
         threads = torch.get_num_threads()
         torch.set_num_threads(1)        # one short sequence: OpenMP hand-offs cost more than they give
         try:
             with autocast():
-                out = model.generate(prompt[None].to(device), cfg.sample_tokens, temperature=cfg.temperature,
-                                     top_k=cfg.top_k or None, generator=gen)
+                out = sampler.generate(prompt[None].to(device), cfg.sample_tokens, temperature=cfg.temperature,
+                                       top_k=cfg.top_k or None, generator=gen)
         finally:
             torch.set_num_threads(threads)
-        model.train()
+        sampler.train()
         result["sample"] = tok.decode(out[0, len(prompt):])
     if csv_file:
         csv_file.close()

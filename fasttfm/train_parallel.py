@@ -16,14 +16,15 @@ root (embeddings, final norm and the tied head), parameters sharded over all W r
 ``MixedPrecisionPolicy`` (parameters in the AMP dtype, gradient reduction in fp32) when AMP is on.
 Checkpoints hold full (unsharded) state dicts, gathered on every rank and written by rank 0; the
 optimizer's is keyed by parameter name (``torch.distributed.checkpoint.state_dict``), and a run
-resumes from it with or without ``--fsdp``, on any number of processes.
+resumes from it with or without ``--fsdp``, on any number of processes. The end-of-run sample runs
+on rank 0 on a plain copy built from the gathered weights.
 """
 import contextlib
 
 import torch
 import torch.distributed as dist
 
-from .model import ContextParallel
+from .model import GPT, ContextParallel
 
 __all__ = ["Parallel", "check_config"]
 
@@ -159,7 +160,19 @@ class Parallel:
         set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
                        options=StateDictOptions(full_state_dict=True))
 
-    def local_model(self, model):
-        """Stop context parallelism (before single-rank work such as sampling)."""
+    def local_model(self, model, wanted=True):
+        """A model one rank can run alone (sampling): context parallelism stopped; under FSDP a plain
+        copy built from the gathered full weights (a collective: call on every rank; the copy is
+        returned where ``wanted``, None elsewhere). Without FSDP, ``model`` itself."""
         if self.cp:
             model.set_context_parallel(None)
+        if not self.cfg.fsdp:
+            return model
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not wanted:
+            return None
+        plain = GPT(model.config, kernels=model.kernels).to(self.device)
+        plain.load_state_dict(full)
+        return plain

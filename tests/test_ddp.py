@@ -101,8 +101,8 @@ def test_fsdp_two_processes_match_one_process(tmp_path, amp):
     checkpoint holds the full fp32 state dict. amp=bf16 adds the MixedPrecisionPolicy (bf16 parameters
     in the forward, where one process's autocast casts per op: the losses agree to bf16 rounding; the
     weights are compared in fp32 only, as Adam turns bf16 noise in near-zero gradients into +-lr steps)."""
-    _torchrun(tmp_path / "fsdp", fsdp=True, batch_size=2, amp=amp)
-    one = train(preset("tiny", **_args(tmp_path / "one", batch_size=4, amp=amp)))
+    proc = _torchrun(tmp_path / "fsdp", fsdp=True, batch_size=2, amp=amp, sample_tokens=20, quiet=False)
+    one = train(preset("tiny", **_args(tmp_path / "one", batch_size=4, amp=amp, sample_tokens=20)))
     tol = dict(none=(2e-5, 2e-6), bf16=(2e-3, None))[amp]
     losses = [float(r["loss"]) for r in _csv(tmp_path / "fsdp" / "log.csv")]
     assert losses == pytest.approx([one["losses"][s] for s in range(1, STEPS + 1)], abs=tol[0])
@@ -112,6 +112,8 @@ def test_fsdp_two_processes_match_one_process(tmp_path, amp):
         assert type(got) is torch.Tensor and got.dtype == torch.float32 and got.shape == p.shape, name
         if tol[1] is not None:
             torch.testing.assert_close(got, p, atol=tol[1], rtol=1e-5, msg=f"fsdp vs one: {name}")
+    if amp == "none":  # the end-of-run sample from the gathered weights = one process's
+        assert one["sample"] and proc.stdout.split("sample:\n", 1)[1] == one["sample"] + "\n"
     if amp == "none":  # stop after step 1 and resume under FSDP: the same curve
         _torchrun(tmp_path / "resumed", fsdp=True, batch_size=2, stop_at=1)
         _torchrun(tmp_path / "resumed", fsdp=True, batch_size=2, resume="auto")
