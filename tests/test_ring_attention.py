@@ -190,6 +190,10 @@ def _bad_input_worker(rank, world):
         outcomes["zigzag"] = str(exc)
     ok = torch.randn(1, 2, 8, 16)                    # the group still works after the errors
     outcomes["after"] = tuple(fd.ring_attention(ok, ok, ok).shape)
+    with torch.autocast("cpu", dtype=torch.bfloat16):   # as fasttfm.attention: q/k/v in the autocast dtype
+        amp = fd.ring_attention(ok, ok, ok, causal=True)
+    low = ok.bfloat16()
+    outcomes["autocast"] = (amp.dtype, torch.equal(amp, fd.ring_attention(low, low, low, causal=True)))
     return outcomes
 
 
@@ -285,3 +289,4 @@ def test_bad_input_raises_on_every_rank(tmp_path):
         assert "must be divisible by 2" in out["divisible"], out
         assert "divisible by 4" in out["zigzag"] and "zigzag" in out["zigzag"], out
         assert out["after"] == (1, 2, 8, 16)
+        assert out["autocast"] == (torch.bfloat16, True)
