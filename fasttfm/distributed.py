@@ -30,18 +30,18 @@ def _group_info(group):
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def _check_order(order, n, world, what):
+def _check_order(order, world, what):
+    """The number of equal chunks the sequence is cut into (W, or 2W for zigzag)."""
     if order not in ORDERS:
         raise ValueError(f"{what}: order must be one of {', '.join(map(repr, ORDERS))}, got {order!r}")
-    parts = world * (2 if order == "zigzag" else 1)
-    return parts
+    return world * (2 if order == "zigzag" else 1)
 
 
 def shard_positions(n_total: int, *, rank=None, world=None, group=None, order="contiguous", device=None):
     """int64 (n_total / W,) global positions of this rank's rows (for RoPE / learned positions)."""
     if rank is None or world is None:
         rank, world = _group_info(group)
-    parts = _check_order(order, n_total, world, "shard_positions")
+    parts = _check_order(order, world, "shard_positions")
     if n_total % parts:
         raise ValueError(f"shard_positions: sequence length {n_total} must be divisible by {parts} "
                          f"(world size {world}{', x 2 for zigzag' if order == 'zigzag' else ''})")
@@ -57,7 +57,7 @@ def shard_sequence(x, dim=1, *, rank=None, world=None, group=None, order="contig
     if rank is None or world is None:
         rank, world = _group_info(group)
     n_total = x.shape[dim]
-    parts = _check_order(order, n_total, world, "shard_sequence")
+    parts = _check_order(order, world, "shard_sequence")
     if n_total % parts:
         raise ValueError(f"shard_sequence: length {n_total} of dim {dim} must be divisible by {parts} "
                          f"(world size {world}{', x 2 for zigzag' if order == 'zigzag' else ''})")
@@ -69,7 +69,7 @@ def shard_sequence(x, dim=1, *, rank=None, world=None, group=None, order="contig
 def unshard_sequence(x, dim=1, *, group=None, order="contiguous"):
     """The full sequence from every rank's shard (an all_gather; not differentiable)."""
     rank, world = _group_info(group)
-    _check_order(order, x.shape[dim] * world, world, "unshard_sequence")
+    _check_order(order, world, "unshard_sequence")
     parts = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(parts, x.contiguous(), group=group)
     n = x.shape[dim]

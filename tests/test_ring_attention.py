@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fasttfm.ops.attention import UNBOUNDED, _visible
-from fasttfm.ops.ring_attention import ring_bytes, shard_segments, step_calls
+from fasttfm.ops.ring_attention import _op_bounds, ring_bytes, shard_segments, step_calls
 from tests.oracle import assert_close_oracle, require_gpu
 from tests.test_attention import dense_mask, grad_floor, ref_attention
 
@@ -225,6 +225,23 @@ def test_step_calls_cover_the_mask_once(world, order, causal, window):
                 qi, kj = qpos[q_lo:q_hi], kpos[k_lo:k_hi]
                 cover[qi[:, None].expand_as(vis)[vis], kj[None, :].expand_as(vis)[vis]] += 1
     assert torch.equal(cover, mask.long()), f"pairs covered {cover[cover != mask.long()].unique().tolist()} times"
+
+
+def test_op_bounds_of_unequal_segments():
+    """The shifted op window of any two segments (unequal lengths too, where the op's bottom-right
+    alignment i + Nk - Nq matters) selects exactly the global mask's block."""
+    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    full = {}
+    for _ in range(300):
+        qo, a, ko, b = (int(x) for x in torch.randint(0, 40, (4,), generator=g))
+        a, b = a % 13 + 1, b % 13 + 1
+        left, right = (int(x) - 1 for x in torch.randint(0, 12, (2,), generator=g))
+        key = (left, right)
+        if key not in full:
+            full[key] = dense_mask(60, 60, False, (left, right))
+        want = full[key][qo:qo + a, ko:ko + b]
+        wl, wr = _op_bounds(qo, a, ko, b, UNBOUNDED if left < 0 else left, UNBOUNDED if right < 0 else right)
+        assert torch.equal(_visible(a, b, wl, wr, 0, "cpu"), want), (qo, a, ko, b, left, right, wl, wr)
 
 
 # -- multi-process ---------------------------------------------------------------------------------
