@@ -188,6 +188,10 @@ def _bad_input_worker(rank, world):
         outcomes["zigzag"] = "no error"
     except ValueError as exc:
         outcomes["zigzag"] = str(exc)
+    x = torch.randn(2, 12, 3, generator=torch.Generator().manual_seed(7))   # the same on every rank
+    outcomes["unshard"] = [torch.equal(fd.unshard_sequence(fd.shard_sequence(x, 1, order=o), 1, order=o), x)
+                           for o in ("contiguous", "zigzag")]
+    outcomes["positions"] = [fd.shard_positions(12, order=o).tolist() for o in ("contiguous", "zigzag")]
     ok = torch.randn(1, 2, 8, 16)                    # the group still works after the errors
     outcomes["after"] = tuple(fd.ring_attention(ok, ok, ok).shape)
     with torch.autocast("cpu", dtype=torch.bfloat16):   # as fasttfm.attention: q/k/v in the autocast dtype
@@ -306,4 +310,8 @@ def test_bad_input_raises_on_every_rank(tmp_path):
         assert "must be divisible by 2" in out["divisible"], out
         assert "divisible by 4" in out["zigzag"] and "zigzag" in out["zigzag"], out
         assert out["after"] == (1, 2, 8, 16)
+        assert out["unshard"] == [True, True]
+        # rank r of W = 2: contiguous [6r, 6r + 6); zigzag chunks r and 3 - r of 4 chunks of 3
+        assert out["positions"] == [list(range(6 * rank, 6 * rank + 6)),
+                                    list(range(3 * rank, 3 * rank + 3)) + list(range(3 * (3 - rank), 3 * (4 - rank)))]
         assert out["autocast"] == (torch.bfloat16, True)
