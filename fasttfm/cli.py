@@ -14,7 +14,7 @@ def info() -> int:
     from . import __version__
     from ._cuda_home import find_cuda_home, nvcc_version
     from ._env import emulate_enabled
-    from ._ext import built_parts
+    from ._ext import built_parts, load_errors
 
     try:
         import triton
@@ -35,10 +35,10 @@ def info() -> int:
     else:
         print("GPU          none (CUDA tensors unavailable; CPU paths and emulation only)")
     parts = built_parts()
-    print("extension    " + ", ".join(f"{k}: {'built' if v else 'missing'}" for k, v in parts.items()))
-    from ._ext import load_errors
-
-    for part, why in load_errors().items():
+    broken = load_errors()
+    module = {"cuda": "_C", "cpu": "_C", "emulator": "_C_emu"}
+    print("extension    " + ", ".join(f"{k}: {_part_state(v, module[k] in broken)}" for k, v in parts.items()))
+    for part, why in broken.items():
         print(f"  LOAD ERROR fasttfm.{part}: {why}")
     import json
     import os
@@ -51,6 +51,10 @@ def info() -> int:
         print(f"archs        {archs} (FASTTFM_CUDA_ARCHS at build time)")
     print(f"emulation    {'on' if emulate_enabled() else 'off'} (FASTTFM_EMULATE)")
     return 0
+
+
+def _part_state(built, broken):
+    return "built" if built else ("load error" if broken else "missing")
 
 
 def demo(compare_steps: int = 20) -> int:
