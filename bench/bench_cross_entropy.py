@@ -32,10 +32,12 @@ import time
 import torch
 import torch.nn.functional as TF
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if not __package__:  # run as a script (python bench/bench_cross_entropy.py): the checkout's root on the path (PEP 366)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    __package__ = "bench"
 
 import fasttfm  # noqa: E402
-from bench.common import (Row, add_common_args, copy_bandwidth, device_info, peak_memory_mb, time_fn,  # noqa: E402
+from .common import (Row, add_common_args, copy_bandwidth, device_info, peak_memory_mb, time_fn,  # noqa: E402
                           write_results)
 
 __all__ = ["peak_alloc_bytes", "peak_rss_bytes", "ce_bytes", "main"]

@@ -24,10 +24,12 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if not __package__:  # run as a script (python bench/bench_softmax.py): the checkout's root on the path (PEP 366)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    __package__ = "bench"
 
 import fasttfm  # noqa: E402
-from bench.common import Rotating, Row, add_common_args, copy_bandwidth, device_info, time_fn, write_results  # noqa: E402
+from .common import Rotating, Row, add_common_args, copy_bandwidth, device_info, time_fn, write_results  # noqa: E402
 
 WIDTHS = [256, 1024, 4096, 16384, 65536, 262144]
 

@@ -19,7 +19,7 @@ import subprocess
 import torch
 
 __all__ = ["Row", "device_info", "time_fn", "copy_bandwidth", "gemm_tflops", "write_results", "add_common_args",
-           "Rotating", "peak_memory_mb", "measure_peaks", "peers", "PEERS", "dtype_name"]
+           "Rotating", "peak_memory_mb", "measure_peaks", "peers", "PEERS", "dtype_name", "default_out"]
 
 
 @dataclasses.dataclass
@@ -185,9 +185,18 @@ def write_results(rows, info, out_dir, stem, skipped=()):
     return "\n".join(lines)
 
 
+def default_out():
+    """bench/results/ of a source checkout; ./fasttfm-bench-results for an installed fasttfm (whose harness
+    lives in site-packages/fasttfm/bench, no place for results)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if os.path.isfile(os.path.join(os.path.dirname(here), "setup.py")):
+        return os.path.join(here, "results")
+    return os.path.abspath("fasttfm-bench-results")
+
+
 def add_common_args(parser):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32,float16,bfloat16")
     parser.add_argument("--quick", action="store_true", help="a few small cases only")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--out", default=default_out())
     return parser

@@ -224,19 +224,12 @@ def train_command(argv) -> int:
 
 def bench(argv) -> int:
     """``python -m fasttfm bench all|<op>[,<op>...] [--quick] [--dtype ...] [--seqlens ...] [--out DIR]``:
-    runs bench/bench_<op>.py from the checkout through bench/suite.py (peaks, skipped cases, summary, plots)."""
-    import os
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if not os.path.isfile(os.path.join(root, "bench", "suite.py")):
-        print("fasttfm bench: the bench/ folder of a source checkout is needed", file=sys.stderr)
-        return 2
+    runs the bench_<op> modules of ``fasttfm.bench`` (bench/ of a checkout, shipped in the wheel) through
+    its suite (peaks, skipped cases, summary, plots)."""
     if not argv:
         print("usage: python -m fasttfm bench all|<op>[,<op>...] [--quick] [--dtype ...] [--seqlens ...] [--out DIR]"
               " (--list: the ops)", file=sys.stderr)
         return 2
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    from bench.suite import main as suite_main
+    from .bench.suite import main as suite_main
 
     return suite_main(argv)
