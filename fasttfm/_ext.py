@@ -26,8 +26,9 @@ __all__ = ["MissingExtensionError", "KERNEL_DTYPES", "backend", "cuda_lib", "emu
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the CUDA and CPU C++ kernels take
 
-_BUILD_HINT = ("build it with `make build` (or `pip install -e . --no-build-isolation` in an environment "
-               "with torch==2.14.1 and, for the CUDA and emulator parts, the CUDA toolkit; see README.md)")
+_BUILD_HINT = ("rebuild it against the running torch: `make build` in a source checkout, or `pip install "
+               "--no-build-isolation --force-reinstall --no-deps <the fasttfm sdist or checkout>` in this environment "
+               "(with the CUDA toolkit for the CUDA and emulator parts; see README.md)")
 
 
 class MissingExtensionError(RuntimeError):
@@ -53,7 +54,7 @@ def _load_error(module):
     built = _build_info().get("torch")
     if built and built != torch.__version__:
         return (f"was built against torch {built}, but torch {torch.__version__} is running (a C++ extension only "
-                f"loads into the torch it was built for); rebuild it")
+                f"loads into the torch it was built for)")
     try:
         importlib.import_module(f"fasttfm.{module}")
         return None

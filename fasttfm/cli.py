@@ -14,7 +14,7 @@ def info() -> int:
     from . import __version__
     from ._cuda_home import find_cuda_home, nvcc_version
     from ._env import emulate_enabled
-    from ._ext import built_parts, load_errors
+    from ._ext import _build_info, built_parts, load_errors
 
     try:
         import triton
@@ -36,17 +36,15 @@ def info() -> int:
         print("GPU          none (CUDA tensors unavailable; CPU paths and emulation only)")
     parts = built_parts()
     broken = load_errors()
+    build = _build_info()
     module = {"cuda": "_C", "cpu": "_C", "emulator": "_C_emu"}
-    print("extension    " + ", ".join(f"{k}: {_part_state(v, module[k] in broken)}" for k, v in parts.items()))
+    # a part the build did not include reads "missing" even when the extension holding it fails to load
+    included = {"cuda": build.get("cuda", True), "cpu": True, "emulator": build.get("emulator", True)}
+    print("extension    " + ", ".join(f"{k}: {_part_state(v, module[k] in broken and included[k])}"
+                                      for k, v in parts.items()))
     for part, why in broken.items():
         print(f"  LOAD ERROR fasttfm.{part}: {why}")
-    import json
-    import os
-
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_build_info.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            build = json.load(f)
+    if build:
         archs = ", ".join(f"sm_{a}" for a in build.get("archs", [])) or "none (CPU-only build)"
         print(f"archs        {archs} (FASTTFM_CUDA_ARCHS at build time)")
     print(f"emulation    {'on' if emulate_enabled() else 'off'} (FASTTFM_EMULATE)")
