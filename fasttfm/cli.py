@@ -179,7 +179,8 @@ def train_config_from_args(argv):
     import os
     from dataclasses import fields, replace
 
-    from .train import CheckpointError, TrainConfig, describe_previous, load_checkpoint, preset
+    from .checkpoint import CheckpointError, describe_previous, load_checkpoint
+    from .train import TrainConfig, preset
 
     args = vars(_train_parser().parse_args(argv))
     name = args.pop("preset")
@@ -203,7 +204,8 @@ def train_command(argv) -> int:
     """``python -m fasttfm train [--preset cpu|gpu|tiny] [--option value ...]`` (see --help)."""
     import os
 
-    from .train import CheckpointError, train
+    from .checkpoint import CheckpointError
+    from .train import train
 
     try:
         cfg = train_config_from_args(argv)
