@@ -7,7 +7,8 @@
   (``FASTTFM_EMULATE=1``). Needs the toolkit's headers (cuda_fp16.h), not a GPU.
 
 Environment: ``FASTTFM_SKIP_CUDA_BUILD=1`` (CPU-only ``_C``), ``FASTTFM_SKIP_EMU_BUILD=1``,
-``FASTTFM_CUDA_ARCHS="80;90"``, ``FASTTFM_DEBUG_SYMBOLS=1`` (keep host debug info), ``MAX_JOBS`` (parallel compile jobs, honoured by ninja), and
+``FASTTFM_CUDA_ARCHS="80;90"``, ``FASTTFM_DEBUG_SYMBOLS=1`` (keep host debug info), ``MAX_JOBS`` (parallel
+compile jobs, honoured by ninja), and
 ``CUDA_HOME`` (else the toolkit is found by asking nvcc; see fasttfm/_cuda_home.py).
 """
 import glob

@@ -231,3 +231,62 @@ def test_broken_extension_in_a_copy_is_reported_with_the_loaders_text(tmp_path):
         out = proc.stdout
         assert "LOAD ERROR fasttfm._C:" in out and "cpu: load error" in out and expect in out, out
         assert "RAISED" in out and expect in out.split("RAISED", 1)[1] and "make build" in out, out
+
+
+# ---- the wheel a user installs (issue 13: "a package people install") -------------------------------
+
+def test_wheel_from_sdist_installs_and_runs_outside_the_checkout(tmp_path):
+    """sdist of the tracked tree -> wheel built from that sdist (CPU-only extension, about a minute) ->
+    installed into a folder of its own; from a folder outside the checkout, `info`, `bench --list` and
+    `gpu-check` (build and tests phases say they need a checkout) run on the installed package, and the
+    build printed none of the packaging warnings issue 13 lists."""
+    files = _tracked(".")
+    src = tmp_path / "src"
+    for rel in files:
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(os.path.join(ROOT, rel), src / rel)
+    env = dict(os.environ, FASTTFM_SKIP_CUDA_BUILD="1", FASTTFM_SKIP_EMU_BUILD="1", PYTHONWARNINGS="default")
+    env.pop("PYTHONPATH", None)
+    sdist = subprocess.run([sys.executable, "setup.py", "sdist", "-d", str(tmp_path / "dist")], cwd=src, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert sdist.returncode == 0, sdist.stderr[-3000:]
+    (tarball,) = (tmp_path / "dist").glob("*.tar.gz")
+    wheel = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-v",
+                            "-w", str(tmp_path / "wheels"), str(tarball)], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=1200)
+    assert wheel.returncode == 0, wheel.stdout[-3000:] + wheel.stderr[-3000:]
+    log = sdist.stdout + sdist.stderr + wheel.stdout + wheel.stderr
+    for warning in ("absent from the `packages` configuration", "as a TOML table is deprecated"):
+        assert warning not in log, f"packaging warning in the build: {warning}"
+    (whl,) = (tmp_path / "wheels").glob("fasttfm-*.whl")
+    site = tmp_path / "site"
+    inst = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(site), str(whl)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert inst.returncode == 0, inst.stderr[-3000:]
+    assert (site / "fasttfm" / "bench" / "suite.py").is_file() and (site / "fasttfm" / "tinyshakespeare.txt").is_file()
+    (so,) = (site / "fasttfm").glob("_C.*.so")
+    if shutil.which("readelf"):
+        sections = subprocess.run(["readelf", "-S", "-W", str(so)], capture_output=True, text=True).stdout
+        assert ".debug_info" not in sections, "the release build carries host debug info"
+
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    run_env = dict(env, PYTHONPATH=str(site))
+
+    def fasttfm_cli(*args):
+        proc = subprocess.run([sys.executable, "-m", "fasttfm", *args], cwd=outside, env=run_env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"fasttfm {' '.join(args)}: {proc.stdout[-2000:]}{proc.stderr[-2000:]}"
+        return proc.stdout
+
+    where = subprocess.run([sys.executable, "-c", "import fasttfm, fasttfm.bench, fasttfm.kernels as k; "
+                            "print(fasttfm.__file__, fasttfm.bench.__file__, k.__file__)"],
+                           cwd=outside, env=run_env, capture_output=True, text=True, timeout=300)
+    assert where.returncode == 0, where.stderr[-2000:]
+    assert all(p.startswith(str(site)) for p in where.stdout.split()), where.stdout
+    assert "cpu: built" in fasttfm_cli("info")
+    shipped = {p[len("bench/bench_"):-3] for p in files if p.startswith("bench/bench_") and p.endswith(".py")}
+    assert set(fasttfm_cli("bench", "--list").split()) == shipped
+    out = fasttfm_cli("gpu-check", "--phases", "build,tests", "--budget-s", "60")
+    assert "tests: skipped: the tests phase collects tests/ of a source checkout" in out, out
+    assert (outside / "fasttfm-gpu-check" / "summary.md").is_file()
