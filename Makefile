@@ -10,7 +10,8 @@ MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 export MAX_JOBS
 
 DEPS_STAMP := $(VENV)/.fasttfm-deps
-SOURCES := $(wildcard csrc/*.cu csrc/*.cpp csrc/include/*.h csrc/include/*.cuh csrc/emu/*.h csrc/emu/*.cpp csrc/cpu/*.cpp) setup.py
+SOURCES := $(wildcard csrc/*.cu csrc/*.cuh csrc/*.cpp csrc/include/*.h csrc/include/*.cuh csrc/emu/*.h csrc/emu/*.cpp \
+  csrc/cpu/*.cpp csrc/cpu/*.h) setup.py
 BUILD_STAMP := build/.fasttfm-built
 
 .PHONY: all deps build test demo info aot bench clean gpu-check test-compat

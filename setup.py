@@ -7,7 +7,8 @@
   (``FASTTFM_EMULATE=1``). Needs the toolkit's headers (cuda_fp16.h), not a GPU.
 
 Environment: ``FASTTFM_SKIP_CUDA_BUILD=1`` (CPU-only ``_C``), ``FASTTFM_SKIP_EMU_BUILD=1``,
-``FASTTFM_CUDA_ARCHS="80;90"``, ``MAX_JOBS`` (parallel compile jobs, honoured by ninja), and
+``FASTTFM_CUDA_ARCHS="80;90"``, ``FASTTFM_DEBUG_SYMBOLS=1`` (keep host debug info), ``MAX_JOBS`` (parallel
+compile jobs, honoured by ninja), and
 ``CUDA_HOME`` (else the toolkit is found by asking nvcc; see fasttfm/_cuda_home.py).
 """
 import glob
@@ -46,8 +47,13 @@ def _rel(paths):
 CU_SOURCES = _rel(glob.glob(os.path.join(ROOT, "csrc", "*.cu")))
 CPU_SOURCES = _rel(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
 INCLUDES = [os.path.join(ROOT, "csrc")]
-CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp"]  # torch 2.14 headers need C++20
-LINK_FLAGS = ["-fopenmp"]
+# Release builds carry no host debug info: Python's CFLAGS add -g, which made _C 24 MB (5 MB of DWARF next to
+# 18 MB of device code) and _C_emu 8.7 MB (0.8 MB without). -g0 also compiles faster. Device code keeps
+# -lineinfo (compute-sanitizer's file:line). FASTTFM_DEBUG_SYMBOLS=1 keeps -g and the DWARF.
+DEBUG = _flag("FASTTFM_DEBUG_SYMBOLS")
+NO_DEBUG = [] if DEBUG else ["-g0"]
+CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp"] + NO_DEBUG  # torch 2.14 headers need C++20
+LINK_FLAGS = ["-fopenmp"] + ([] if DEBUG else ["-Wl,--strip-debug"])
 
 
 def _archs():
@@ -92,18 +98,24 @@ def extensions():
             ["csrc/emu/bindings_emu.cpp", "csrc/emu/kernels_emu.cpp"],
             include_dirs=INCLUDES + [os.path.join(cuda_home, "include")],
             define_macros=[("FASTTFM_EMU", "1")],
-            extra_compile_args={"cxx": ["-O2", "-std=c++20", "-Wno-unknown-pragmas"]},  # #pragma unroll
+            extra_compile_args={"cxx": ["-O2", "-std=c++20", "-Wno-unknown-pragmas"] + NO_DEBUG},  # #pragma unroll
+            extra_link_args=[] if DEBUG else ["-Wl,--strip-debug"],
         ))
         print("fasttfm: fasttfm._C_emu: SIMT emulator build of csrc/*.cu", file=sys.stderr)
     else:
         print("fasttfm: fasttfm._C_emu: skipped (" + ("FASTTFM_SKIP_EMU_BUILD=1" if cuda_home else
               "needs the CUDA toolkit headers") + ")", file=sys.stderr)
-    _write_build_info(build_cuda, build_emu=bool(cuda_home) and not _flag("FASTTFM_SKIP_EMU_BUILD"))
+    global _BUILD_INFO
+    _BUILD_INFO = (build_cuda, bool(cuda_home) and not _flag("FASTTFM_SKIP_EMU_BUILD"))
     return exts
 
 
-def _write_build_info(build_cuda, build_emu):
-    """fasttfm/_build_info.json: what this build contains, for `python -m fasttfm info`."""
+_BUILD_INFO = (False, False)
+
+
+def _write_build_info(build_cuda, build_emu, folder):
+    """<folder>/fasttfm/_build_info.json: what this build contains (`python -m fasttfm info`), and the torch it
+    was built against (fasttfm._ext reports a mismatch instead of a bare ImportError)."""
     import json
 
     import platform
@@ -112,14 +124,24 @@ def _write_build_info(build_cuda, build_emu):
 
     info = {"cuda": build_cuda, "archs": _archs() if build_cuda else [], "cuda_home": cuda_home, "emulator": build_emu,
             "torch": torch.__version__, "python": platform.python_version()}
-    with open(os.path.join(ROOT, "fasttfm", "_build_info.json"), "w") as f:
+    os.makedirs(os.path.join(folder, "fasttfm"), exist_ok=True)
+    with open(os.path.join(folder, "fasttfm", "_build_info.json"), "w") as f:
         json.dump(info, f)
 
 
+class BuildExt(BuildExtension.with_options(use_ninja=True)):
+    """torch's BuildExtension; writes _build_info.json only when extensions are really built (next to them:
+    the source tree for --inplace, the build folder otherwise), never for sdist or egg_info."""
+
+    def run(self):
+        super().run()
+        _write_build_info(*_BUILD_INFO, ROOT if self.inplace else self.build_lib)
+
+
 setup(
-    packages=["fasttfm", "fasttfm.ops", "fasttfm.gpu_check", "fasttfm.kernels"],
-    package_dir={"fasttfm": "fasttfm", "fasttfm.kernels": "kernels"},
-    package_data={"fasttfm": ["data/*.txt", "data/README.md", "_build_info.json"]},
+    packages=["fasttfm", "fasttfm.ops", "fasttfm.gpu_check", "fasttfm.kernels", "fasttfm.bench"],
+    package_dir={"fasttfm": "fasttfm", "fasttfm.kernels": "kernels", "fasttfm.bench": "bench"},
+    package_data={"fasttfm": ["tinyshakespeare.txt", "tinyshakespeare.md"]},  # + _build_info.json from build_ext
     ext_modules=extensions(),
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExt},
 )

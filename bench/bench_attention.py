@@ -44,10 +44,12 @@ import time
 
 import torch
 
-sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
+if not __package__:  # run as a script (python bench/bench_attention.py): the checkout's root on the path (PEP 366)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    __package__ = "bench"
 from fasttfm.ops.attention import attention  # noqa: E402
 from fasttfm.ops.attention_decode import attention_with_kvcache  # noqa: E402
-from bench.common import peak_memory_mb  # noqa: E402
+from .common import peak_memory_mb  # noqa: E402
 
 GPU_ONLY = "GPU provider: this machine has no CUDA device"
 SDPA_BACKENDS = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION",

@@ -32,11 +32,13 @@ import time
 import torch
 import torch.nn.functional as TF
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if not __package__:  # run as a script (python bench/bench_cross_entropy.py): the checkout's root on the path (PEP 366)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    __package__ = "bench"
 
 import fasttfm  # noqa: E402
-from bench.common import (Row, add_common_args, copy_bandwidth, device_info, peak_memory_mb, time_fn,  # noqa: E402
-                          write_results)
+from .common import (Row, add_common_args, bandwidth_row, copy_bandwidth, device_info, peak_memory_mb,  # noqa: E402
+                     time_fn, write_results)
 
 __all__ = ["peak_alloc_bytes", "peak_rss_bytes", "ce_bytes", "main"]
 
@@ -130,13 +132,8 @@ def run_gpu_ce(args, peak, rows_out, device="cuda", vocabs=None, max_rows=16384)
                     return torch.autograd.grad(fn(x, t), x)
 
                 for direction, f in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
-                    ms, lo, hi = time_fn(f, device)
-                    mem = peak_memory_mb(f, device)
-                    gbps = ce_bytes(rows, vocab, es, direction) / (ms * 1e-3) / 1e9
-                    rows_out.append(Row("cross_entropy", name, f"rows={rows} vocab={vocab}", str(dtype)[6:], direction,
-                                        device, ms, lo, hi, gbps, float("nan"), gbps / peak, mem))
-                    print(f"ce  {name:14s} rows={rows:6d} V={vocab:6d} {str(dtype)[6:]:8s} {direction:8s} {ms:8.3f} ms "
-                          f"{gbps:7.0f} GB/s {gbps / peak:6.1%} of copy  peak {mem:8.0f} MiB", flush=True)
+                    rows_out.append(bandwidth_row("cross_entropy", name, f"rows={rows} vocab={vocab}", dtype, direction,
+                                                  device, f, ce_bytes(rows, vocab, es, direction), peak, memory=True))
     return skipped
 
 

@@ -19,10 +19,12 @@ import sys
 import torch
 import torch.nn.functional as TF
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if not __package__:  # run as a script (python bench/bench_layer_norm.py): the checkout's root on the path (PEP 366)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    __package__ = "bench"
 
 import fasttfm  # noqa: E402
-from bench.common import Rotating, Row, add_common_args, copy_bandwidth, device_info, time_fn, write_results  # noqa: E402
+from .common import Rotating, add_common_args, bandwidth_row, copy_bandwidth, device_info, write_results  # noqa: E402
 
 WIDTHS = [256, 1024, 4096, 16384, 65536]
 
@@ -98,13 +100,8 @@ def run(args):
                         return torch.autograd.grad(y, (x, w) if rms else (x, w, b), dy, retain_graph=True)
 
                     for direction, f in (("fwd", fwd), ("bwd", bwd)):
-                        ms, lo, hi = time_fn(f, device)
-                        gbps = bytes_moved(rows, cols, es, rms, direction) / (ms * 1e-3) / 1e9
-                        row = Row(op, name, f"rows={rows} cols={cols}", str(dtype).replace("torch.", ""), direction,
-                                  "cuda" if device == "cuda" else "CPU", ms, lo, hi, gbps, float("nan"), gbps / peak)
-                        rows_out.append(row)
-                        print(f"{op:10s} {name:14s} {row.case:24s} {row.dtype:8s} {direction}  {ms:8.3f} ms  "
-                              f"{gbps:7.1f} GB/s  {gbps / peak:5.1%} of copy" + ("  [CPU]" if device == "cpu" else ""))
+                        rows_out.append(bandwidth_row(op, name, f"rows={rows} cols={cols}", dtype, direction, device,
+                                                      f, bytes_moved(rows, cols, es, rms, direction), peak))
     write_results(rows_out, info, args.out, f"layer_norm_{device}", sorted(skipped_all))
     for s in sorted(skipped_all):
         print("skipped:", s)

@@ -24,10 +24,12 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if not __package__:  # run as a script (python bench/bench_softmax.py): the checkout's root on the path (PEP 366)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    __package__ = "bench"
 
 import fasttfm  # noqa: E402
-from bench.common import Rotating, Row, add_common_args, copy_bandwidth, device_info, time_fn, write_results  # noqa: E402
+from .common import Rotating, add_common_args, bandwidth_row, copy_bandwidth, device_info, write_results  # noqa: E402
 
 WIDTHS = [256, 1024, 4096, 16384, 65536, 262144]
 
@@ -69,17 +71,6 @@ def providers(device):
     return fns, skipped
 
 
-def _timed(op, name, case, dtype, direction, device, fn, nbytes, peak):
-    ms, lo, hi = time_fn(fn, device)
-    gbps = nbytes / (ms * 1e-3) / 1e9
-    label = "cuda" if device == "cuda" else "CPU"
-    row = Row(op, name, case, str(dtype).replace("torch.", ""), direction, label, ms, lo, hi, gbps, float("nan"),
-              gbps / peak)
-    print(f"{op:15s} {name:14s} {case:30s} {row.dtype:8s} {direction}  {ms:8.3f} ms  {gbps:7.1f} GB/s  "
-          f"{gbps / peak:5.1%} of copy" + ("  [CPU]" if device != "cuda" else ""))
-    return row
-
-
 def _fwd_bwd_rows(op, name, case, dtype, device, inputs, call, fwd_bytes, bwd_bytes, peak):
     """Time call(x) forward (no grad) and its backward, rotating input sets."""
     def fwd():
@@ -97,8 +88,8 @@ def _fwd_bwd_rows(op, name, case, dtype, device, inputs, call, fwd_bytes, bwd_by
         k[0] += 1
         return torch.autograd.grad(y, x, dy, retain_graph=True)
 
-    return [_timed(op, name, case, dtype, "fwd", device, fwd, fwd_bytes, peak),
-            _timed(op, name, case, dtype, "bwd", device, bwd, bwd_bytes, peak)]
+    return [bandwidth_row(op, name, case, dtype, "fwd", device, fwd, fwd_bytes, peak),
+            bandwidth_row(op, name, case, dtype, "bwd", device, bwd, bwd_bytes, peak)]
 
 
 def run(args):

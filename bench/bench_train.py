@@ -29,9 +29,11 @@ from dataclasses import replace
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if not __package__:  # run as a script (python bench/bench_train.py): the checkout's root on the path (PEP 366)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    __package__ = "bench"
 
-from bench.common import Row, add_common_args, device_info, measure_peaks, peak_memory_mb, write_results  # noqa: E402
+from .common import Row, add_common_args, device_info, measure_peaks, peak_memory_mb, write_results  # noqa: E402
 from fasttfm.model import GPT, attention_available  # noqa: E402
 from fasttfm.train import preset  # noqa: E402
 

@@ -19,7 +19,8 @@ import subprocess
 import torch
 
 __all__ = ["Row", "device_info", "time_fn", "copy_bandwidth", "gemm_tflops", "write_results", "add_common_args",
-           "Rotating", "peak_memory_mb", "measure_peaks", "peers", "PEERS", "dtype_name"]
+           "Rotating", "peak_memory_mb", "measure_peaks", "peers", "PEERS", "dtype_name", "default_out",
+           "bandwidth_row"]
 
 
 @dataclasses.dataclass
@@ -86,6 +87,21 @@ def time_fn(fn, device, min_run_time=0.3):
     fn()  # warm-up
     m = benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
     return m.median * 1e3, m._p25 * 1e3 if hasattr(m, "_p25") else m.median * 1e3, m._p75 * 1e3 if hasattr(m, "_p75") else m.median * 1e3
+
+
+def bandwidth_row(op, provider, case, dtype, direction, device, fn, nbytes, peak, memory=False):
+    """Time fn() on ``device`` and return its Row for a memory-bound op: GB/s from ``nbytes`` (the minimum
+    traffic: inputs read once, outputs written once), the fraction of the measured copy bandwidth ``peak``,
+    peak memory when ``memory``. Rows on the CPU are labelled CPU. Prints one line."""
+    ms, lo, hi = time_fn(fn, device)
+    mem = peak_memory_mb(fn, device) if memory else float("nan")
+    gbps = nbytes / (ms * 1e-3) / 1e9
+    row = Row(op, provider, case, dtype_name(dtype), direction, "cuda" if device == "cuda" else "CPU", ms, lo, hi,
+              gbps, float("nan"), gbps / peak, mem)
+    print(f"{op:15s} {provider:14s} {case:30s} {row.dtype:8s} {direction:7s} {ms:8.3f} ms  {gbps:7.1f} GB/s  "
+          f"{gbps / peak:5.1%} of copy" + (f"  peak {mem:8.0f} MiB" if memory else "") +
+          ("  [CPU]" if device != "cuda" else ""), flush=True)
+    return row
 
 
 def copy_bandwidth(device, mb=256):
@@ -185,9 +201,18 @@ def write_results(rows, info, out_dir, stem, skipped=()):
     return "\n".join(lines)
 
 
+def default_out():
+    """bench/results/ of a source checkout; ./fasttfm-bench-results for an installed fasttfm (whose harness
+    lives in site-packages/fasttfm/bench, no place for results)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if os.path.isfile(os.path.join(os.path.dirname(here), "setup.py")):
+        return os.path.join(here, "results")
+    return os.path.abspath("fasttfm-bench-results")
+
+
 def add_common_args(parser):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32,float16,bfloat16")
     parser.add_argument("--quick", action="store_true", help="a few small cases only")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--out", default=default_out())
     return parser

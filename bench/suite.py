@@ -12,7 +12,8 @@ defines it); options after a single op name go to that module as they are.
 
 The suite measures the device's peaks once at the start (copy GB/s and a large GEMM: bf16 on a GPU,
 fp32 on the CPU), lists the installed and absent peers, prints which GPU cases are skipped and why
-on a machine without a GPU, then writes under ``--out`` (default ``bench/results/``):
+on a machine without a GPU, then writes under ``--out`` (default ``bench/results/`` in a source checkout,
+``./fasttfm-bench-results`` for an installed fasttfm, whose harness is ``fasttfm.bench``):
   <op>_<device>.{csv,json,md}   per op (by the op's module)
   suite_<device>.{csv,json}     every row, normalized, with device, versions, commit, timestamp, peaks
   summary_<device>.md           the combined markdown summary (the command line that produced it first)
@@ -36,12 +37,13 @@ import traceback
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+if not __package__:  # run as a script (python bench/suite.py): the checkout's root on the path (PEP 366)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    __package__ = "bench"
 
-from bench.common import device_info, measure_peaks, peers  # noqa: E402
+from .common import default_out, device_info, measure_peaks, peers  # noqa: E402
 
-DEFAULT_OUT = os.path.join(ROOT, "bench", "results")
+HERE = os.path.dirname(os.path.abspath(__file__))  # bench/ of a checkout, or fasttfm/bench/ when installed
 ORDER = ["attention", "ring_attention", "layer_norm", "softmax", "cross_entropy", "train"]
 
 GPU_ONLY_CASES = [
@@ -56,7 +58,7 @@ GPU_ONLY_CASES = [
 
 def discover():
     """Op names from bench/bench_<op>.py, in the README's order, then any others alphabetically."""
-    ops = sorted(os.path.basename(p)[len("bench_"):-3] for p in glob.glob(os.path.join(ROOT, "bench", "bench_*.py")))
+    ops = sorted(os.path.basename(p)[len("bench_"):-3] for p in glob.glob(os.path.join(HERE, "bench_*.py")))
     return sorted(ops, key=lambda o: (ORDER.index(o) if o in ORDER else len(ORDER), o))
 
 
@@ -119,7 +121,7 @@ def run_op(op, args, extra, peaks):
     """[(normalized record, ...)] for one op."""
     import importlib
 
-    module = importlib.import_module(f"bench.bench_{op}")
+    module = importlib.import_module(f".bench_{op}", __package__)
     records = []
     if op in ADAPTERS and not _accepts(module, "--quick"):
         for argv, _ in ADAPTERS[op](args, args.out):
@@ -221,7 +223,7 @@ _MASKS = {"none": (False, (-1, -1), None), "causal": (True, (-1, -1), None),
 def _attention_tflops(r):
     """ANCHORS.md: 4 * B * H * D * visible (q, k) pairs, backward 2.5x forward (fwd_bwd: 3.5x)."""
     try:
-        from bench.bench_attention import visible_pairs
+        from .bench_attention import visible_pairs
 
         n, b, h, d = (int(r[k]) for k in ("seqlen", "batch", "heads", "d"))
         causal, window, chunk = _MASKS[r["mask"].split("+")[0]]
@@ -337,7 +339,8 @@ def build_parser():
     p.add_argument("--dtype", default=None, help="e.g. bfloat16,float16 (default: each op's own)")
     p.add_argument("--seqlens", default=None, help="e.g. 512,1024,2048 (ops with sequence lengths)")
     p.add_argument("--quick", action="store_true", help="a few small cases per op")
-    p.add_argument("--out", default=DEFAULT_OUT)
+    p.add_argument("--out", default=default_out(), help="default: bench/results/ of a checkout, else "
+                   "./fasttfm-bench-results")
     p.add_argument("--no-plots", action="store_true")
     return p
 

@@ -72,7 +72,7 @@ ftfm::DType to_dtype(const Tensor& t, const char* name) {
   }
 }
 
-void* stream_of(const Tensor& t) {
+[[maybe_unused]] void* stream_of(const Tensor& t) {
 #if defined(FTFM_KERNELS) && !defined(FASTTFM_EMU)
   return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
 #else
@@ -100,14 +100,29 @@ void check_rows(const Tensor& t, const char* name) {
   TORCH_CHECK(t.size(0) <= 1 || t.stride(0) >= t.size(1), "fasttfm: ", name, " rows must not overlap");
 }
 
-const void* opt_ptr(const OptTensor& t) { return t.has_value() && t->defined() ? t->data_ptr() : nullptr; }
+bool present(const OptTensor& t) { return t.has_value() && t->defined(); }
+
+const void* opt_ptr(const OptTensor& t) { return present(t) ? t->data_ptr() : nullptr; }
+
+// The checks every backward makes of its incoming gradient against the tensor it differentiates.
+void check_same_shape_dtype(const Tensor& grad, const char* grad_name, const Tensor& t, const char* name) {
+  TORCH_CHECK(grad.sizes() == t.sizes(), "fasttfm: ", grad_name, " shape ", grad.sizes(), " != ", name, " shape ",
+              t.sizes());
+  TORCH_CHECK(grad.scalar_type() == t.scalar_type(), "fasttfm: ", grad_name, " dtype must equal the ", name, "'s");
+}
+
+// An fp32 scratch buffer of `floats` elements on `like`'s device, kept alive by `holder` (nullptr when empty).
+[[maybe_unused]] float* workspace(Tensor& holder, int64_t floats, const Tensor& like) {
+  holder = at::empty({floats}, like.options().dtype(at::kFloat));
+  return floats ? holder.data_ptr<float>() : nullptr;
+}
 
 // ---- layer_norm / rms_norm ------------------------------------------------------------------
 
 // weight/bias checked and returned contiguous: a strided or expanded parameter is copied (a 1-D copy
 // costs nothing next to the op), as torch accepts any strides there.
 OptTensor affine_arg(const OptTensor& p, const Tensor& x, const char* name, at::ScalarType w_type, Target target) {
-  if (!p.has_value() || !p->defined()) return std::nullopt;
+  if (!present(p)) return std::nullopt;
   check_tensor(*p, name, target);
   TORCH_CHECK(p->dim() == 1 && p->size(0) == x.size(1), "fasttfm: ", name, " must be a 1-D tensor of ", x.size(1),
               " elements (the row width), got shape ", p->sizes());
@@ -157,8 +172,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& dy, const Tensor
   check_tensor(x, "input", target);
   check_rows(dy, "grad_output");
   check_rows(x, "input");
-  TORCH_CHECK(dy.sizes() == x.sizes(), "fasttfm: grad_output shape ", dy.sizes(), " != input shape ", x.sizes());
-  TORCH_CHECK(dy.scalar_type() == x.scalar_type(), "fasttfm: grad_output dtype must equal the input's");
+  check_same_shape_dtype(dy, "grad_output", x, "input");
   DeviceGuard guard(x, target);
   const auto w_type = weight_arg.has_value() ? weight_arg->scalar_type() : x.scalar_type();
   const OptTensor weight = affine_arg(weight_arg, x, "weight", w_type, target);
@@ -223,7 +237,7 @@ void check_ce(const Tensor& logits, const Tensor& target, const OptTensor& weigh
   TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0) && target.is_contiguous(),
               "fasttfm: cross_entropy: target must be a contiguous 1-D tensor of ", logits.size(0),
               " rows, got shape ", target.sizes());
-  if (weight.has_value() && weight->defined()) {
+  if (present(weight)) {
     check_tensor(*weight, "weight", where);
     TORCH_CHECK(weight->scalar_type() == at::kFloat && weight->dim() == 1 && weight->size(0) == logits.size(1) &&
                     weight->is_contiguous(),
@@ -241,6 +255,20 @@ int64_t check_dloss(const Tensor& dloss, int64_t rows) {
   return dloss.stride(0);
 }
 
+// The class weights as the kernels take them: pointers to the weights and to their sum, a device scalar
+// (no host read); both null without weights. `sum` keeps the scalar alive for the launch.
+struct ClassWeights {
+  Tensor sum;
+  const float* w = nullptr;
+  const float* wsum = nullptr;
+  explicit ClassWeights(const OptTensor& weight) {
+    if (!present(weight)) return;
+    sum = weight->sum();
+    w = weight->data_ptr<float>();
+    wsum = sum.data_ptr<float>();
+  }
+};
+
 [[maybe_unused]] void raise_bad_target(int64_t bad, const Tensor& target, int64_t classes, int64_t ignore_index) {
   if (bad < 0) return;
   TORCH_CHECK_INDEX(false, "fasttfm: cross_entropy: target ", target.data_ptr<int64_t>()[bad], " at row ", bad,
@@ -256,10 +284,8 @@ std::tuple<Tensor, Tensor> cross_entropy_fwd(const Tensor& logits, const Tensor&
   auto f32 = logits.options().dtype(at::kFloat);
   Tensor loss = at::empty({rows}, f32), lse = at::empty({rows}, f32);
   if (rows == 0) return {loss, lse};
-  const bool has_w = weight.has_value() && weight->defined();
-  Tensor wsum = has_w ? weight->sum() : Tensor();  // device scalar: no host read
-  const float* w = has_w ? weight->data_ptr<float>() : nullptr;
-  const float* ws = has_w ? wsum.data_ptr<float>() : nullptr;
+  const ClassWeights cw(weight);
+  const float *w = cw.w, *ws = cw.wsum;
   const auto xd = to_dtype(logits, "logits");
   const int64_t* t = target.data_ptr<int64_t>();
 #ifdef FTFM_KERNELS
@@ -298,10 +324,8 @@ void cross_entropy_bwd_into(const Tensor& dloss, const Tensor& logits, const Ten
               "stride and non-overlapping rows");
   DeviceGuard guard(logits, where);
   if (rows == 0) return;
-  const bool has_w = weight.has_value() && weight->defined();
-  Tensor wsum = has_w ? weight->sum() : Tensor();
-  const float* w = has_w ? weight->data_ptr<float>() : nullptr;
-  const float* ws = has_w ? wsum.data_ptr<float>() : nullptr;
+  const ClassWeights cw(weight);
+  const float *w = cw.w, *ws = cw.wsum;
   const auto xd = to_dtype(logits, "logits");
   const int64_t* t = target.data_ptr<int64_t>();
 #ifdef FTFM_KERNELS
@@ -393,6 +417,10 @@ void check_softmax_3d(const Tensor& t, const char* name, Target target) {
 
 int64_t stride_or_0(const Tensor& t, int64_t d) { return t.size(d) == 1 ? 0 : t.stride(d); }
 
+void check_nq(int64_t outer, int64_t nq) {
+  TORCH_CHECK(nq >= 1 && outer % nq == 0, "fasttfm: softmax rows (", outer, ") must be a multiple of nq (", nq, ")");
+}
+
 Tensor softmax_fwd(const Tensor& x, int64_t nq, double scale, const OptTensor& mask, bool causal, bool zero_empty,
                    std::optional<at::ScalarType> dtype, Target target) {
   check_softmax_3d(x, "input", target);
@@ -401,10 +429,10 @@ Tensor softmax_fwd(const Tensor& x, int64_t nq, double scale, const OptTensor& m
   const int64_t outer = x.size(0), C = x.size(1), inner = x.size(2);
   TORCH_CHECK(out_type == x.scalar_type() || out_type == at::kFloat, "fasttfm: softmax output dtype must be the input's (",
               x.scalar_type(), ") or float32, got ", out_type);
-  const bool masked = mask.has_value() && mask->defined();
+  const bool masked = present(mask);
   TORCH_CHECK(inner == 1 || (!masked && !causal), "fasttfm: masks and causal need the softmax axis to be the last");
   TORCH_CHECK(inner == 1 || target == Target::Gpu, "fasttfm: the CPU softmax kernel handles the last axis only");
-  TORCH_CHECK(nq >= 1 && outer % nq == 0, "fasttfm: softmax rows (", outer, ") must be a multiple of nq (", nq, ")");
+  check_nq(outer, nq);
   Tensor y = at::empty({outer, C, inner}, x.options().dtype(out_type));
   if (y.numel() == 0) return y;
   ftfm::SoftmaxFwdArgs a;
@@ -438,9 +466,8 @@ Tensor softmax_fwd(const Tensor& x, int64_t nq, double scale, const OptTensor& m
   }
 #ifdef FTFM_KERNELS
   if (target == Target::Gpu) {
-    const int64_t ws = ftfm::softmax_workspace_floats(outer, C, inner, a.x_dtype, masked, false);
-    Tensor workspace = at::empty({ws}, x.options().dtype(at::kFloat));
-    a.workspace = ws ? workspace.data_ptr<float>() : nullptr;
+    Tensor scratch;
+    a.workspace = workspace(scratch, ftfm::softmax_workspace_floats(outer, C, inner, a.x_dtype, masked, false), x);
     ftfm::softmax_fwd(a, stream_of(x));
     return y;
   }
@@ -457,14 +484,13 @@ Tensor softmax_bwd(const Tensor& y, const Tensor& dy, int64_t nq, double scale, 
                    Target target) {
   check_softmax_3d(y, "output", target);
   check_softmax_3d(dy, "grad_output", target);
-  TORCH_CHECK(dy.sizes() == y.sizes(), "fasttfm: grad_output shape ", dy.sizes(), " != output shape ", y.sizes());
-  TORCH_CHECK(dy.scalar_type() == y.scalar_type(), "fasttfm: grad_output dtype must equal the output's");
+  check_same_shape_dtype(dy, "grad_output", y, "output");
   DeviceGuard guard(y, target);
   const int64_t outer = y.size(0), C = y.size(1), inner = y.size(2);
   TORCH_CHECK(dx_type == y.scalar_type() || y.scalar_type() == at::kFloat,
               "fasttfm: softmax grad dtype must be the output's or the output must be float32");
   TORCH_CHECK(inner == 1 || !causal, "fasttfm: causal needs the softmax axis to be the last");
-  TORCH_CHECK(nq >= 1 && outer % nq == 0, "fasttfm: softmax rows (", outer, ") must be a multiple of nq (", nq, ")");
+  check_nq(outer, nq);
   Tensor dx = at::empty({outer, C, inner}, y.options().dtype(dx_type));
   if (dx.numel() == 0) return dx;
   ftfm::SoftmaxBwdArgs a;
@@ -483,9 +509,8 @@ Tensor softmax_bwd(const Tensor& y, const Tensor& dy, int64_t nq, double scale, 
   a.scale = static_cast<float>(scale);
   a.causal = causal;
   a.nq = nq;
-  const int64_t ws = ftfm::softmax_workspace_floats(outer, C, inner, a.y_dtype, false, true);
-  Tensor workspace = at::empty({ws}, y.options().dtype(at::kFloat));
-  a.workspace = ws ? workspace.data_ptr<float>() : nullptr;
+  Tensor scratch;
+  a.workspace = workspace(scratch, ftfm::softmax_workspace_floats(outer, C, inner, a.y_dtype, false, true), y);
   ftfm::softmax_bwd(a, stream_of(y));
   return dx;
 }

@@ -150,6 +150,8 @@ void fwd_launch(FwdParams<TI, TO> p, const RowPlan& plan, void* stream) {
   }
 }
 
+// The same three paths as fwd_launch, not folded: other kernels and ITERS per path, and a kernel-traits
+// template to share the 15 lines would be longer than they are.
 template <typename TY, typename TX, int VEC>
 void bwd_launch(BwdParams<TY, TX> p, const RowPlan& plan, void* stream) {
   (void)stream;

@@ -26,6 +26,8 @@ __device__ __forceinline__ float dot_vec(const Vec<TY, VEC>& y, const Vec<TY, VE
 }
 __device__ __forceinline__ int causal_vis(const Common& k, int64_t row) { return row_ctx(k, SoftmaxMask{}, row).vis; }
 
+// The thread-layout prologue (tpr, lane, rpb, group) repeats softmax_fwd_rows_kernel's on purpose: each
+// kernel's index math stays next to the loads that use it, as in the other kernels here.
 template <typename TY, typename TX, int VEC, int ITERS>
 __global__ void __launch_bounds__(kBwdMaxThreads) softmax_bwd_rows_kernel(BwdParams<TY, TX> p) {
   __shared__ float red_smem[64];

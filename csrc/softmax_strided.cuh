@@ -101,6 +101,7 @@ __global__ void __launch_bounds__(kStridedThreads) softmax_fwd_strided_kernel(St
   }
 }
 
+// Same tile layout prologue as the forward, kept in place (index math next to its loads, as everywhere here).
 template <typename TY, typename TX, int ITERS>
 __global__ void __launch_bounds__(kStridedThreads) softmax_bwd_strided_kernel(StridedBwdParams<TY, TX> p) {
   __shared__ float red_smem[2 * kStridedThreads];

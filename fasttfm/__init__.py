@@ -10,22 +10,24 @@ import os as _os
 import sys as _sys
 
 
-def _map_source_kernels():
-    # An installed fasttfm has fasttfm/kernels (setup.py maps kernels/ there). In a source checkout
-    # built in place (`make build`), the Triton kernels stay in ../kernels: load that folder as
-    # fasttfm.kernels so both layouts import the same way.
-    if _ilu.find_spec("fasttfm.kernels") is not None:
-        return
-    folder = _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))), "kernels")
-    init = _os.path.join(folder, "__init__.py")
-    if _os.path.exists(init):
-        spec = _ilu.spec_from_file_location("fasttfm.kernels", init, submodule_search_locations=[folder])
-        module = _ilu.module_from_spec(spec)
-        _sys.modules["fasttfm.kernels"] = module
-        spec.loader.exec_module(module)
+def _map_source_folders():
+    # An installed fasttfm has fasttfm/kernels and fasttfm/bench (setup.py maps kernels/ and bench/ there).
+    # In a source checkout built in place (`make build`), they stay in ../kernels and ../bench: load those
+    # folders as fasttfm.kernels and fasttfm.bench so both layouts import the same way.
+    root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    for name in ("kernels", "bench"):
+        if _ilu.find_spec(f"fasttfm.{name}") is not None:
+            continue
+        folder = _os.path.join(root, name)
+        init = _os.path.join(folder, "__init__.py")
+        if _os.path.exists(init):
+            spec = _ilu.spec_from_file_location(f"fasttfm.{name}", init, submodule_search_locations=[folder])
+            module = _ilu.module_from_spec(spec)
+            _sys.modules[f"fasttfm.{name}"] = module
+            spec.loader.exec_module(module)
 
 
-_map_source_kernels()
+_map_source_folders()
 
 from . import nn  # noqa: E402
 from ._env import emulate, emulate_enabled, set_emulate  # noqa: E402

@@ -4,24 +4,31 @@
 C++ kernels; ``fasttfm._C_emu`` holds the same CUDA sources built against the SIMT emulator
 (``torch.ops.fasttfm_emu``). ``import fasttfm`` never needs either: an op that needs a missing
 part raises :class:`MissingExtensionError` saying how to build it.
+
+CUDA tensors never fall back silently: when the CUDA kernels are absent, built without CUDA or fail to
+load, every op raises with the real reason (the ImportError text, or the torch version mismatch) and
+the rebuild command. ``FASTTFM_ALLOW_FALLBACK=1`` lets them run torch's own ops instead, with one
+warning per process (:func:`cuda_kernels`).
 """
 import functools
 import importlib
 import importlib.util
 import json
 import os
+import warnings
 
 import torch
 
 from ._env import emulate_enabled
 
 __all__ = ["MissingExtensionError", "KERNEL_DTYPES", "backend", "cuda_lib", "emu_lib", "cpu_lib", "cpu_kernels_for",
-           "built_parts", "emu_set_order", "load_errors"]
+           "built_parts", "emu_set_order", "load_errors", "cuda_kernels", "fallback_allowed"]
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the CUDA and CPU C++ kernels take
 
-_BUILD_HINT = ("build it with `make build` (or `pip install -e . --no-build-isolation` in an environment "
-               "with torch==2.14.1 and, for the CUDA and emulator parts, the CUDA toolkit; see README.md)")
+_BUILD_HINT = ("rebuild it against the running torch: `make build` in a source checkout, or `pip install "
+               "--no-build-isolation --force-reinstall --no-deps <the fasttfm sdist or checkout>` in this environment "
+               "(with the CUDA toolkit for the CUDA and emulator parts; see README.md)")
 
 
 class MissingExtensionError(RuntimeError):
@@ -47,7 +54,7 @@ def _load_error(module):
     built = _build_info().get("torch")
     if built and built != torch.__version__:
         return (f"was built against torch {built}, but torch {torch.__version__} is running (a C++ extension only "
-                f"loads into the torch it was built for); rebuild it")
+                f"loads into the torch it was built for)")
     try:
         importlib.import_module(f"fasttfm.{module}")
         return None
@@ -94,6 +101,32 @@ def cuda_lib():
         raise MissingExtensionError("fasttfm._C was built without CUDA kernels (no CUDA toolkit found at build "
                                     f"time, or FASTTFM_SKIP_CUDA_BUILD=1); {_BUILD_HINT}")
     return torch.ops.fasttfm_C
+
+
+def fallback_allowed() -> bool:
+    """True when ``FASTTFM_ALLOW_FALLBACK=1``: CUDA tensors may run torch's ops when the kernels can't load."""
+    return os.environ.get("FASTTFM_ALLOW_FALLBACK", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+_fallback_warned = False
+
+
+def cuda_kernels(what: str):
+    """``torch.ops.fasttfm_C`` for the CUDA kernels of op ``what``; or None (the caller runs torch's ops)
+    when they can't be used and ``FASTTFM_ALLOW_FALLBACK=1``, with one warning per process. Without that
+    variable a missing or broken extension raises :class:`MissingExtensionError` with the real reason."""
+    global _fallback_warned
+    try:
+        return cuda_lib()
+    except MissingExtensionError as exc:
+        if not fallback_allowed():
+            raise MissingExtensionError(f"fasttfm.{what} on a CUDA tensor needs the CUDA kernels: {exc} (or set "
+                                        "FASTTFM_ALLOW_FALLBACK=1 to run torch's slower ops instead)") from None
+        if not _fallback_warned:
+            _fallback_warned = True
+            warnings.warn(f"fasttfm: FASTTFM_ALLOW_FALLBACK=1: CUDA tensors run torch's ops, not fasttfm's kernels "
+                          f"(first: {what}): {exc}", RuntimeWarning, stacklevel=3)
+        return None
 
 
 def cpu_lib():

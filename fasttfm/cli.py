@@ -14,7 +14,7 @@ def info() -> int:
     from . import __version__
     from ._cuda_home import find_cuda_home, nvcc_version
     from ._env import emulate_enabled
-    from ._ext import built_parts
+    from ._ext import _build_info, built_parts, load_errors
 
     try:
         import triton
@@ -35,22 +35,24 @@ def info() -> int:
     else:
         print("GPU          none (CUDA tensors unavailable; CPU paths and emulation only)")
     parts = built_parts()
-    print("extension    " + ", ".join(f"{k}: {'built' if v else 'missing'}" for k, v in parts.items()))
-    from ._ext import load_errors
-
-    for part, why in load_errors().items():
+    broken = load_errors()
+    build = _build_info()
+    module = {"cuda": "_C", "cpu": "_C", "emulator": "_C_emu"}
+    # a part the build did not include reads "missing" even when the extension holding it fails to load
+    included = {"cuda": build.get("cuda", True), "cpu": True, "emulator": build.get("emulator", True)}
+    print("extension    " + ", ".join(f"{k}: {_part_state(v, module[k] in broken and included[k])}"
+                                      for k, v in parts.items()))
+    for part, why in broken.items():
         print(f"  LOAD ERROR fasttfm.{part}: {why}")
-    import json
-    import os
-
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_build_info.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            build = json.load(f)
+    if build:
         archs = ", ".join(f"sm_{a}" for a in build.get("archs", [])) or "none (CPU-only build)"
         print(f"archs        {archs} (FASTTFM_CUDA_ARCHS at build time)")
     print(f"emulation    {'on' if emulate_enabled() else 'off'} (FASTTFM_EMULATE)")
     return 0
+
+
+def _part_state(built, broken):
+    return "built" if built else ("load error" if broken else "missing")
 
 
 def demo(compare_steps: int = 20) -> int:
@@ -177,7 +179,8 @@ def train_config_from_args(argv):
     import os
     from dataclasses import fields, replace
 
-    from .train import CheckpointError, TrainConfig, describe_previous, load_checkpoint, preset
+    from .checkpoint import CheckpointError, describe_previous, load_checkpoint
+    from .train import TrainConfig, preset
 
     args = vars(_train_parser().parse_args(argv))
     name = args.pop("preset")
@@ -201,7 +204,8 @@ def train_command(argv) -> int:
     """``python -m fasttfm train [--preset cpu|gpu|tiny] [--option value ...]`` (see --help)."""
     import os
 
-    from .train import CheckpointError, train
+    from .checkpoint import CheckpointError
+    from .train import train
 
     try:
         cfg = train_config_from_args(argv)
@@ -220,19 +224,12 @@ def train_command(argv) -> int:
 
 def bench(argv) -> int:
     """``python -m fasttfm bench all|<op>[,<op>...] [--quick] [--dtype ...] [--seqlens ...] [--out DIR]``:
-    runs bench/bench_<op>.py from the checkout through bench/suite.py (peaks, skipped cases, summary, plots)."""
-    import os
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if not os.path.isfile(os.path.join(root, "bench", "suite.py")):
-        print("fasttfm bench: the bench/ folder of a source checkout is needed", file=sys.stderr)
-        return 2
+    runs the bench_<op> modules of ``fasttfm.bench`` (bench/ of a checkout, shipped in the wheel) through
+    its suite (peaks, skipped cases, summary, plots)."""
     if not argv:
         print("usage: python -m fasttfm bench all|<op>[,<op>...] [--quick] [--dtype ...] [--seqlens ...] [--out DIR]"
               " (--list: the ops)", file=sys.stderr)
         return 2
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    from bench.suite import main as suite_main
+    from .bench.suite import main as suite_main
 
     return suite_main(argv)

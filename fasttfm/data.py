@@ -1,6 +1,6 @@
 """Corpora, tokenizers and packed batches for the training loop.
 
-* Corpus: ``"shakespeare"`` (the bundled tiny-shakespeare text, see ``fasttfm/data/README.md``),
+* Corpus: ``"shakespeare"`` (the bundled tiny-shakespeare text, see ``fasttfm/tinyshakespeare.md``),
   a text file (split deterministically: the first ``1 - val_fraction`` of the text trains, the
   rest validates), or a wikitext-style directory with train / valid (and optional test) files.
 * Tokenizer: character-level (vocabulary = the sorted distinct characters of the corpus) or
@@ -18,7 +18,8 @@ import torch
 
 __all__ = ["BUNDLED", "Tokenizer", "load_corpus", "PackedWindows", "DataCursor"]
 
-BUNDLED = {"shakespeare": os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tinyshakespeare.txt")}
+# Next to the modules, not in a data/ folder: setuptools reads a folder with an importable name as a package.
+BUNDLED = {"shakespeare": os.path.join(os.path.dirname(os.path.abspath(__file__)), "tinyshakespeare.txt")}
 BUNDLED["tinyshakespeare"] = BUNDLED["shakespeare"]
 
 _SPLIT_NAMES = {"train": ("train",), "valid": ("valid", "val", "dev"), "test": ("test",)}

@@ -11,20 +11,16 @@ Global batch per optimizer step = batch_size x grad_accum x world_size sequences
 does not depend on how that batch is split over processes and micro-steps, so 2 processes with
 batch_size=B make the same update as 1 process with batch_size=2B.
 
-Checkpoint (``out_dir/ckpt.pt``, the one before it kept as ``ckpt.prev.pt``): written to a
-temporary file, fsynced, then renamed over the old one; the payload carries a SHA-256, so a
-truncated or corrupt file is reported as such (:class:`CheckpointError`) instead of loading.
-``load_checkpoint(path)`` returns the state dict (model, optimizer, scheduler, scaler, RNG states
-per rank, data position, step, configs, tokenizer).
+Checkpoint (``out_dir/ckpt.pt``, the one before it kept as ``ckpt.prev.pt``): atomic, checksummed
+(fasttfm/checkpoint.py, whose ``CheckpointError``, ``save_checkpoint`` and ``load_checkpoint`` this
+module re-exports). ``load_checkpoint(path)`` returns the state dict (model, optimizer, scheduler,
+scaler, RNG states per rank, data position, step, configs, tokenizer).
 """
 import contextlib
 import csv
-import hashlib
-import io
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -32,6 +28,8 @@ from dataclasses import asdict, dataclass, fields, replace
 import torch
 import torch.distributed as dist
 
+from .checkpoint import (CheckpointError, describe_previous, is_damaged, load_checkpoint, rng_state,
+                         save_checkpoint, set_rng_state)
 from .data import DataCursor, PackedWindows, Tokenizer, load_corpus
 from .model import GPT, GPTConfig
 from .train_parallel import Parallel, check_config
@@ -123,111 +121,6 @@ def preset(name: str, **overrides) -> TrainConfig:
     return replace(TrainConfig(), **{**PRESETS[name], **overrides})
 
 
-# -- checkpoints ---------------------------------------------------------------------------------
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, truncated, corrupt or not a fasttfm checkpoint."""
-
-
-_FORMAT, _VERSION = "fasttfm-checkpoint", 1
-_REQUIRED = ("step", "train_config", "model_config", "tokenizer", "model", "optimizer", "scheduler", "scaler",
-             "data", "rng")
-
-
-def _write_file(path, envelope):
-    with open(path, "wb") as f:
-        torch.save(envelope, f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def save_checkpoint(state: dict, path: str, keep_previous: bool = True) -> None:
-    """Write ``state`` atomically: ``path.tmp`` + fsync + rename. The old file becomes ``*.prev.pt``."""
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    payload = buf.getvalue()
-    envelope = {"format": _FORMAT, "version": _VERSION, "step": int(state.get("step", -1)),
-                "sha256": hashlib.sha256(payload).hexdigest(), "nbytes": len(payload), "payload": payload}
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = path + ".tmp"
-    try:
-        _write_file(tmp, envelope)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    if keep_previous and os.path.exists(path):
-        prev, prev_tmp = _previous_path(path), _previous_path(path) + ".tmp"
-        with contextlib.suppress(OSError):
-            os.remove(prev_tmp)
-        try:
-            os.link(path, prev_tmp)          # the old checkpoint under a second name, no copy
-        except OSError:
-            shutil.copyfile(path, prev_tmp)
-        os.replace(prev_tmp, prev)
-    os.replace(tmp, path)
-    with contextlib.suppress(OSError):  # make the rename durable
-        fd = os.open(folder, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-
-
-def _previous_path(path):
-    root, ext = os.path.splitext(path)
-    return f"{root}.prev{ext or '.pt'}"
-
-
-def describe_previous(path):
-    prev = _previous_path(path)
-    if not os.path.exists(prev):
-        return ""
-    try:
-        step = load_checkpoint(prev)["step"]
-    except CheckpointError:
-        return f" The previous checkpoint {prev} is damaged too."
-    return f" The previous checkpoint {prev} (step {step}) is intact: resume from it with --resume {prev}."
-
-
-def _damaged(path):
-    try:
-        load_checkpoint(path)
-    except CheckpointError:
-        return os.path.exists(path)
-    return False
-
-
-def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """The state saved by :func:`save_checkpoint`, verified; :class:`CheckpointError` otherwise."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"no checkpoint at {path}")
-    try:
-        env = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, garbage, unpickling errors
-        msg = str(exc).splitlines()[0].split(". ")[0][:200] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({os.path.getsize(path)} bytes; torch.load: "
-                              f"{msg}).") from exc
-    if not isinstance(env, dict) or env.get("format") != _FORMAT:
-        raise CheckpointError(f"{path} is not a fasttfm checkpoint (no '{_FORMAT}' header)")
-    if env.get("version") != _VERSION:
-        raise CheckpointError(f"checkpoint {path} has format version {env.get('version')}, this fasttfm reads "
-                              f"version {_VERSION}")
-    payload = env.get("payload")
-    size = len(payload) if isinstance(payload, bytes) else 0
-    if size != env.get("nbytes"):
-        raise CheckpointError(f"checkpoint {path} is truncated: payload of {size} bytes, expected {env.get('nbytes')}")
-    if hashlib.sha256(payload).hexdigest() != env.get("sha256"):
-        raise CheckpointError(f"checkpoint {path} is corrupt: SHA-256 of its payload does not match the one "
-                              f"recorded when it was written")
-    try:
-        state = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"checkpoint {path}: payload cannot be read ({exc})") from exc
-    missing = [k for k in _REQUIRED if k not in state]
-    if missing:
-        raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}")
-    return state
-
-
 # -- small helpers -------------------------------------------------------------------------------
 def _lr_lambda(cfg: TrainConfig):
     """Multiplier of cfg.lr after `it` optimizer steps: linear warmup, then cosine to min_lr."""
@@ -242,18 +135,6 @@ def _lr_lambda(cfg: TrainConfig):
         return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - floor)
 
     return factor
-
-
-def _rng_state(device):
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-
-
-def _set_rng_state(state, device):
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if device.type == "cuda" and state.get("cuda") is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def _fmt_rate(x):
@@ -455,7 +336,7 @@ def _train(cfg, seq_len, rank, world, device):
         cursor.load_state_dict(ckpt["data"])
         step = ckpt["step"]
         if len(ckpt["rng"]) == world:
-            _set_rng_state(ckpt["rng"][rank], device)
+            set_rng_state(ckpt["rng"][rank], device)
         else:
             say(f"note: checkpoint from {len(ckpt['rng'])} processes, resuming on {world}: RNG streams re-seeded")
             torch.manual_seed(cfg.seed + 1 + rank + 1000 * step)
@@ -491,15 +372,15 @@ def _train(cfg, seq_len, rank, world, device):
         + (f" (resumed from {resume_path})" if ckpt else "") + (f"; {par.describe()}" if par.describe() else ""))
 
     # a damaged ckpt.pt left behind by a run resumed from elsewhere must not become ckpt.prev.pt
-    keep_previous = not (ckpt and os.path.abspath(resume_path) != os.path.abspath(ckpt_path) and _damaged(ckpt_path))
+    keep_previous = not (ckpt and os.path.abspath(resume_path) != os.path.abspath(ckpt_path) and is_damaged(ckpt_path))
 
     def checkpoint():
         nonlocal keep_previous
         rngs = [None] * world
         if world > 1:
-            dist.all_gather_object(rngs, _rng_state(device))
+            dist.all_gather_object(rngs, rng_state(device))
         else:
-            rngs[0] = _rng_state(device)
+            rngs[0] = rng_state(device)
         model_sd, optim_sd = par.state_dicts(model, optimizer)
         if master:
             save_checkpoint({

@@ -244,6 +244,7 @@ def test_resume_is_exact(tmp_path):
 
 
 def test_corrupt_checkpoint_clear_error_and_previous_survives(tmp_path, monkeypatch):
+    import fasttfm.checkpoint as C
     import fasttfm.train as T
 
     cfg = tiny(tmp_path, kernels=KERNELS, max_steps=4, stop_at=2, eval_interval=0, ckpt_interval=1)
@@ -259,7 +260,7 @@ def test_corrupt_checkpoint_clear_error_and_previous_survives(tmp_path, monkeypa
             f.write(b"PK\x03\x04 half a checkpoint")
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(T, "_write_file", dying_write)
+    monkeypatch.setattr(C, "_write_file", dying_write)
     with pytest.raises(OSError, match="No space left"):
         save_checkpoint(dict(state, step=3), str(path))
     monkeypatch.undo()

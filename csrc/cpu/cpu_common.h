@@ -7,8 +7,33 @@
 
 #include "../include/launchers.h"
 
+// ---- x86-64 instruction sets, chosen at run time (the build uses no -march, so _C runs on any x86-64) ----
+// FTFM_CPU_CLONES: g++ compiles the function twice, for x86-64-v3 (AVX2 + FMA) and the baseline, and the
+// loader picks one (target_clones). Loops g++ will not vectorize on its own (softmax's exp: its compare-
+// selects stay branches under -ftrapping-math) get an intrinsics version marked FTFM_AVX2_FMA, defined
+// when FTFM_X86_AVX2 is, and called when cpu::has_avx2().
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define FTFM_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define FTFM_CPU_CLONES
+#endif
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define FTFM_X86_AVX2 1
+#define FTFM_AVX2_FMA __attribute__((target("avx2,fma")))
+#endif
+
 namespace ftfm {
 namespace cpu {
+
+#ifdef FTFM_X86_AVX2
+inline bool has_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+}
+#else
+inline bool has_avx2() { return false; }
+#endif
 
 // Storage-only 16-bit float types: the kernels compute in float (or double) and convert at load/store.
 struct Half {

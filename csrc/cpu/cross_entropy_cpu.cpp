@@ -56,12 +56,7 @@ inline float exp_lane(float x) {
 }
 
 // ---- float block kernels (the hot loops). Each call covers one block of <= kBlock classes, so the
-// load-time dispatch between the clones costs nothing.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define FTFM_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define FTFM_CPU_CLONES
-#endif
+// load-time dispatch between the clones (FTFM_CPU_CLONES, cpu_common.h) costs nothing.
 
 // max of f[0..n) and sum of f (times w when w is not null). NaNs are dropped by the max, kept by the sum.
 FTFM_CPU_CLONES void block_max_sum(const float* f, const float* w, int64_t n, float* max_out, double* sum_out) {

@@ -18,16 +18,14 @@
 
 #include "cpu_common.h"
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define FTFM_X86_AVX2 1
-#endif
-
 namespace ftfm {
 namespace {
 
+using cpu::has_avx2;
 using cpu::to_float;
 
+// Not shared with cross_entropy_cpu.cpp's exp_lane: another clamp (-86 here keeps products normal) and
+// polynomial, each measured in its own loop; folding them would change one kernel's results in the last bits.
 // exp(x) for x <= 0 (softmax arguments z - max), branch-free so the loops vectorize: x < -86 gives 0
 // (exp(-86) = 4e-38, nothing next to a row sum >= 1; clamping there also keeps every product normal,
 // as subnormal results cost microcode assists on x86), and NaN stays NaN (NaN * 0 is NaN).
@@ -140,7 +138,6 @@ inline double row_exp_sum_body(float* z, int64_t n, float mx) {
 // AVX2 + FMA versions, picked at run time (the default build targets baseline x86-64). The exp loop is
 // written with intrinsics: GCC keeps the compare-selects of exp_nonpos as branches under its default
 // -ftrapping-math and then does not vectorize the loop (measured ~10x slower).
-#define FTFM_AVX2_FMA __attribute__((target("avx2,fma")))
 FTFM_AVX2_FMA float row_max_avx2(const float* z, int64_t n) { return row_max_body(z, n); }
 FTFM_AVX2_FMA double row_exp_sum_avx2(float* z, int64_t n, float mx) {
   const __m256 vmx = _mm256_set1_ps(mx), lo = _mm256_set1_ps(-86.f), one = _mm256_set1_ps(1.f);
@@ -179,12 +176,7 @@ FTFM_AVX2_FMA double row_exp_sum_avx2(float* z, int64_t n, float mx) {
   }
   return total + tail;
 }
-bool has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
-}
 #else
-bool has_avx2() { return false; }
 float row_max_avx2(const float* z, int64_t n) { return row_max_body(z, n); }
 double row_exp_sum_avx2(float* z, int64_t n, float mx) { return row_exp_sum_body(z, n, mx); }
 #endif

@@ -30,6 +30,14 @@ import time
 __all__ = ["PHASES", "WEIGHTS", "main", "allocate", "run_phase", "Run"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# A source checkout (setup.py and tests/ next to the package) or an installed fasttfm (site-packages): the
+# latter has no build to run and no tests/ to collect; those phases say so and the GPU phases still run.
+CHECKOUT = os.path.isfile(os.path.join(ROOT, "setup.py"))
+NEEDS_CHECKOUT = {
+    "build": "installed fasttfm (no setup.py next to the package): the extension pip built is the one checked",
+    "tests": "the tests phase collects tests/ of a source checkout, which an installed fasttfm does not ship "
+             "(run gpu-check from a checkout for it); grid, sanitizer and perf run on the installed package",
+}
 PHASES = ["build", "tests", "grid", "sanitizer", "perf"]
 # Shares of the budget (renormalised over the phases still to run when each one starts).
 # The build gets a generous share (a cut build leaves nothing to check); what it does not use flows on.
@@ -119,8 +127,8 @@ def run_phase(run, name, cmd, budget_s, env=None, log=None):
     logf = open(log, "w") if log else None
     status, rc = "ok", None
     try:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=ROOT if CHECKOUT else os.getcwd(), env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True)
         tail = []
         import selectors
 
@@ -202,14 +210,7 @@ def _machine(python):
         info = json.loads(out.stdout.strip().splitlines()[-1])
     except Exception as exc:  # noqa: BLE001 - reported, not raised
         info = {"error": f"could not read versions: {exc}"}
-    try:  # a copy of the tree (a GPU machine's) may carry a stale .git: the caller can name the commit
-        info["commit"] = os.environ.get("FASTTFM_GPU_CHECK_COMMIT") or subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip() or None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=ROOT).stdout.strip()
-        info["dirty"] = bool(dirty)
-    except OSError:  # a copy of the tree without git: the caller may name the commit
-        info["commit"] = os.environ.get("FASTTFM_GPU_CHECK_COMMIT")
+    info["commit"], info["dirty"] = _commit()
     try:
         sm = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,clocks.sm,clocks.max.sm,power.limit",
                              "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
@@ -217,6 +218,24 @@ def _machine(python):
     except (OSError, subprocess.SubprocessError):
         info["nvidia_smi"] = None
     return info
+
+
+def _commit():
+    """(commit, dirty) of the checkout; FASTTFM_GPU_CHECK_COMMIT names it for a copy of the tree whose .git is
+    stale or absent; an installed fasttfm gives its version (no git: site-packages may sit in another repo)."""
+    named = os.environ.get("FASTTFM_GPU_CHECK_COMMIT")
+    if not CHECKOUT:
+        from .. import __version__
+
+        return named or f"installed fasttfm {__version__}", False
+    try:
+        commit = named or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                         cwd=ROOT).stdout.strip() or None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=ROOT).stdout.strip()
+        return commit, bool(dirty)
+    except OSError:  # no git here
+        return named, None
 
 
 def _build_cmd(run):
@@ -254,8 +273,10 @@ def _phase_cmd(run, name, args):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m fasttfm gpu-check", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "gpu"),
-                   help="output folder (at most 8 files; default bench/results/gpu)")
+    p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "gpu") if CHECKOUT else
+                   os.path.abspath("fasttfm-gpu-check"),
+                   help="output folder (at most 8 files; default bench/results/gpu of a checkout, else "
+                        "./fasttfm-gpu-check)")
     p.add_argument("--budget-s", type=float, default=480.0, help="wall-clock budget of the whole run (s)")
     p.add_argument("--phases", default=",".join(PHASES), help=f"comma list out of {','.join(PHASES)}")
     p.add_argument("--quick", action="store_true", help="fewer benchmark cases (plumbing checks)")
@@ -290,7 +311,10 @@ def main(argv=None):
     for name in phases:
         budget = allocate(name, todo, run.left() - REPORT_RESERVE_S, weights)
         todo.remove(name)
-        if name in GPU_PHASES and not has_gpu:
+        if name in NEEDS_CHECKOUT and not CHECKOUT:
+            run.phases[name] = {"status": "skipped", "why": NEEDS_CHECKOUT[name]}
+            print(f"[gpu-check] {name}: skipped: {NEEDS_CHECKOUT[name]}", flush=True)
+        elif name in GPU_PHASES and not has_gpu:
             run.phases[name] = {"status": "skipped", "why": "no CUDA GPU visible (torch.cuda.is_available() False)"}
         elif budget < 3:
             run.phases[name] = {"status": "skipped", "why": f"budget exhausted ({budget:.0f} s left for it)"}

@@ -40,6 +40,9 @@ def main(argv=None):
     cmd = pytest_command(sys.executable, shlex.split(args.pytest_args))
     env = dict(os.environ, FASTTFM_REQUIRE_GPU="1")
     record("tests", case="command", status="info", command=" ".join(cmd), seconds_left=round(left(), 1))
+    if not os.path.isdir(os.path.join(ROOT, "tests")):
+        record("tests", case="tests/", status="skipped", why="no tests/ next to the package (an installed fasttfm)")
+        return 0
     rc = subprocess.call(cmd, cwd=ROOT, env=env)
     record("tests", case="pytest exit", status="ok" if rc == 0 else "failed", rc=rc)
     return 0 if rc == 0 else 1

@@ -28,8 +28,9 @@ gradient of the row losses (a [rows] tensor, stride 0 after ``sum``/``mean``), s
 every reduction. No host synchronization (CUDA graphs, torch.compile). Dispatch: CUDA tensors -> CUDA
 kernels; ``FASTTFM_EMULATE=1`` CPU tensors -> the same kernels in the SIMT emulator; otherwise CPU
 tensors -> the fused C++ kernel (fp32/fp16/bf16) or, for float64 or without fasttfm._C, the same math
-in torch ops. The CUDA forward uses one thread block per row (several rows per block for C <= ~2k):
-with fewer rows than a few per SM the GPU is underused (the backward splits long rows instead).
+in torch ops (CUDA tensors take those only under ``FASTTFM_ALLOW_FALLBACK=1``, with one warning; otherwise
+a missing or broken extension raises). The CUDA forward uses one thread block per row (several rows per
+block for C <= ~2k): with fewer rows than a few per SM the GPU is underused (the backward splits long rows instead).
 
 Out-of-range targets (not ignore_index, outside [0, C)): the CPU path raises IndexError; the GPU
 kernels cannot raise without a host sync, so they write NaN into that row's loss (hence a NaN mean or
@@ -46,7 +47,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .._ext import KERNEL_DTYPES, backend, cpu_kernels_for, cuda_lib, emu_lib
+from .._ext import KERNEL_DTYPES, backend, cpu_kernels_for, cuda_kernels, emu_lib
 from ._autocast import keep, register_autocast
 
 __all__ = ["cross_entropy", "smoothing_coefficients", "class_rows", "reduce_rows", "z_loss_term", "ce_fwd_rows",
@@ -136,6 +137,19 @@ def _torch_bwd(dloss, logits, target, weight, lse, ignore_index, a, b, z, softca
 
 # ---- low-level entry points (also used by the fused linear + cross-entropy) --------------------------
 
+def _row_kernels(logits):
+    """(library, name suffix) of the kernels that take ``logits``: the CUDA kernels (``torch.ops.fasttfm_C``,
+    ""), the emulator (``torch.ops.fasttfm_emu``, ""), the CPU C++ kernels (``torch.ops.fasttfm_C``, "_cpu"),
+    or (None, "") for torch ops: float64, a CPU install without fasttfm._C, or the CUDA fallback that only
+    ``FASTTFM_ALLOW_FALLBACK=1`` allows (else a missing or broken extension raises here)."""
+    where = backend(logits)
+    if where == "cuda":
+        return cuda_kernels("cross_entropy"), ""
+    if where == "emu":
+        return emu_lib(), ""
+    return cpu_kernels_for(logits), "_cpu"
+
+
 def ce_fwd_rows(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int, a: float, b: float,
                 z: float, softcap: float = 0.0) -> Tuple[Tensor, Tensor]:
     """Row losses and LSE of logits [rows, C] (unit class stride) on the kernels for its device.
@@ -143,41 +157,27 @@ def ce_fwd_rows(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore
     target: [rows] int64 contiguous; weight: [C] fp32 contiguous (float64 with float64 logits) or None.
     softcap: 0 = off. Returns (loss, lse), each [rows] fp32 (float64 for float64 logits).
     """
-    where = backend(logits)
-    if where == "cuda":
-        return cuda_lib().cross_entropy_fwd(logits, target, weight, ignore_index, a, b, z, softcap)
-    if where == "emu":
-        return emu_lib().cross_entropy_fwd(logits, target, weight, ignore_index, a, b, z, softcap)
-    ext = cpu_kernels_for(logits)
-    if ext is None:
+    lib, sfx = _row_kernels(logits)
+    if lib is None:
         return _torch_fwd(logits, target, weight, ignore_index, a, b, z, softcap)
-    return ext.cross_entropy_fwd_cpu(logits, target, weight, ignore_index, a, b, z, softcap)
+    return getattr(lib, "cross_entropy_fwd" + sfx)(logits, target, weight, ignore_index, a, b, z, softcap)
 
 
 def ce_bwd_rows(dloss, logits, target, weight, lse, ignore_index, a, b, z, softcap=0.0) -> Tensor:
     """Gradient of sum(dloss * loss) wrt logits, in a new [rows, C] tensor of the logits' dtype."""
-    where = backend(logits)
-    if where == "cuda":
-        return cuda_lib().cross_entropy_bwd(dloss, logits, target, weight, lse, ignore_index, a, b, z, softcap)
-    if where == "emu":
-        return emu_lib().cross_entropy_bwd(dloss, logits, target, weight, lse, ignore_index, a, b, z, softcap)
-    ext = cpu_kernels_for(logits)
-    if ext is None:
+    lib, sfx = _row_kernels(logits)
+    if lib is None:
         return _torch_bwd(dloss, logits, target, weight, lse, ignore_index, a, b, z, softcap)
-    return ext.cross_entropy_bwd_cpu(dloss, logits, target, weight, lse, ignore_index, a, b, z, softcap)
+    return getattr(lib, "cross_entropy_bwd" + sfx)(dloss, logits, target, weight, lse, ignore_index, a, b, z, softcap)
 
 
 def ce_bwd_rows_(logits, dloss, target, weight, lse, ignore_index, a, b, z, softcap=0.0) -> Tensor:
     """In-place variant for buffers nobody else sees (the fused linear + CE's own logits chunk):
     overwrites ``logits`` with the gradient and returns it. Never used on tensors autograd saved."""
-    where = backend(logits)
-    if where == "cuda":
-        cuda_lib().cross_entropy_bwd_inplace(logits, dloss, target, weight, lse, ignore_index, a, b, z, softcap)
-    elif where == "emu":
-        emu_lib().cross_entropy_bwd_inplace(logits, dloss, target, weight, lse, ignore_index, a, b, z, softcap)
-    elif cpu_kernels_for(logits) is not None and logits.stride(0) >= logits.shape[1]:
-        cpu_kernels_for(logits).cross_entropy_bwd_inplace_cpu(logits, dloss, target, weight, lse, ignore_index, a, b,
-                                                              z, softcap)
+    lib, sfx = _row_kernels(logits)
+    if lib is not None and (sfx == "" or logits.stride(0) >= logits.shape[1]):  # CPU kernel: rows don't overlap
+        getattr(lib, "cross_entropy_bwd_inplace" + sfx)(logits, dloss, target, weight, lse, ignore_index, a, b, z,
+                                                        softcap)
     else:
         logits.copy_(_torch_bwd(dloss, logits, target, weight, lse, ignore_index, a, b, z, softcap))
     return logits

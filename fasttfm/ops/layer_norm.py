@@ -14,7 +14,8 @@ path, chosen by measurement on the 2-core dev machines (4M elements, fp32/bf16, 
     ``_fused_rms_norm`` forward, which also has no CPU backward; fp16: aten's forward and a
     backward in fp32 torch ops (our kernel's software fp16 conversion made it 6x slower).
 Float64 inputs (gradcheck) and builds without fasttfm._C use torch ops; float64 keeps mean/rstd in
-float64 from forward to backward.
+float64 from forward to backward. CUDA tensors take those torch ops only under
+``FASTTFM_ALLOW_FALLBACK=1`` (one warning); otherwise a missing or broken extension raises.
 
 Dtypes: input fp32/fp16/bf16; weight/bias either the input's dtype or fp32 (mixed precision
 keeps fp32 parameters); output in the input's dtype; parameter gradients in the weight's dtype,
@@ -26,16 +27,12 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .._ext import KERNEL_DTYPES, backend, cpu_kernels_for, cuda_lib, emu_lib
+from .._ext import KERNEL_DTYPES, backend, cpu_kernels_for, cuda_kernels, emu_lib
 from ._autocast import fp32, keep, register_autocast
 
 __all__ = ["layer_norm", "rms_norm", "default_rms_eps"]
 
 _FLOAT_TYPES = KERNEL_DTYPES
-
-
-def _kernel_lib(x):
-    return cuda_lib() if x.device.type == "cuda" else emu_lib()
 
 
 def _stat_dtype(x):
@@ -57,18 +54,31 @@ def default_rms_eps(dtype: torch.dtype) -> float:
 def _layer_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                     rms: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """x: [rows, cols] (unit column stride). Returns y [rows, cols], mean [rows] (empty for RMS), rstd [rows]."""
-    return _kernel_lib(x).layer_norm_fwd(x, weight, bias, eps, rms)
+    return _layer_norm_fwd_cuda(x, weight, bias, eps, rms)
+
+
+def _layer_norm_fwd_cuda(x, weight, bias, eps, rms):
+    """CUDA tensors: the CUDA kernel; torch's ops only under FASTTFM_ALLOW_FALLBACK=1 (see _ext.cuda_kernels)."""
+    lib = cuda_kernels("layer_norm")
+    if lib is None:
+        return _layer_norm_fwd_torch(x, weight, bias, eps, rms)
+    return lib.layer_norm_fwd(x, weight, bias, eps, rms)
 
 
 @_layer_norm_fwd.register_kernel("cpu")
 def _layer_norm_fwd_cpu(x, weight, bias, eps, rms):
     if backend(x) == "emu":
         return emu_lib().layer_norm_fwd(x, weight, bias, eps, rms)
+    ext = _rms_cpu_kernels(x) if rms else None
+    if ext is not None:
+        return ext.layer_norm_fwd_cpu(x, weight, bias, eps, True)
+    return _layer_norm_fwd_torch(x, weight, bias, eps, rms)
+
+
+def _layer_norm_fwd_torch(x, weight, bias, eps, rms):
+    """The forward in aten ops (any device): the CPU path's choice, and the CUDA fallback."""
     rows, cols = x.shape
     if rms:
-        ext = _rms_cpu_kernels(x)
-        if ext is not None:
-            return ext.layer_norm_fwd_cpu(x, weight, bias, eps, True)
         y, rstd = torch.ops.aten._fused_rms_norm(x, [cols], weight, eps)
         return y, x.new_empty((0,), dtype=_stat_dtype(x)), rstd.to(_stat_dtype(x)).reshape(rows)
     if x.dtype in _HALF:  # fp32 parameters make aten return its fp32 statistics (else rounded to x's dtype)
@@ -97,7 +107,15 @@ def _(x, weight, bias, eps, rms):
 def _layer_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor, rms: bool,
                     need_dweight: bool, need_dbias: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """Returns dx [rows, cols] (a new buffer), dweight and dbias [cols] (empty when not needed)."""
-    return _kernel_lib(x).layer_norm_bwd(dy, x, weight, mean, rstd, rms, need_dweight, need_dbias)
+    return _layer_norm_bwd_cuda(dy, x, weight, mean, rstd, rms, need_dweight, need_dbias)
+
+
+def _layer_norm_bwd_cuda(dy, x, weight, mean, rstd, rms, need_dweight, need_dbias):
+    """CUDA tensors: the CUDA kernel; torch's ops only under FASTTFM_ALLOW_FALLBACK=1."""
+    lib = cuda_kernels("layer_norm")
+    if lib is None:
+        return _layer_norm_bwd_torch(dy.contiguous(), x, weight, mean, rstd, rms, need_dweight, need_dbias)
+    return lib.layer_norm_bwd(dy, x, weight, mean, rstd, rms, need_dweight, need_dbias)
 
 
 def _rms_cpu_kernels(x):
@@ -134,11 +152,17 @@ def _half_ln_bwd_cpu(dy, x, weight, mean, rstd, need_dweight, need_dbias):
 def _layer_norm_bwd_cpu(dy, x, weight, mean, rstd, rms, need_dweight, need_dbias):
     if backend(x) == "emu":
         return emu_lib().layer_norm_bwd(dy, x, weight, mean, rstd, rms, need_dweight, need_dbias)
-    rows, cols = x.shape
     dy = dy.contiguous()
-    need_dweight = need_dweight and weight is not None
     if rms and _rms_cpu_kernels(x) is not None:
+        need_dweight = need_dweight and weight is not None
         return _rms_cpu_kernels(x).layer_norm_bwd_cpu(dy, x, weight, mean, rstd, True, need_dweight, need_dbias)
+    return _layer_norm_bwd_torch(dy, x, weight, mean, rstd, rms, need_dweight, need_dbias)
+
+
+def _layer_norm_bwd_torch(dy, x, weight, mean, rstd, rms, need_dweight, need_dbias):
+    """The backward in torch ops (any device; dy contiguous): the CPU path's choice, and the CUDA fallback."""
+    rows, cols = x.shape
+    need_dweight = need_dweight and weight is not None
     if rms:  # aten has no CPU kernel for _fused_rms_norm_backward: fp32 math in torch ops
         math_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         xhat = x.to(math_dtype) * rstd.to(math_dtype).reshape(rows, 1)

@@ -25,7 +25,8 @@ source in the SIMT emulator. CPU tensors otherwise, chosen by measurement on the
     fp16), with fp32 math and empty rows -> 0; its backward is aten's ``_softmax_backward_data``.
 There are no float64 kernels: plain ``softmax`` of float64 (input, or ``dtype=torch.float64``) calls
 ``torch.softmax`` on every backend (CPU, emulation, CUDA); the custom ops take float64 on the plain CPU
-path only (torch ops; gradcheck).
+path only (torch ops; gradcheck). CUDA tensors take the torch-ops path only under
+``FASTTFM_ALLOW_FALLBACK=1`` (one warning); otherwise a missing or broken extension raises.
 """
 import math
 from typing import Optional
@@ -33,16 +34,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._ext import KERNEL_DTYPES, backend, cpu_kernels_for, cuda_lib, emu_lib
+from .._ext import KERNEL_DTYPES, backend, cpu_kernels_for, cuda_kernels, emu_lib
 from ._autocast import eligible, keep, register_autocast
 
 __all__ = ["softmax", "scaled_masked_softmax"]
 
 _FLOAT_TYPES = KERNEL_DTYPES
-
-
-def _kernel_lib(x):
-    return cuda_lib() if x.device.type == "cuda" else emu_lib()
 
 
 # ---- forward ---------------------------------------------------------------------------------
@@ -57,23 +54,40 @@ def _softmax_fwd(x: Tensor, nq: int, scale: float, mask: Optional[Tensor], causa
     aligned bottom-right. zero_empty: rows with no visible key give 0 instead of NaN.
     dtype: output dtype (x's, or float32 for fp16/bf16 x). Returns contiguous [outer, C, inner].
     """
-    return _kernel_lib(x).softmax_fwd(x, nq, scale, mask, causal, zero_empty, dtype)
+    return _softmax_fwd_cuda(x, nq, scale, mask, causal, zero_empty, dtype)
+
+
+def _softmax_fwd_cuda(x, nq, scale, mask, causal, zero_empty, dtype):
+    """CUDA tensors: the CUDA kernel; torch's ops only under FASTTFM_ALLOW_FALLBACK=1 (see _ext.cuda_kernels)."""
+    lib = cuda_kernels("softmax")
+    if lib is None:
+        return _softmax_fwd_torch(x, nq, scale, mask, causal, zero_empty, dtype)
+    return lib.softmax_fwd(x, nq, scale, mask, causal, zero_empty, dtype)
+
+
+def _plain(mask, causal, scale, zero_empty):
+    return mask is None and not causal and scale == 1.0 and not zero_empty
 
 
 @_softmax_fwd.register_kernel("cpu")
 def _softmax_fwd_cpu(x, nq, scale, mask, causal, zero_empty, dtype):
     if backend(x) == "emu" and x.dtype in _FLOAT_TYPES:
         return emu_lib().softmax_fwd(x, nq, scale, mask, causal, zero_empty, dtype)
+    ext = None if _plain(mask, causal, scale, zero_empty) else _cpu_ext(x)
+    if ext is not None:  # fused C++ kernel: 3x faster than the composition below (fp32/bf16, 2 cores)
+        return ext.softmax_fwd_cpu(x, nq, scale, mask, causal, zero_empty, dtype)
+    return _softmax_fwd_torch(x, nq, scale, mask, causal, zero_empty, dtype)
+
+
+def _softmax_fwd_torch(x, nq, scale, mask, causal, zero_empty, dtype):
+    """The forward in torch ops (any device): the CPU path's choice, and the CUDA fallback."""
     out_dtype = dtype or x.dtype
-    if mask is None and not causal and scale == 1.0 and not zero_empty:
+    if _plain(mask, causal, scale, zero_empty):
         outer, c, inner = x.shape
         if inner == 1:  # torch's last-dim kernel, as torch.softmax(input, -1) uses (same bits)
             return torch.softmax(x.to(out_dtype).view(outer, c), -1).view(outer, c, 1)
         return torch.softmax(x.to(out_dtype), 1).contiguous()
-    ext = _cpu_ext(x)
-    if ext is not None:  # fused C++ kernel: 3x faster than the composition below (fp32/bf16, 2 cores)
-        return ext.softmax_fwd_cpu(x, nq, scale, mask, causal, zero_empty, dtype)
-    outer, nk, _ = x.shape  # float64 (gradcheck) or no fasttfm._C: torch ops in fp32/fp64
+    outer, nk, _ = x.shape  # float64 (gradcheck), no fasttfm._C, or the CUDA fallback: fp32/fp64 math
     d0, d1 = (mask.shape[0], mask.shape[1]) if mask is not None else (outer // nq, 1)
     math_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     z = x.to(math_dtype).reshape(d0, d1, nq, nk) * scale
@@ -106,13 +120,26 @@ def _softmax_bwd(y: Tensor, dy: Tensor, nq: int, scale: float, causal: bool, dx_
 
     causal (inner == 1): hidden keys, where y == 0, are not read. y and dy keep their own dtype.
     """
-    return _kernel_lib(y).softmax_bwd(y, dy, nq, scale, causal, dx_dtype)
+    return _softmax_bwd_cuda(y, dy, nq, scale, causal, dx_dtype)
+
+
+def _softmax_bwd_cuda(y, dy, nq, scale, causal, dx_dtype):
+    """CUDA tensors: the CUDA kernel; torch's ops only under FASTTFM_ALLOW_FALLBACK=1."""
+    lib = cuda_kernels("softmax")
+    if lib is None:
+        return _softmax_bwd_torch(y, dy, nq, scale, causal, dx_dtype)
+    return lib.softmax_bwd(y, dy, nq, scale, causal, dx_dtype)
 
 
 @_softmax_bwd.register_kernel("cpu")
 def _softmax_bwd_cpu(y, dy, nq, scale, causal, dx_dtype):
     if backend(y) == "emu" and y.dtype in _FLOAT_TYPES:
         return emu_lib().softmax_bwd(y, dy, nq, scale, causal, dx_dtype)
+    return _softmax_bwd_torch(y, dy, nq, scale, causal, dx_dtype)
+
+
+def _softmax_bwd_torch(y, dy, nq, scale, causal, dx_dtype):
+    """The backward in aten ops (any device; hidden keys have y == 0, so causal needs nothing)."""
     outer, c, inner = y.shape
     if inner == 1:  # aten's last-dim kernel (its generic dim-1 path is ~20x slower on [outer, C, 1])
         dx = torch._softmax_backward_data(dy.reshape(outer, c), y.reshape(outer, c), 1, y.dtype).view(outer, c, 1)
