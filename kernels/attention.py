@@ -1,5 +1,6 @@
 """Flash attention forward in Triton: mask helpers, ``_attn_fwd``, the backward preprocess,
-launchers, per-architecture configs, the config heuristic and ``aot_cases``.
+launchers, per-architecture configs, the config heuristic and the forward's static-report cases
+(``aot_cases_fwd``; ``attention_aot.aot_cases`` collects forward, backward and decode).
 
 Tensors reach the kernels as *canonical views* (no copies): q/k/v/o are 4-D (B, H, N, D) views
 whose last dim has stride 1 -- SDPA's (B, H, N, D) as is, flash-attn's (B, N, H, D) permuted,
@@ -31,28 +32,24 @@ of the full softmax, the output is sum(P o Z) V / (1 - p) / l). Modified problem
 tiles (``_MOD_FWD`` here, ``_MOD_DKDV``/``_MOD_DQ`` in the backward). Helpers live in
 ``kernels/attention_common.py``; KV-cache decoding in ``kernels/attention_decode.py``.
 """
-import dataclasses
-import itertools
 import os
-import time
-from collections import namedtuple
 
 import torch
 import triton
 import triton.language as tl
 
 from ._aot import AotCase
-from .attention_common import (BEFORE_38, TRITON_37, _alibi_slope, _col_bounds, _drop_rows, _dropout_keep,  # noqa: F401
-                               _dropout_mask, _floor_div, _launch, _load_rows, _row_bounds, _scores, _seq_info,
-                               _store_rows, _tile_ranges, dropout_args, dropout_mask, replace_configs, score_args)
+# Shared helpers live in attention_common; the names other code reads from this module
+# (AttnConfig, LOG2E, UNBOUNDED, canonical_strides, _arch, block_d, _AUTOTUNED, ...) stay importable here.
+from .attention_common import (BEFORE_38, LOG2E, TRITON_37, UNBOUNDED, AttnConfig, _alibi_slope,  # noqa: F401
+                               _arch, _autotuned, _AUTOTUNED, _bucket, _bucket_dim, _cc, _col_bounds, _DT,
+                               _drop_rows, _dropout_keep, _dropout_mask, _floor_div, _input_precision, _launch,
+                               _load_rows, _row_bounds, _scores, _seq_info, _store_rows, _tile_ranges,
+                               aot_attrs, aot_signature, autotune_enabled, block_d, canonical_strides,
+                               dropout_args, dropout_mask, lse_strides, replace_configs, score_args)
 
 __all__ = ["AttnConfig", "attn_fwd", "attn_bwd_preprocess", "fwd_configs", "pick_fwd_config",
-           "canonical_strides", "UNBOUNDED", "aot_cases", "SMOKE_FWD"]
-
-LOG2E = 1.4426950408889634
-UNBOUNDED = 1 << 30  # window side with no limit (kept < 2**31 after adding positions)
-
-AttnConfig = namedtuple("AttnConfig", "BLOCK_M BLOCK_N num_warps num_stages")
+           "canonical_strides", "UNBOUNDED", "aot_cases_fwd", "SMOKE_FWD"]
 
 # -- configs ---------------------------------------------------------------------------------
 # (max head-dim block, [configs]) per compute capability major; every entry must pass the
@@ -100,26 +97,6 @@ if TRITON_37:  # sm_80 d256 128x64 w8 s2: 8 B on 3.7 (0 on 3.6 and 3.8) -> 128x3
 SMOKE_FWD = AttnConfig(32, 32, 4, 1)  # cheap config for interpreter tests
 
 
-def _arch(cc):
-    """Config table of compute capability ``cc``: 9 (sm_90/sm_100: up to 227 KiB of shared memory per
-    block), 86 (sm_86, sm_89, sm_12x: 99 KiB) or 8 (sm_80, sm_87: 163 KiB)."""
-    if cc in (86, 89) or cc >= 120:
-        return 86
-    return 9 if cc >= 90 else 8
-
-
-def block_d(head_dim):
-    return max(16, triton.next_power_of_2(head_dim))
-
-
-def _bucket(table, head_dim):
-    bd = block_d(head_dim)
-    for max_d, cfgs in table:
-        if bd <= max_d:
-            return cfgs
-    raise ValueError(f"head dim {head_dim} > 256 is not supported")
-
-
 def fwd_configs(cc, head_dim, dtype=torch.float16, mods=False):
     """The forward tuning list for compute capability ``cc`` (80, 86, 89, 90...) and head dim;
     ``mods``: softcap, ALiBi or dropout active (smaller tiles, see _MOD_FWD)."""
@@ -131,21 +108,12 @@ def fwd_configs(cc, head_dim, dtype=torch.float16, mods=False):
     return list(_bucket(_FWD_CONFIGS[_arch(cc)], head_dim))
 
 
-def _bucket_dim(head_dim):
-    bd = block_d(head_dim)
-    return 64 if bd <= 64 else 128 if bd <= 128 else 256
-
-
 def pick_fwd_config(cc, head_dim, dtype, seqlen_q, mods=False):
     """Heuristic (autotuning off): first listed config, or the smallest BLOCK_M one for short q."""
     cfgs = fwd_configs(cc, head_dim, dtype, mods)
     if seqlen_q <= 64:
         return min(cfgs, key=lambda c: (c.BLOCK_M, -c.BLOCK_N))
     return cfgs[0]
-
-
-def autotune_enabled():
-    return os.environ.get("FASTTFM_AUTOTUNE", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 # -- forward ---------------------------------------------------------------------------------
@@ -290,22 +258,6 @@ def _attn_bwd_preprocess(Out, DO, Delta, CuSeqQ,
 
 
 # -- launchers ---------------------------------------------------------------------------------
-def canonical_strides(t, varlen=False):
-    """(stride_b, stride_h, stride_n) of a canonical 4-D (B, H, N, D) view with unit last stride;
-    varlen (1, H, total, D) views get stride_b = 0 (sequences are located by cu_seqlens)."""
-    assert t.stride(-1) == 1 or t.shape[-1] == 1, "last dim must have stride 1"
-    return 0 if varlen else t.stride(0), t.stride(1), t.stride(2)
-
-
-def _input_precision(dtype):
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def lse_strides(lse, varlen):
-    """(stride_b, stride_h) of LSE/Delta: (B, H, Nq) dense, (H, total_q) varlen."""
-    return (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
-
-
 def tma_enabled():
     return os.environ.get("FASTTFM_TMA", "1").strip().lower() not in ("0", "false", "no", "off")
 
@@ -397,138 +349,35 @@ def attn_bwd_preprocess(out, do, delta, *, batch, seqlen_q, max_seqlen_q, cu_seq
     _launch(_attn_bwd_preprocess, grid, args, constexprs, AttnConfig(block_m, 0, 4, 1), interpret)
 
 
-def _cc(t):
-    """Compute capability whose tuning lists apply to ``t``'s device. CPU tensors (the interpreter)
-    have none: FASTTFM_EMULATE_ARCH (default 80) says whose lists autotuning under emulation uses."""
-    if t.device.type != "cuda":
-        return int(os.environ.get("FASTTFM_EMULATE_ARCH", "80"))
-    major, minor = torch.cuda.get_device_capability(t.device)
-    return major * 10 + minor
+# -- static report (collected by kernels/attention_aot.py) ---------------------------------------
+def _fwd_case(cc, d, dt, cfg, tma, **flags):
+    """AotCase of ``_attn_fwd`` for one config; ``flags``: constexpr overrides (CHUNKED, SOFTCAP, ...)."""
+    cx = dict(HEAD_DIM=d, BLOCK_D=block_d(d), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, CHUNKED=False,
+              VARLEN=False, INPUT_PRECISION="ieee" if dt == "fp32" else "tf32", SOFTCAP=False, ALIBI=False,
+              DROPOUT=False, TMA=tma)
+    cx.update(flags)
+    tags = "".join(f",{k.lower()}" for k, val in flags.items() if val is True)
+    sig = aot_signature(_attn_fwd, dt)
+    return AotCase(f"attn_fwd[{dt},d{d},bm{cfg.BLOCK_M},bn{cfg.BLOCK_N},w{cfg.num_warps},s{cfg.num_stages}"
+                   f"{tags}{',tma' if tma else ''}]", _attn_fwd, sig, cx, cfg.num_warps, cfg.num_stages,
+                   tensor_core=dt != "fp32", attrs=aot_attrs(_attn_fwd, sig), tma=tma)
 
 
-_AUTOTUNED = {}
-
-
-def _wall_clock_bench(fn, quantiles=None, **_):
-    """Autotuning under the interpreter: one wall-clock run of a config (CPU time, not GPU time;
-    the point is to execute every config through triton.autotune's own launch path)."""
-    t0 = time.perf_counter()
-    fn()
-    ms = (time.perf_counter() - t0) * 1e3
-    return [ms] * len(quantiles) if quantiles else ms
-
-
-def _autotuned(kernel, cfgs, interpret=False):
-    """triton.autotune wrapper of ``kernel`` over ``cfgs`` (FASTTFM_AUTOTUNE=1). ``interpret``: the
-    same wrapper around the kernel's interpreted twin, timed by the wall clock."""
-    key = (kernel, tuple(cfgs), interpret)
-    if key not in _AUTOTUNED:
-        tc = [triton.Config({"BLOCK_M": c.BLOCK_M, "BLOCK_N": c.BLOCK_N}, num_warps=c.num_warps,
-                            num_stages=c.num_stages) for c in cfgs]
-        fn = kernel
-        if interpret:
-            from ._interp import interpreted
-
-            fn = interpreted(kernel)
-        _AUTOTUNED[key] = triton.autotune(tc, key=["seqlen_q", "seqlen_k", "HEAD_DIM", "CHUNKED", "VARLEN",
-                                                   "win_left", "win_right", "SOFTCAP", "ALIBI", "DROPOUT"],
-                                          do_bench=_wall_clock_bench if interpret else None)(fn)
-    return _AUTOTUNED[key]
-
-
-# -- static report -----------------------------------------------------------------------------
-_DT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-
-
-_CONSTEXPRS = {"HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "CHUNKED", "VARLEN", "INPUT_PRECISION", "SOFTCAP",
-               "ALIBI", "DROPOUT", "SPLIT", "BLOCK_S", "GQA_ROWS", "TMA"}
-
-
-def aot_signature(kernel, dt):
-    """Triton signature of an attention kernel for data type ``dt`` ("fp16", "bf16", "fp32")."""
-    sig = {}
-    for name in kernel.arg_names:
-        if name in _CONSTEXPRS:
-            sig[name] = "constexpr"
-        elif name in ("Lse", "Delta", "Alibi") or name.startswith("Part"):
-            sig[name] = "*fp32"
-        elif name.startswith("CuSeq") or name == "SeqLens":
-            sig[name] = "*i32"
-        elif name[0].isupper():
-            sig[name] = f"*{dt}"
-        else:
-            sig[name] = "fp32" if name.endswith("scale") or name in ("softcap", "dropout_p") else \
-                "i64" if name == "seed" else "i32"
-    return sig
-
-
-_NO_DIV16 = ("stride_lb", "stride_lh", "stride_ab", "stride_pb", "stride_ph", "stride_pn", "stride_ps")
-
-
-def aot_attrs(kernel, signature):
-    """Divisibility-by-16 hints the JIT derives at launch: tensor pointers (torch allocations are
-    16-byte aligned) and q/k/v/o/grad strides (multiples of 16 for head dims that are)."""
-    return {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
-            if signature[n].startswith("*") or (n.startswith("stride_") and n not in _NO_DIV16)}
-
-
-def aot_cases(cc):
-    """Every forward/backward config this module may launch on ``cc`` (80 or 90), fp16 and bf16
-    at the head dims that fill each bucket (64, 128, 256), plus the fp32 configs at d64."""
-    from . import attention_bwd
-
+def aot_cases_fwd(cc):
+    """Every plain forward config this module may launch on ``cc`` (80, 86 or 90), fp16 and bf16 at
+    the head dims that fill each bucket (64, 128, 256), the fp32 configs at d64, and the Delta
+    preprocess. Modified/masked variants are listed by ``attention_aot.aot_cases``."""
     cases = []
     tma = _arch(cc) == 9  # fp16/bf16 forwards load K/V through TMA there (aligned inputs, see use_tma)
     for d in (64, 128, 256):
         for dtype in (torch.float16, torch.bfloat16):
-            dt = _DT[dtype]
             # on sm_90 also the pointer-load fallback (misaligned inputs, FASTTFM_TMA=0)
-            for cfg, t in itertools.product(fwd_configs(cc, d, dtype), (True, False) if tma else (False,)):
-                cx = dict(HEAD_DIM=d, BLOCK_D=block_d(d), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
-                          CHUNKED=False, VARLEN=False, INPUT_PRECISION="tf32", SOFTCAP=False, ALIBI=False,
-                          DROPOUT=False, TMA=t)
-                sig = aot_signature(_attn_fwd, dt)
-                cases.append(AotCase(f"attn_fwd[{dt},d{d},bm{cfg.BLOCK_M},bn{cfg.BLOCK_N},w{cfg.num_warps},"
-                                     f"s{cfg.num_stages}{',tma' if t else ''}]", _attn_fwd, sig, cx,
-                                     cfg.num_warps, cfg.num_stages, attrs=aot_attrs(_attn_fwd, sig), tma=t))
-            cases += attention_bwd.aot_cases_bwd(cc, d, dtype, dt)
-    cases += attention_bwd.aot_cases_bwd(cc, 64, torch.float32, "fp32")
+            for cfg in fwd_configs(cc, d, dtype):
+                cases += [_fwd_case(cc, d, _DT[dtype], cfg, t) for t in ((True, False) if tma else (False,))]
+    cases += [_fwd_case(cc, 64, "fp32", cfg, False) for cfg in fwd_configs(cc, 64, torch.float32)]
     for d in (64, 128, 256):  # the memory-bound Delta preprocess (no tensor cores)
         sig = aot_signature(_attn_bwd_preprocess, "bf16")
         cx = dict(HEAD_DIM=d, BLOCK_D=block_d(d), BLOCK_M=64 if d <= 128 else 32, VARLEN=False)
         cases.append(AotCase(f"attn_bwd_preprocess[bf16,d{d}]", _attn_bwd_preprocess, sig, cx, 4, 1,
                              tensor_core=False, attrs=aot_attrs(_attn_bwd_preprocess, sig)))
-    # chunked + varlen variants of each kernel's default config (d128 bf16): must compile too
-    for case in [c for c in cases if ",d128," in c.name and "bf16" in c.name]:
-        first = next(c for c in cases if c.kernel is case.kernel and ",d128," in c.name and "bf16" in c.name)
-        if case is first:
-            cases.append(dataclasses.replace(case, name=case.name.replace("]", ",chunked,varlen]"),
-                                             constexprs=dict(case.constexprs, CHUNKED=True, VARLEN=True)))
-    # softcap + ALiBi + dropout together (the heaviest score path) for the configs modified problems
-    # launch (fwd_configs/bwd_configs with mods=True): fp16 at every head-dim bucket, bf16 at d128
-    for d, dtype in ((64, torch.float16), (128, torch.float16), (256, torch.float16), (128, torch.bfloat16)):
-        dt = _DT[dtype]
-        bc = attention_bwd.bwd_configs(cc, d, dtype, mods=True)
-        for kernel, name, cfg in ((_attn_fwd, "attn_fwd", fwd_configs(cc, d, dtype, True)[0]),
-                                  (attention_bwd._attn_bwd_dkdv, "attn_bwd_dkdv", bc.dkdv[0]),
-                                  (attention_bwd._attn_bwd_dq, "attn_bwd_dq", bc.dq[0])):
-            cx = dict(HEAD_DIM=d, BLOCK_D=block_d(d), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, CHUNKED=False,
-                      VARLEN=False, INPUT_PRECISION="tf32", SOFTCAP=True, ALIBI=True, DROPOUT=True)
-            k_tma = tma and kernel is _attn_fwd
-            if kernel is _attn_fwd:
-                cx["TMA"] = k_tma
-            sig = aot_signature(kernel, dt)
-            cases.append(AotCase(f"{name}[{dt},d{d},bm{cfg.BLOCK_M},bn{cfg.BLOCK_N},w{cfg.num_warps},"
-                                 f"s{cfg.num_stages},softcap,alibi,dropout{',tma' if k_tma else ''}]", kernel, sig,
-                                 cx, cfg.num_warps, cfg.num_stages, attrs=aot_attrs(kernel, sig), tma=k_tma))
-    from . import attention_decode
-
-    cases += attention_decode.aot_cases_decode(cc)
-    for cfg in fwd_configs(cc, 64, torch.float32):
-        cx = dict(HEAD_DIM=64, BLOCK_D=64, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, CHUNKED=False,
-                  VARLEN=False, INPUT_PRECISION="ieee", SOFTCAP=False, ALIBI=False, DROPOUT=False, TMA=False)
-        sig = aot_signature(_attn_fwd, "fp32")
-        cases.append(AotCase(f"attn_fwd[fp32,d64,bm{cfg.BLOCK_M},bn{cfg.BLOCK_N},w{cfg.num_warps},s{cfg.num_stages}]",
-                             _attn_fwd, sig, cx, cfg.num_warps, cfg.num_stages, tensor_core=False,
-                             attrs=aot_attrs(_attn_fwd, sig)))
     return cases

@@ -19,14 +19,13 @@ import triton
 import triton.language as tl
 
 from ._aot import AotCase
-from .attention_common import TRITON_36, replace_configs
-from .attention import (AttnConfig, _alibi_slope, _dropout_keep, _drop_rows, _scores, dropout_args, score_args, _autotuned, _cc, _col_bounds, _input_precision, _launch, _load_rows,
-                        _row_bounds, _seq_info, _store_rows, _tile_ranges, autotune_enabled, block_d,
-                        canonical_strides, lse_strides, _bucket, _bucket_dim, _arch, aot_signature, aot_attrs)
+from .attention_common import (LOG2E, TRITON_36, AttnConfig, _alibi_slope, _arch, _autotuned, _bucket,
+                               _bucket_dim, _cc, _col_bounds, _drop_rows, _dropout_keep, _input_precision, _launch,
+                               _load_rows, _row_bounds, _scores, _seq_info, _store_rows, _tile_ranges, aot_attrs,
+                               aot_signature, autotune_enabled, block_d, canonical_strides, dropout_args,
+                               lse_strides, replace_configs, score_args)
 
-__all__ = ["attn_bwd_dkdv", "attn_bwd_dq", "bwd_configs", "SMOKE_BWD"]
-
-LOG2E = 1.4426950408889634
+__all__ = ["attn_bwd_dkdv", "attn_bwd_dq", "bwd_configs", "SMOKE_BWD", "aot_cases_bwd"]
 
 BwdConfigs = namedtuple("BwdConfigs", "dkdv dq")
 # AttnConfig for dK/dV: BLOCK_M = q rows per step, BLOCK_N = kv rows owned; for dQ: BLOCK_M = q
@@ -367,19 +366,24 @@ def _launch_bwd(kernel, which, q, args, cx, n_rows, block, heads, batch, config,
     _launch(kernel, (triton.cdiv(n_rows, getattr(config, block)), heads, batch), args, cx, config, interpret)
 
 
-# -- static report -----------------------------------------------------------------------------
+# -- static report (collected by kernels/attention_aot.py) ---------------------------------------
+def _bwd_case(cc, which, d, dt, cfg, **flags):
+    """AotCase of the dK/dV (``which`` "dkdv") or dQ ("dq") kernel for one config; ``flags``:
+    constexpr overrides (CHUNKED, SOFTCAP, ...), named in the case's tag list."""
+    kernel = _attn_bwd_dkdv if which == "dkdv" else _attn_bwd_dq
+    cx = dict(HEAD_DIM=d, BLOCK_D=block_d(d), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, CHUNKED=False,
+              VARLEN=False, INPUT_PRECISION="ieee" if dt == "fp32" else "tf32", SOFTCAP=False, ALIBI=False,
+              DROPOUT=False)
+    cx.update(flags)
+    tags = "".join(f",{k.lower()}" for k, val in flags.items() if val is True)
+    sig = aot_signature(kernel, dt)
+    return AotCase(f"attn_bwd_{which}[{dt},d{d},bm{cfg.BLOCK_M},bn{cfg.BLOCK_N},w{cfg.num_warps},"
+                   f"s{cfg.num_stages}{tags}]", kernel, sig, cx, cfg.num_warps, cfg.num_stages,
+                   tensor_core=dt != "fp32", attrs=aot_attrs(kernel, sig),
+                   spill_ok=0 if flags else MEASURED_SPILLS.get((_arch(cc), which, cfg), 0))
+
+
 def aot_cases_bwd(cc, d, dtype, dt):
-    cases = []
+    """The plain dK/dV and dQ configs of ``bwd_configs(cc, d, dtype)``, as static-report cases."""
     cfgs = bwd_configs(cc, d, dtype)
-    for kernel, name, lst in ((_attn_bwd_dkdv, "attn_bwd_dkdv", cfgs.dkdv), (_attn_bwd_dq, "attn_bwd_dq", cfgs.dq)):
-        for cfg in lst:
-            fp32 = dtype == torch.float32
-            cx = dict(HEAD_DIM=d, BLOCK_D=block_d(d), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
-                      CHUNKED=False, VARLEN=False, INPUT_PRECISION="ieee" if fp32 else "tf32", SOFTCAP=False,
-                      ALIBI=False, DROPOUT=False)
-            sig = aot_signature(kernel, dt)
-            cases.append(AotCase(f"{name}[{dt},d{d},bm{cfg.BLOCK_M},bn{cfg.BLOCK_N},w{cfg.num_warps},"
-                                 f"s{cfg.num_stages}]", kernel, sig, cx, cfg.num_warps, cfg.num_stages,
-                                 tensor_core=not fp32, attrs=aot_attrs(kernel, sig),
-                                 spill_ok=MEASURED_SPILLS.get((_arch(cc), name[9:], cfg), 0)))
-    return cases
+    return [_bwd_case(cc, which, d, dt, cfg) for which, lst in (("dkdv", cfgs.dkdv), ("dq", cfgs.dq)) for cfg in lst]
