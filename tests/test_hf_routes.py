@@ -1,0 +1,154 @@
+"""Every Hugging Face run kind on fasttfm's kernels (issue 16): padded batches, packed sequences,
+DynamicCache / StaticCache / batched left-padded generation, for each covered family (tests/hf_zoo.py).
+
+Each run is compared with the unpatched model (HF's sdpa; Gemma 2: eager, whose softcap sdpa drops):
+logits at the non-padded positions and every parameter gradient (the loss ignores padded labels,
+the only positions where HF's output is arbitrary), or the generated tokens. A dispatch counter
+proves where attention ran: every call of the "fasttfm" attention function issued exactly one
+``fasttfm::attn_fwd`` and no aten SDPA op ran, and no call was counted as a fallback."""
+import contextlib
+import copy
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+transformers = pytest.importorskip("transformers")
+
+import fasttfm  # noqa: E402
+from fasttfm import hf  # noqa: E402
+from tests.hf_zoo import CAUSAL_LMS, OTHER_MODELS, VOCAB  # noqa: E402
+from tests.test_patch import assert_grads_match  # noqa: E402
+
+SEQ = 20
+DENSE_OPS = ("scaled_dot_product", "_safe_softmax")  # aten SDPA (any backend) and its math decomposition
+
+
+class AttentionCounter(TorchDispatchMode):
+    """Counts top-level ``fasttfm::attn_fwd`` calls and aten SDPA ops (ops run inside a custom op's
+    own implementation are not seen: the mode is off while it handles the op)."""
+
+    def __init__(self):
+        super().__init__()
+        self.kernel = 0
+        self.dense = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        if name == "fasttfm::attn_fwd":
+            self.kernel += 1
+        elif any(op in name for op in DENSE_OPS):
+            self.dense.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def count_attention():
+    """yield dict(calls, kernel, dense): calls of the "fasttfm" attention function, attn_fwd launches,
+    and the aten SDPA ops seen (a list)."""
+    from transformers import AttentionInterface
+
+    stats = {"calls": 0}
+
+    def counted(*args, **kwargs):
+        stats["calls"] += 1
+        return hf.attention_forward(*args, **kwargs)
+
+    AttentionInterface.register(hf.NAME, counted)
+    counter = AttentionCounter()
+    try:
+        with counter:
+            yield stats
+    finally:
+        AttentionInterface.register(hf.NAME, hf.attention_forward)
+        stats.update(kernel=counter.kernel, dense=counter.dense)
+
+
+def assert_all_kernel(stats, model):
+    fallbacks = {(p, r): n for p, m in model.named_modules() for r, n in hf.fallback_counts(m).items()}
+    assert not fallbacks, fallbacks
+    assert stats["calls"] > 0 and stats["kernel"] == stats["calls"] and not stats["dense"], stats
+
+
+def patched(build):
+    model = build()
+    ref = copy.deepcopy(model)
+    handle = fasttfm.patch(model)
+    assert model.config._attn_implementation == "fasttfm", handle.report()
+    return model, ref, handle
+
+
+def padded_batch():
+    """Row 0 right-padded by 3, row 1 left-padded by 5 (both HF conventions). Labels -100 where the
+    token or its predictor (the position before: HF shifts labels) is padding."""
+    ids = torch.randint(3, VOCAB, (2, SEQ))
+    mask = torch.ones(2, SEQ, dtype=torch.long)
+    mask[0, -3:] = 0
+    mask[1, :5] = 0
+    before = torch.cat([torch.ones_like(mask[:, :1]), mask[:, :-1]], dim=1)
+    labels = ids.masked_fill((mask == 0) | (before == 0), -100)
+    return ids, mask, labels
+
+
+def packed_batch():
+    """Two rows of packed sequences (lengths 7+9+4 and 12+8): position_ids restart, no mask."""
+    ids = torch.randint(3, VOCAB, (2, SEQ))
+    pos = torch.cat([torch.cat([torch.arange(n) for n in lens])[None] for lens in ((7, 9, 4), (12, 8))])
+    return ids, pos
+
+
+def train_step(model, **inputs):
+    out = model(**inputs)
+    out.loss.backward()
+    return out.logits
+
+
+@pytest.mark.parametrize("family", sorted(CAUSAL_LMS))
+def test_padded_batch(family):
+    model, ref, _ = patched(CAUSAL_LMS[family])
+    ids, mask, labels = padded_batch()
+    with count_attention() as stats:
+        logits = train_step(model, input_ids=ids, attention_mask=mask, labels=labels)
+    assert_all_kernel(stats, model)
+    ref_logits = train_step(ref, input_ids=ids, attention_mask=mask, labels=labels)
+    keep = mask.bool()
+    torch.testing.assert_close(logits[keep], ref_logits[keep])
+    assert_grads_match(ref, model)
+
+
+@pytest.mark.parametrize("family", sorted(CAUSAL_LMS))
+def test_packed_sequences(family):
+    model, ref, _ = patched(CAUSAL_LMS[family])
+    ids, pos = packed_batch()
+    with count_attention() as stats:
+        logits = train_step(model, input_ids=ids, position_ids=pos, labels=ids)
+    assert_all_kernel(stats, model)
+    torch.testing.assert_close(logits, train_step(ref, input_ids=ids, position_ids=pos, labels=ids))
+    assert_grads_match(ref, model)
+
+
+def _generate(model, ids, mask, cache):
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, attention_mask=mask)
+    if cache == "static":
+        kwargs["cache_implementation"] = "static"
+    with torch.no_grad():
+        return model.generate(ids, **kwargs)
+
+
+@pytest.mark.parametrize("cache,padded", [("dynamic", False), ("dynamic", True), ("static", True)],
+                         ids=["dynamic", "dynamic-leftpad", "static-leftpad"])
+@pytest.mark.parametrize("family", sorted(CAUSAL_LMS))
+def test_generate(family, cache, padded):
+    """Greedy generation past the sliding window (10 + 6 > 8): prefill and every decode step on the
+    kernel; the same tokens as the unpatched model."""
+    model, ref, _ = patched(CAUSAL_LMS[family])
+    model.eval(), ref.eval()
+    ids = torch.randint(3, VOCAB, (2, 10))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :4] = 0
+        ids[1, :4] = 0
+    with count_attention() as stats:
+        out = _generate(model, ids, mask, cache)
+    assert_all_kernel(stats, model)
+    assert torch.equal(out, _generate(ref, ids, mask, cache))
