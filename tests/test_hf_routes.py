@@ -118,13 +118,20 @@ def test_padded_batch(family):
 
 @pytest.mark.parametrize("family", sorted(CAUSAL_LMS))
 def test_packed_sequences(family):
+    """HF detects packing from position_ids only without a cache (use_cache=False, as in training
+    with packing collators); the kernel gets segment_ids. The result must differ from one unpacked
+    sequence per row (else the test could not tell)."""
     model, ref, _ = patched(CAUSAL_LMS[family])
     ids, pos = packed_batch()
+    inputs = dict(input_ids=ids, position_ids=pos, labels=ids, use_cache=False)
     with count_attention() as stats:
-        logits = train_step(model, input_ids=ids, position_ids=pos, labels=ids)
+        logits = train_step(model, **inputs)
     assert_all_kernel(stats, model)
-    torch.testing.assert_close(logits, train_step(ref, input_ids=ids, position_ids=pos, labels=ids))
+    torch.testing.assert_close(logits, train_step(ref, **inputs))
     assert_grads_match(ref, model)
+    with torch.no_grad():
+        unpacked = model(input_ids=ids, use_cache=False).logits
+    assert not torch.allclose(unpacked[:, 7:], logits[:, 7:], atol=1e-3)
 
 
 def _generate(model, ids, mask, cache):
@@ -152,3 +159,56 @@ def test_generate(family, cache, padded):
         out = _generate(model, ids, mask, cache)
     assert_all_kernel(stats, model)
     assert torch.equal(out, _generate(ref, ids, mask, cache))
+
+
+def test_modernbert_padded_local_attention():
+    """ModernBERT: bidirectional attention, local layers of +-4 (window (4, 4)) alternating with
+    global ones, a padded batch: all on the kernel (key_padding_mask), same logits and grads."""
+    model, ref, _ = patched(OTHER_MODELS["modernbert"])
+    ids, mask, _ = padded_batch()
+    labels = ids.masked_fill(mask == 0, -100)
+    with count_attention() as stats:
+        logits = train_step(model, input_ids=ids, attention_mask=mask, labels=labels)
+    assert_all_kernel(stats, model)
+    ref_logits = train_step(ref, input_ids=ids, attention_mask=mask, labels=labels)
+    keep = mask.bool()
+    torch.testing.assert_close(logits[keep], ref_logits[keep])
+    assert_grads_match(ref, model)
+
+
+def test_bart_padded_and_generate():
+    """BART (no _supports_attention_backend; admitted as verified): padded encoder (bidirectional +
+    key padding), causal decoder, cross-attention over the padded encoder; then generation."""
+    model, ref, _ = patched(OTHER_MODELS["bart"])
+    ids, mask, _ = padded_batch()
+    labels = torch.randint(3, VOCAB, (2, 9))
+    with count_attention() as stats:
+        logits = train_step(model, input_ids=ids, attention_mask=mask, labels=labels)
+    assert_all_kernel(stats, model)
+    assert stats["calls"] == 3  # encoder self, decoder self, decoder cross
+    torch.testing.assert_close(logits, train_step(ref, input_ids=ids, attention_mask=mask, labels=labels))
+    assert_grads_match(ref, model)
+    model.eval(), ref.eval()
+    with count_attention() as stats:
+        out = _generate(model, ids, mask, "dynamic")
+    assert_all_kernel(stats, model)
+    assert torch.equal(out, _generate(ref, ids, mask, "dynamic"))
+
+
+def test_whisper_train_and_generate():
+    """Whisper (admitted as verified): encoder over audio features, causal decoder, cross-attention."""
+    model, ref, _ = patched(OTHER_MODELS["whisper"])
+    feats = torch.randn(2, 8, 32)
+    labels = torch.randint(3, VOCAB, (2, 9))
+    with count_attention() as stats:
+        logits = train_step(model, input_features=feats, labels=labels)
+    assert_all_kernel(stats, model)
+    torch.testing.assert_close(logits, train_step(ref, input_features=feats, labels=labels))
+    assert_grads_match(ref, model)
+    model.eval(), ref.eval()
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    with count_attention() as stats, torch.no_grad():
+        out = model.generate(input_features=feats, **kwargs)
+    assert_all_kernel(stats, model)
+    with torch.no_grad():
+        assert torch.equal(out, ref.generate(input_features=feats, **kwargs))
