@@ -215,10 +215,10 @@ class PatchHandle:
         off = [g for g in GROUPS if g not in self.groups]
         if off:
             lines.append(f"  not requested: {', '.join(off)}")
-        calls = [(p, r, n) for (p, r), n in self.fallbacks.items()]
-        calls += [c for source in self.fallback_sources for c in source()]
-        for path, reason, n in sorted(calls):
-            lines.append(f"  fallback  {path or '<root>'}: {n} call(s) ran the original module: {reason}")
+        calls = [(p, r, n, "ran the original module") for (p, r), n in self.fallbacks.items()]
+        calls += [(p, r, n, "did not run the kernel") for source in self.fallback_sources for p, r, n in source()]
+        for path, reason, n, what in sorted(calls):
+            lines.append(f"  fallback  {path or '<root>'}: {n} call(s) {what}: {reason}")
         return "\n".join(lines)
 
     def __repr__(self):

@@ -212,3 +212,106 @@ def test_whisper_train_and_generate():
     assert_all_kernel(stats, model)
     with torch.no_grad():
         assert torch.equal(out, ref.generate(input_features=feats, **kwargs))
+
+
+def test_flash_attention_kwargs_take_the_varlen_path():
+    """HF's flash-attention kwargs (DataCollatorWithFlattening: cu_seq_lens_q/k, max_length_q/k,
+    batch 1) run the kernel's varlen ("thd") path; equal to the unpatched model, which applies the
+    same packing through position_ids."""
+    import fasttfm.ops.attention as attn_ops
+
+    model, ref, _ = patched(CAUSAL_LMS["mistral"])
+    lens = (7, 9, 4)
+    ids = torch.randint(3, VOCAB, (1, sum(lens)))
+    pos = torch.cat([torch.arange(n) for n in lens])[None]
+    cu = torch.tensor([0, 7, 16, 20], dtype=torch.int32)
+    inputs = dict(input_ids=ids, position_ids=pos, labels=ids, use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                  max_length_q=max(lens), max_length_k=max(lens))
+    layouts = []
+    real = attn_ops.attention
+    attn_ops.attention = lambda *a, **k: layouts.append(k.get("layout")) or real(*a, **k)
+    try:
+        with count_attention() as stats:
+            logits = train_step(model, **inputs)
+    finally:
+        attn_ops.attention = real
+    assert_all_kernel(stats, model)
+    assert layouts == ["thd", "thd"]
+    torch.testing.assert_close(logits, train_step(ref, **inputs))
+    assert_grads_match(ref, model)
+
+
+def test_report_counts_dense_calls_with_the_reason():
+    """A 4-D mask from the caller cannot be read as a pattern: fasttfm's masked SDPA runs it, and
+    report() says so per attention module with the number of calls."""
+    model, ref, handle = patched(CAUSAL_LMS["llama"])
+    ids = torch.randint(3, VOCAB, (2, 9))
+    mask4 = torch.ones(9, 9, dtype=torch.bool).tril()[None, None].expand(2, 1, 9, 9).clone()
+    mask4[1, :, :, :3] = False
+    mask4[1, :, :3, :3] = torch.eye(3, dtype=torch.bool)  # fully masked rows are avoided
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask4).logits
+        torch.testing.assert_close(logits, ref(input_ids=ids, attention_mask=mask4).logits)
+    text = handle.report()
+    for layer in (0, 1):
+        assert (f"fallback  model.layers.{layer}.self_attn: 1 call(s) did not run the kernel: dense mask: "
+                "a 4-D mask from outside the forward") in text, text
+
+
+# -- the issue-16 table: python -m tests.test_hf_routes ----------------------------------------------
+def _run_kinds():
+    def unpadded(m):
+        ids = torch.randint(3, VOCAB, (2, SEQ))
+        train_step(m, input_ids=ids, labels=ids)
+
+    def padded(m):
+        ids, mask, labels = padded_batch()
+        train_step(m, input_ids=ids, attention_mask=mask, labels=labels)
+
+    def packed(m):
+        ids, pos = packed_batch()
+        train_step(m, input_ids=ids, position_ids=pos, labels=ids, use_cache=False)
+
+    def generation(cache, pad):
+        def run(m):
+            m.eval()
+            ids = torch.randint(3, VOCAB, (2, 10))
+            mask = torch.ones_like(ids)
+            if pad:
+                mask[1, :4] = 0
+            _generate(m, ids, mask, cache)
+        return run
+
+    return {"unpadded fwd/bwd": unpadded, "padded batch": padded, "packed sequences": packed,
+            "DynamicCache generate": generation("dynamic", False),
+            "StaticCache / left-padded generate": lambda m: (generation("static", True)(m),
+                                                             generation("dynamic", True)(m))}
+
+
+def measure():
+    """{run kind: {family: (attn_fwd launches, attention calls, aten SDPA ops, fallback calls)}}."""
+    table = {}
+    for kind, run in _run_kinds().items():
+        for family, build in sorted(CAUSAL_LMS.items()):
+            model = build()
+            fasttfm.patch(model)
+            with count_attention() as stats:
+                run(model)
+            off = sum(n for m in model.modules() for n in hf.fallback_counts(m).values())
+            table.setdefault(kind, {})[family] = (stats["kernel"], stats["calls"], len(stats["dense"]), off)
+    return table
+
+
+if __name__ == "__main__":
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    transformers.logging.set_verbosity_error()
+    result = measure()
+    families = sorted(CAUSAL_LMS)
+    print("| run kind | all on fasttfm::attn_fwd | families not all-kernel (attn_fwd/calls, SDPA ops, fallbacks) |")
+    print("|---|---|---|")
+    for kind, rows in result.items():
+        ok = [f for f in families if rows[f][0] == rows[f][1] > 0 and rows[f][2] == rows[f][3] == 0]
+        bad = ", ".join(f"{f} {rows[f][0]}/{rows[f][1]}, {rows[f][2]}, {rows[f][3]}" for f in families if f not in ok)
+        print(f"| {kind} | {len(ok)} / {len(families)} | {bad or '-'} |")
