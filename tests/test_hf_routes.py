@@ -114,6 +114,12 @@ def test_padded_batch(family):
     keep = mask.bool()
     torch.testing.assert_close(logits[keep], ref_logits[keep])
     assert_grads_match(ref, model)
+    model.eval(), ref.eval()
+    with count_attention() as stats, torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    assert_all_kernel(stats, model)
+    with torch.no_grad():
+        torch.testing.assert_close(logits[keep], ref(input_ids=ids, attention_mask=mask).logits[keep])
 
 
 @pytest.mark.parametrize("family", sorted(CAUSAL_LMS))
