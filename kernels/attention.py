@@ -43,10 +43,11 @@ from ._aot import AotCase
 # (AttnConfig, LOG2E, UNBOUNDED, canonical_strides, _arch, block_d, _AUTOTUNED, ...) stay importable here.
 from .attention_common import (BEFORE_38, LOG2E, TRITON_37, UNBOUNDED, AttnConfig, _alibi_slope,  # noqa: F401
                                _arch, _autotuned, _AUTOTUNED, _bucket, _bucket_dim, _cc, _col_bounds, _DT,
-                               _drop_rows, _dropout_keep, _dropout_mask, _floor_div, _input_precision, _launch,
-                               _load_rows, _row_bounds, _scores, _seq_info, _store_rows, _tile_ranges,
-                               aot_attrs, aot_signature, autotune_enabled, block_d, canonical_strides,
-                               dropout_args, dropout_mask, lse_strides, replace_configs, score_args)
+                               _drop_rows, _dropout_keep, _dropout_mask, _floor_div, _input_precision, _key_clip,
+                               _key_ok, _launch, _load_rows, _row_bounds, _scores, _seg_clip, _seq_info,
+                               _store_rows, _tile_ranges, _used_keys, aot_attrs, aot_signature, autotune_enabled,
+                               block_d, canonical_strides, dropout_args, dropout_mask, lse_strides, mask_args,
+                               replace_configs, score_args)
 
 __all__ = ["AttnConfig", "attn_fwd", "attn_bwd_preprocess", "fwd_configs", "pick_fwd_config",
            "canonical_strides", "UNBOUNDED", "aot_cases_fwd", "SMOKE_FWD"]
@@ -120,11 +121,12 @@ def pick_fwd_config(cc, head_dim, dtype, seqlen_q, mods=False):
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, offs_n, offs_d,
                     n_k, lo_row, hi_row, start, end, f0, f1, qk_scale, pos_q, softcap, slope,
-                    drop_rows, seed, dropout_p,
+                    drop_rows, seed, dropout_p, KM_base,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
-                    ALIBI: tl.constexpr, DROPOUT: tl.constexpr, TMA: tl.constexpr):
-    """K_base / V_base: row pointers, or with TMA tensor descriptors of the sequence's (n_k, HEAD_DIM)."""
+                    ALIBI: tl.constexpr, DROPOUT: tl.constexpr, TMA: tl.constexpr, KPAD: tl.constexpr):
+    """K_base / V_base: row pointers, or with TMA tensor descriptors of the sequence's (n_k, HEAD_DIM).
+    KPAD: every tile also hides the keys whose key_padding_mask (at KM_base) is False."""
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
         if TMA:
@@ -137,6 +139,8 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, offs
         if (start_n < f0) | (start_n >= f1):  # kv tile partly masked for this q tile
             visible = (cols[None, :] >= lo_row[:, None]) & (cols[None, :] <= hi_row[:, None])
             s = tl.where(visible, s, float("-inf"))
+        if KPAD:
+            s = tl.where(_key_ok(KM_base, cols, n_k)[None, :], s, float("-inf"))
         # -- update m_i and l_i
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
@@ -156,22 +160,28 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, offs
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, Out, Lse, CuSeqQ, CuSeqK, Alibi,
+def _attn_fwd(Q, K, V, Out, Lse, CuSeqQ, CuSeqK, Alibi, KeyMask, KBounds, SeqUsedK, SegBounds,
               stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
               stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
-              stride_lb, stride_lh, stride_ab,
+              stride_lb, stride_lh, stride_ab, stride_mb, stride_sb,
               seqlen_q, seqlen_k, group, qk_scale, softcap, win_left, win_right, chunk,
               seed, dropout_p, drop_nq, drop_nk,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, CHUNKED: tl.constexpr, VARLEN: tl.constexpr,
               INPUT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-              DROPOUT: tl.constexpr, TMA: tl.constexpr = False):
+              DROPOUT: tl.constexpr, TMA: tl.constexpr = False, KPAD: tl.constexpr = False,
+              SEQUSED: tl.constexpr = False, SEGMENTS: tl.constexpr = False):
     """One (BLOCK_M query tile, q head, sequence) per program; grid (cdiv(max Nq, BLOCK_M), Hq, B).
 
     Heaviest tiles (last rows, causal) are scheduled first. TMA (sm_90): K and V tiles come through
     tensor descriptors of the sequence's (n_k, HEAD_DIM) rows, so the hardware zero-fills rows past
     n_k and columns past HEAD_DIM (what the masked pointer loads do otherwise); the launcher checks
     the 16-byte alignment of base and row stride that TMA needs.
+
+    Per-sequence masks (dense only): SEQUSED: n_k = seqused_k[b] (alignment shift n_k - n_q);
+    SEGMENTS: row i's bounds intersected with its run [start, end] (SegBounds (B, 2, N)); KPAD: the
+    kv range clipped to the sequence's first/last valid key (KBounds (B, 2)) and each tile masked by
+    the key_padding_mask row (KeyMask int8 (B, Nk)).
     """
     start_m = tl.num_programs(0) - 1 - tl.program_id(0)
     off_h = tl.program_id(1)
@@ -179,7 +189,9 @@ def _attn_fwd(Q, K, V, Out, Lse, CuSeqQ, CuSeqK, Alibi,
     off_hk = off_h // group
     q_start, n_q = _seq_info(CuSeqQ, off_b, seqlen_q, VARLEN)
     k_start, n_k = _seq_info(CuSeqK, off_b, seqlen_k, VARLEN)
+    n_k = _used_keys(SeqUsedK, off_b, n_k, SEQUSED)
     shift = n_k - n_q
+    SegS = SegBounds + off_b.to(tl.int64) * stride_sb
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -194,9 +206,13 @@ def _attn_fwd(Q, K, V, Out, Lse, CuSeqQ, CuSeqK, Alibi,
     m_last = tl.minimum(m_first + BLOCK_M, n_q) - 1
     lo_first, hi_first = _row_bounds(m_first, shift, win_left, win_right, chunk, CHUNKED)
     lo_last, hi_last = _row_bounds(m_last, shift, win_left, win_right, chunk, CHUNKED)
+    lo_first, hi_first = _seg_clip(SegS, m_first, n_q, lo_first, hi_first, seqlen_q, SEGMENTS)
+    lo_last, hi_last = _seg_clip(SegS, m_last, n_q, lo_last, hi_last, seqlen_q, SEGMENTS)
     hi_last = tl.where(m_first < n_q, hi_last, -1)  # tile past the end of this sequence: no work
+    lo_first, hi_last = _key_clip(KBounds, off_b, lo_first, hi_last, KPAD)  # skip fully padded tiles
     begin, f0, f1, end = _tile_ranges(lo_first, hi_last, lo_last, hi_first, n_k, BLOCK_N)
     lo_row, hi_row = _row_bounds(offs_m, shift, win_left, win_right, chunk, CHUNKED)
+    lo_row, hi_row = _seg_clip(SegS, offs_m, n_q, lo_row, hi_row, seqlen_q, SEGMENTS)
     hi_row = tl.minimum(hi_row, n_k - 1)
 
     if TMA:  # (no key: n_k = 0 never loads, the descriptor just stays valid with one row)
@@ -217,7 +233,8 @@ def _attn_fwd(Q, K, V, Out, Lse, CuSeqQ, CuSeqK, Alibi,
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_ld, V_ld, stride_kn, stride_vn, offs_n,
                                     offs_d, n_k, lo_row, hi_row, begin, end, f0, f1, qk_scale,
                                     offs_m + shift, softcap, slope, drop_rows, seed, dropout_p,
-                                    HEAD_DIM, BLOCK_D, BLOCK_N, INPUT_PRECISION, SOFTCAP, ALIBI, DROPOUT, TMA)
+                                    KeyMask + off_b.to(tl.int64) * stride_mb,
+                                    HEAD_DIM, BLOCK_D, BLOCK_N, INPUT_PRECISION, SOFTCAP, ALIBI, DROPOUT, TMA, KPAD)
 
     # -- epilogue: rows with no visible key -> output 0, LSE -inf
     empty = l_i == 0.0
@@ -299,7 +316,8 @@ def ensure_tma_allocator():
 
 def attn_fwd(q, k, v, out, lse, *, batch, seqlen_q, seqlen_k, max_seqlen_q, cu_seqlens_q=None,
              cu_seqlens_k=None, qk_scale, win_left, win_right, chunk_size=None, softcap=0.0,
-             alibi_slopes=None, dropout_p=0.0, seed=0, config=None, interpret=False, tma=None):
+             alibi_slopes=None, dropout_p=0.0, seed=0, config=None, interpret=False, tma=None, key_mask=None,
+             key_bounds=None, seqused_k=None, segment_bounds=None):
     """Launch ``_attn_fwd`` on canonical 4-D views q (.., Hq, N, D), k/v (.., Hkv, N, D), out like q.
 
     win_left/win_right: window sizes with UNBOUNDED for -1 (causal already folded into right=0).
@@ -308,6 +326,7 @@ def attn_fwd(q, k, v, out, lse, *, batch, seqlen_q, seqlen_k, max_seqlen_q, cu_s
     last dim, bias -slope * |i + Nk - Nq - j| added after the cap (FlashAttention's order).
     dropout_p > 0: attention probabilities dropped by Philox(seed) (see ``_dropout_keep``).
     tma: K/V through tensor descriptors (None: ``use_tma`` decides; the interpreter runs them too).
+    key_mask / key_bounds / seqused_k / segment_bounds (dense only): see ``attention_common.mask_args``.
     """
     varlen = cu_seqlens_q is not None
     hq, hkv, d = q.shape[1], k.shape[1], q.shape[-1]
@@ -318,13 +337,15 @@ def attn_fwd(q, k, v, out, lse, *, batch, seqlen_q, seqlen_k, max_seqlen_q, cu_s
     cu_q = cu_seqlens_q if varlen else q  # dummy pointer when dense (never read)
     cu_k = cu_seqlens_k if varlen else q
     kscale, kcap, alibi, stride_ab, has_cap, has_alibi = score_args(qk_scale, softcap, alibi_slopes, lse)
-    args = (q, k, v, out, lse, cu_q, cu_k, alibi, *canonical_strides(q, varlen), *canonical_strides(k, varlen),
-            *canonical_strides(v, varlen), *canonical_strides(out, varlen), *lse_strides(lse, varlen), stride_ab,
+    mptrs, mstrides, mcx = mask_args(lse, key_mask, key_bounds, seqused_k, segment_bounds)
+    args = (q, k, v, out, lse, cu_q, cu_k, alibi, *mptrs, *canonical_strides(q, varlen),
+            *canonical_strides(k, varlen), *canonical_strides(v, varlen), *canonical_strides(out, varlen),
+            *lse_strides(lse, varlen), stride_ab, *mstrides,
             seqlen_q, seqlen_k, hq // hkv, kscale, kcap, win_left, win_right, chunk_size or 1,
             *dropout_args(q, k, varlen, dropout_p, seed))
     constexprs = dict(HEAD_DIM=d, BLOCK_D=bd, CHUNKED=chunk_size is not None, VARLEN=varlen,
                       INPUT_PRECISION=_input_precision(q.dtype), SOFTCAP=has_cap, ALIBI=has_alibi,
-                      DROPOUT=dropout_p > 0, TMA=bool(tma))
+                      DROPOUT=dropout_p > 0, TMA=bool(tma), **mcx)
     mods = bool(softcap) or alibi_slopes is not None or dropout_p > 0
     if config is None and autotune_enabled():
         kernel = _autotuned(_attn_fwd, fwd_configs(_cc(q), d, q.dtype, mods), interpret)
@@ -354,7 +375,7 @@ def _fwd_case(cc, d, dt, cfg, tma, **flags):
     """AotCase of ``_attn_fwd`` for one config; ``flags``: constexpr overrides (CHUNKED, SOFTCAP, ...)."""
     cx = dict(HEAD_DIM=d, BLOCK_D=block_d(d), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, CHUNKED=False,
               VARLEN=False, INPUT_PRECISION="ieee" if dt == "fp32" else "tf32", SOFTCAP=False, ALIBI=False,
-              DROPOUT=False, TMA=tma)
+              DROPOUT=False, TMA=tma, KPAD=False, SEQUSED=False, SEGMENTS=False)
     cx.update(flags)
     tags = "".join(f",{k.lower()}" for k, val in flags.items() if val is True)
     sig = aot_signature(_attn_fwd, dt)

@@ -21,7 +21,7 @@ UNBOUNDED = 1 << 30  # window side with no limit (kept < 2**31 after adding posi
 
 __all__ = ["score_args", "dropout_args", "dropout_mask", "TRITON_VERSION", "TRITON_36", "TRITON_37", "BEFORE_38",
            "replace_configs", "AttnConfig", "LOG2E", "UNBOUNDED", "block_d", "autotune_enabled",
-           "canonical_strides", "lse_strides", "aot_signature", "aot_attrs"]
+           "canonical_strides", "lse_strides", "aot_signature", "aot_attrs", "mask_args"]
 
 AttnConfig = namedtuple("AttnConfig", "BLOCK_M BLOCK_N num_warps num_stages")
 
@@ -154,7 +154,8 @@ def _autotuned(kernel, cfgs, interpret=False):
 
             fn = interpreted(kernel)
         _AUTOTUNED[key] = triton.autotune(tc, key=["seqlen_q", "seqlen_k", "HEAD_DIM", "CHUNKED", "VARLEN",
-                                                   "win_left", "win_right", "SOFTCAP", "ALIBI", "DROPOUT"],
+                                                   "win_left", "win_right", "SOFTCAP", "ALIBI", "DROPOUT", "KPAD",
+                                                   "SEQUSED", "SEGMENTS"],
                                           do_bench=_wall_clock_bench if interpret else None)(fn)
     return _AUTOTUNED[key]
 
@@ -164,7 +165,8 @@ _DT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 _CONSTEXPRS = {"HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "CHUNKED", "VARLEN", "INPUT_PRECISION", "SOFTCAP",
-               "ALIBI", "DROPOUT", "SPLIT", "BLOCK_S", "GQA_ROWS", "TMA"}
+               "ALIBI", "DROPOUT", "SPLIT", "BLOCK_S", "GQA_ROWS", "TMA", "KPAD", "SEQUSED", "SEGMENTS"}
+_I32_PTRS = ("SeqLens", "SeqUsedK", "KBounds", "SegBounds")
 
 
 def aot_signature(kernel, dt):
@@ -175,8 +177,10 @@ def aot_signature(kernel, dt):
             sig[name] = "constexpr"
         elif name in ("Lse", "Delta", "Alibi") or name.startswith("Part"):
             sig[name] = "*fp32"
-        elif name.startswith("CuSeq") or name == "SeqLens":
+        elif name.startswith("CuSeq") or name in _I32_PTRS:
             sig[name] = "*i32"
+        elif name == "KeyMask":
+            sig[name] = "*i8"
         elif name[0].isupper():
             sig[name] = f"*{dt}"
         else:
@@ -185,7 +189,8 @@ def aot_signature(kernel, dt):
     return sig
 
 
-_NO_DIV16 = ("stride_lb", "stride_lh", "stride_ab", "stride_pb", "stride_ph", "stride_pn", "stride_ps")
+_NO_DIV16 = ("stride_lb", "stride_lh", "stride_ab", "stride_pb", "stride_ph", "stride_pn", "stride_ps", "stride_mb",
+             "stride_sb")
 
 
 def aot_attrs(kernel, signature):
@@ -265,6 +270,54 @@ def _seq_info(CuSeq, off_b, seqlen, VARLEN: tl.constexpr):
         start = off_b * 0
         n = seqlen + off_b * 0
     return start, n
+
+
+# -- per-sequence masks: key padding, seqused_k, segments (constexpr-gated) -------------------------
+def mask_args(dummy, key_mask=None, key_bounds=None, seqused_k=None, segment_bounds=None):
+    """Kernel arguments of the per-sequence masks: ((KeyMask, KBounds, SeqUsedK, SegBounds),
+    (stride_mb, stride_sb), constexprs KPAD/SEQUSED/SEGMENTS). key_mask int8 (B, Nk) view of the bool
+    mask (unit last stride, any batch stride, 0 for a broadcast one); key_bounds int32 (B, 2) first/last
+    valid key; seqused_k int32 (B,); segment_bounds int32 (B, 2, N) contiguous run start/end per token.
+    Absent ones pass ``dummy`` (never read)."""
+    ptrs = tuple(dummy if t is None else t for t in (key_mask, key_bounds, seqused_k, segment_bounds))
+    strides = (0 if key_mask is None else key_mask.stride(0), 0 if segment_bounds is None else segment_bounds.stride(0))
+    cx = dict(KPAD=key_mask is not None, SEQUSED=seqused_k is not None, SEGMENTS=segment_bounds is not None)
+    return ptrs, strides, cx
+
+
+@triton.jit
+def _used_keys(SeqUsedK, off_b, n_k, SEQUSED: tl.constexpr):
+    """Keys of sequence off_b: min(seqused_k[b], n_k) with SEQUSED, else n_k."""
+    if SEQUSED:
+        n_k = tl.minimum(tl.load(SeqUsedK + off_b), n_k)
+    return n_k
+
+
+@triton.jit
+def _seg_clip(SegS, idx, n, lo, hi, seg_n, SEGMENTS: tl.constexpr):
+    """[lo, hi] intersected with the run [start, end] holding index ``idx`` (scalar or vector;
+    SegS: the sequence's run starts, its run ends ``seg_n`` further). Run bounds are non-decreasing
+    along the row, so intersected row bounds stay monotone (the tile-range scheme holds)."""
+    if SEGMENTS:
+        ok = idx < n
+        lo = tl.maximum(lo, tl.load(SegS + idx, mask=ok, other=0))
+        hi = tl.minimum(hi, tl.load(SegS + seg_n + idx, mask=ok, other=-1))
+    return lo, hi
+
+
+@triton.jit
+def _key_clip(KBounds, off_b, lo, hi, KPAD: tl.constexpr):
+    """[lo, hi] intersected with [first, last] valid key of sequence off_b (from key_padding_mask)."""
+    if KPAD:
+        lo = tl.maximum(lo, tl.load(KBounds + off_b * 2))
+        hi = tl.minimum(hi, tl.load(KBounds + off_b * 2 + 1))
+    return lo, hi
+
+
+@triton.jit
+def _key_ok(KM_base, cols, n_k):
+    """Bool (len(cols),): key_padding_mask of the keys ``cols`` (False past n_k)."""
+    return tl.load(KM_base + cols, mask=cols < n_k, other=0) != 0
 
 
 @triton.jit

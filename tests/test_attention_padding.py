@@ -97,13 +97,13 @@ def make_kpm(kind, b, nk):
 
 
 def make_segments(b, n, lengths=None):
-    """int64 (B, n) segment ids: random run lengths, ids reused in different runs (0, 1, 0, ...)
-    so runs, not id values, define the sequences."""
+    """int64 (B, n) segment ids: random run lengths (or the given ``lengths`` for every row), ids
+    reused in different runs (0, 1, 0, ...) so runs, not id values, define the sequences."""
     rows = []
     for _ in range(b):
         ids, cur = [], 0
         while len(ids) < n:
-            run = int(torch.randint(1, max(2, n // 3), (1,)))
+            run = lengths[cur] if lengths else int(torch.randint(1, max(2, n // 3), (1,)))
             ids += [cur % 2] * run
             cur += 1
         rows.append(ids[:n])
@@ -200,20 +200,24 @@ def test_seqused_k(mode, case):
 
 
 # -- segments (packed sequences) -----------------------------------------------------------------------
-# (dtype, B, Hq, Hkv, N, D, causal, window)
+# (dtype, B, Hq, Hkv, N, D, causal, window, run lengths or None for random)
 SEG_CASES = [
-    (F16, 2, 2, 2, 53, 32, True, (-1, -1)),
-    (BF16, 2, 2, 1, 37, 32, False, (-1, -1)),
-    (F32, 1, 2, 2, 70, 32, True, (12, -1)),
-    (F16, 2, 2, 2, 45, 64, False, (6, 6)),
+    (F16, 2, 2, 2, 53, 32, True, (-1, -1), None),
+    (BF16, 2, 2, 1, 37, 32, False, (-1, -1), None),
+    (F32, 1, 2, 2, 70, 32, True, (12, -1), None),
+    (F16, 2, 2, 2, 45, 64, False, (6, 6), None),
+    # runs longer than a tile next to a short one: tiles fully inside one run skip the elementwise
+    # mask, tiles across a boundary must not (32-row interpreter tiles)
+    (F16, 1, 2, 2, 130, 32, False, (-1, -1), [10, 60, 60]),
+    (BF16, 1, 2, 1, 130, 32, True, (-1, -1), [70, 5, 55]),
 ]
 
 
 @pytest.mark.parametrize("mode", ["cpu", "emu", "cuda"])
 @pytest.mark.parametrize("case", SEG_CASES, ids=lambda c: "-".join(str(x).replace("torch.", "") for x in c))
 def test_segment_ids(mode, case):
-    dtype, b, hq, hkv, n, d, causal, window = case
-    check_masked(mode, dtype, b, hq, hkv, n, n, d, causal, window, seg=make_segments(b, n))
+    dtype, b, hq, hkv, n, d, causal, window, lengths = case
+    check_masked(mode, dtype, b, hq, hkv, n, n, d, causal, window, seg=make_segments(b, n, lengths))
 
 
 # -- all together, with the score modifiers ---------------------------------------------------------
@@ -337,3 +341,43 @@ def test_torch_compile_fullgraph_with_masks():
     torch.testing.assert_close(loss, loss_e)
     for a, b_ in zip(grads, grads_e):
         torch.testing.assert_close(a, b_)
+
+
+# -- tile skipping: fully padded kv tiles are never loaded -----------------------------------------
+@pytest.mark.parametrize("kind", ["left", "right", "seqused"])
+def test_padded_tiles_are_skipped(kind, monkeypatch):
+    """Count tl.dot calls in the interpreter (fwd 2, dK/dV 4, dQ 3 per visited (q tile, kv tile)
+    pair): with left/right key padding or seqused_k, exactly the pairs holding a visible (q, k)
+    pair are visited, so leading/trailing padded kv tiles cost nothing in any kernel."""
+    from triton.runtime import interpreter
+
+    from fasttfm._env import emulate
+
+    b, n, bm, bn = 2, 160, 32, 32  # SMOKE configs under the interpreter: 32 x 32 tiles
+    counts = {"n": 0}
+    orig = interpreter.InterpreterBuilder.create_dot
+
+    def counting(self, *a, **kw):
+        counts["n"] += 1
+        return orig(self, *a, **kw)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", counting)
+    lens = torch.tensor([100, 37])
+    j = torch.arange(n)[None, :]
+    kw, kpm, seqused = {}, None, None
+    if kind == "left":
+        kpm = kw["key_padding_mask"] = j >= (n - lens)[:, None]
+    elif kind == "right":
+        kpm = kw["key_padding_mask"] = j < lens[:, None]
+    else:
+        seqused = kw["seqused_k"] = lens.to(torch.int32)
+    mask = ref_mask(b, n, n, True, kpm=kpm, seqused=seqused)
+    tiles = sum(bool(mask[r, i:i + bm, c:c + bn].any()) for r in range(b) for i in range(0, n, bm)
+                for c in range(0, n, bn))
+    q, k, v = (torch.randn(b, 1, n, 32, dtype=F16, requires_grad=True) for _ in range(3))
+    with emulate(True):
+        out = A.attention(q, k, v, causal=True, **kw)
+        assert counts["n"] == 2 * tiles
+        out.backward(torch.randn_like(out))
+    assert counts["n"] == 9 * tiles
+    assert tiles < b * (n // bm) * (n // bn + 1) // 2  # fewer than causal alone visits
