@@ -283,23 +283,49 @@ def test_compile_fullgraph_decode(cache):
     torch.testing.assert_close(logits, ref_logits)
 
 
-def test_tiny_model_under_emulation():
-    """The GPU kernels' own source (Triton interpreter, SIMT emulator) inside a patched model."""
-    model = make("llama", layers=1, hidden=64, heads=4)
+@pytest.mark.parametrize("kind", ["plain", "padded", "packed", "static-decode"])
+def test_tiny_model_under_emulation(kind):
+    """The GPU kernels' own source (Triton interpreter, SIMT emulator) inside a patched model, in
+    each routing: no mask, key padding (left-padded row), packed sequences (segment ids), and a
+    StaticCache decode step (seqused_k from the cache's device offset, plus key padding)."""
+    model = make("mistral" if kind == "static-decode" else "llama", layers=1, hidden=64, heads=4)
     ref = copy.deepcopy(model)
     fasttfm.patch(model)
-    ids = torch.randint(0, VOCAB, (1, 16))
+    ids = torch.randint(0, VOCAB, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :3] = 0
+    if kind == "static-decode":
+        model.eval(), ref.eval()
+
+        def forward(m):
+            past = transformers.StaticCache(config=m.config, max_cache_len=16)
+            with torch.no_grad():
+                m(input_ids=ids[:, :11], attention_mask=mask[:, :11], past_key_values=past)
+                return m(input_ids=ids[:, 11:], attention_mask=mask, past_key_values=past,
+                         cache_position=torch.tensor([11]), position_ids=mask.cumsum(-1)[:, -1:] - 1).logits
+    elif kind == "packed":
+        pos = torch.cat([torch.arange(5), torch.arange(7)])[None].expand(2, -1)
+
+        def forward(m):
+            out = m(input_ids=ids, position_ids=pos, labels=ids, use_cache=False)
+            out.loss.backward()
+            return out.logits
+    else:
+        def forward(m):
+            return run(m, ids, mask if kind == "padded" else None)
     launches = []
     real_launch = attn_ops._kf.attn_fwd
     attn_ops._kf.attn_fwd = lambda *a, **k: launches.append(k.get("interpret")) or real_launch(*a, **k)
     try:
         with fasttfm.emulate(True), count_paths() as calls:
-            logits = run(model, ids, None)
+            logits = forward(model)
     finally:
         attn_ops._kf.attn_fwd = real_launch
-    assert calls["kernel"] == 1 and launches == [True]  # the Triton kernel, interpreted
-    torch.testing.assert_close(logits, run(ref, ids, None), rtol=1e-4, atol=1e-4)
-    assert_grads_match(ref, model)
+    n = 2 if kind == "static-decode" else 1  # prefill + decode step
+    assert calls == {"kernel": n, "masked": 0} and launches == [True] * n  # the Triton kernel, interpreted
+    torch.testing.assert_close(logits, forward(ref), rtol=1e-4, atol=1e-4)
+    if kind != "static-decode":
+        assert_grads_match(ref, model)
 
 
 def _hf_norm(fam, cls_name, hidden):
