@@ -64,12 +64,16 @@ class Route:
     mask was made for). ``dense()`` materializes the same mask as HF's sdpa_mask (bool
     (B, 1, Sq, Skv), True = attend) for the calls that cannot take the kernel (dropout, ...).
 
-    It stands in for a 4-D mask where HF handles one opaquely: ``ndim`` is 4 and ``contiguous()``
-    returns itself (generate() prepares compileable-cache masks ahead of the forward and calls
-    ``.contiguous()``; the model's own mask creation then hands the Route back to mask_interface,
-    which returns it as is).
+    It stands in for a 4-D mask where HF handles one opaquely: ``ndim`` is 4, ``shape``/``dtype``/
+    ``device`` are the dense mask's and ``contiguous()`` returns itself (generate() prepares
+    compileable-cache masks ahead of the forward and calls ``.contiguous()``; the model's own mask
+    creation then hands the Route back to mask_interface, which returns it as is). A model that
+    uses the mask as a tensor before attention (indexing, tensor methods, torch functions,
+    operators) gets the dense mask itself, tagged with that reason, so it keeps HF's exact dense
+    path and the calls are counted.
     """
     ndim = 4
+    dtype = torch.bool
 
     def __init__(self, q_length, kv_length, causal, window, key_padding_mask, seqused_k, segment_ids, dense_args):
         self.q_length, self.kv_length = q_length, kv_length
@@ -77,11 +81,62 @@ class Route:
         self.key_padding_mask, self.seqused_k, self.segment_ids = key_padding_mask, seqused_k, segment_ids
         self._dense_args = dense_args
 
-    def contiguous(self):
+    def contiguous(self, *args, **kwargs):
         return self
 
     def dim(self):
         return 4
+
+    @property
+    def shape(self):
+        return torch.Size((self._dense_args["batch_size"], 1, self.q_length, self.kv_length))
+
+    def size(self, dim=None):
+        return self.shape if dim is None else self.shape[dim]
+
+    @property
+    def device(self):
+        return torch.device(self._dense_args.get("device", "cpu"))
+
+    # -- used as a tensor: the dense mask; tensor results tagged with the reason --------------------
+    @staticmethod
+    def _tag(result, what):
+        if isinstance(result, torch.Tensor) and not torch.compiler.is_compiling():
+            result._fasttfm_reason = f"the model used the mask as a tensor ({what}) before attention"
+        return result
+
+    def __getattr__(self, name):  # tensor methods/attributes other than the ones above
+        if name.startswith("_"):
+            raise AttributeError(name)
+        attr = getattr(self.dense(), name)
+        if not callable(attr):
+            return attr
+
+        def method(*args, **kwargs):
+            return Route._tag(attr(*args, **kwargs), f".{name}()")
+        return method
+
+    def __getitem__(self, index):
+        return Route._tag(self.dense()[index], "indexing")
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        from torch.utils._pytree import tree_map
+
+        swap = lambda x: x.dense() if isinstance(x, Route) else x  # noqa: E731
+        result = func(*tree_map(swap, args), **tree_map(swap, kwargs or {}))
+        return Route._tag(result, getattr(func, "__name__", str(func)))
+
+    def _op(name):
+        def op(self, *others):
+            return Route._tag(getattr(self.dense(), name)(*others), name)
+        op.__name__ = name
+        return op
+
+    __invert__, __and__, __rand__ = _op("__invert__"), _op("__and__"), _op("__rand__")
+    __or__, __ror__ = _op("__or__"), _op("__ror__")
+    __add__, __radd__, __mul__, __rmul__ = _op("__add__"), _op("__radd__"), _op("__mul__"), _op("__rmul__")
+    del _op
 
     def kernel_kwargs(self):
         """Keyword arguments of fasttfm.attention for this pattern (only the ones in use)."""

@@ -97,3 +97,19 @@ def _whisper():
 
 # family -> builder of an encoder or encoder-decoder model
 OTHER_MODELS = {"modernbert": _modernbert, "bart": _bart, "whisper": _whisper}
+
+
+# more decoder families on HF's attention interface, built from their defaults plus the common
+# tiny sizes (dropouts 0): padded training and left-padded generation are checked for each
+MORE_LMS = ("apertus", "arcee", "bitnet", "cohere", "ernie4_5", "exaone4", "gemma", "glm4", "gpt_neox", "granite",
+            "granitemoe", "helium", "lfm2", "nemotron", "olmo", "olmo2", "opt", "phi", "phi3", "qwen2_moe", "qwen3",
+            "qwen3_moe", "seed_oss", "smollm3")
+
+
+def auto_lm(model_type):
+    torch.manual_seed(0)
+    cfg = transformers.AutoConfig.for_model(model_type, **_COMMON, head_dim=16, dropout=0.0, residual_dropout=0.0,
+                                            hidden_dropout=0.0, attention_out_dropout=0.0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    model.loss_type = "ForCausalLM"
+    return model.train()

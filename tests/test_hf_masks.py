@@ -144,3 +144,26 @@ def test_route_mismatch_falls_back_with_the_reason():
         hf.attention_forward(module, q, k, v, route)
     (counted,) = hf.fallback_counts(module)
     assert "the mask was made for Sq=9, Skv=9" in counted
+
+
+def test_a_route_used_as_a_tensor_becomes_the_dense_mask():
+    """Models that index, convert or combine the mask before attention get HF's dense mask (and
+    keep the exact dense path, counted with the reason); shape/dtype/ndim need no dense mask."""
+    req = request("sliding-leftpad")
+    route = mask_interface(**req)
+    dense = route.dense()
+    assert route.shape == dense.shape and route.dtype == dense.dtype and route.ndim == 4 == route.dim()
+    assert route.contiguous() is route and route.size(-1) == 11
+    for got, want in ((route[:, :, :, :5], dense[:, :, :, :5]), (route.to(torch.float32), dense.float()),
+                      (torch.where(route, 0.0, -1.0), torch.where(dense, 0.0, -1.0)), (~route, ~dense),
+                      (route & dense, dense), (dense | route, dense)):
+        assert isinstance(got, torch.Tensor) and torch.equal(got, want)
+    sliced = route[:, :, :, :]
+    assert "used the mask as a tensor (indexing)" in sliced._fasttfm_reason
+    module = torch.nn.Module()
+    q, k, v = torch.randn(B, HQ, 11, D), torch.randn(B, HKV, 11, D), torch.randn(B, HKV, 11, D)
+    out, _ = hf.attention_forward(module, q, k, v, sliced)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=True)
+    torch.testing.assert_close(out, ref.transpose(1, 2).nan_to_num(0.0))
+    (counted,) = hf.fallback_counts(module)
+    assert "used the mask as a tensor (indexing)" in counted

@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 
 import fasttfm  # noqa: E402
 from fasttfm import hf  # noqa: E402
-from tests.hf_zoo import CAUSAL_LMS, OTHER_MODELS, VOCAB  # noqa: E402
+from tests.hf_zoo import CAUSAL_LMS, MORE_LMS, OTHER_MODELS, VOCAB, auto_lm  # noqa: E402
 from tests.test_patch import assert_grads_match  # noqa: E402
 
 SEQ = 20
@@ -263,6 +263,27 @@ def test_report_counts_dense_calls_with_the_reason():
         assert (f"fallback  model.layers.{layer}.self_attn: 1 call(s) did not run the kernel: dense mask: "
                 "a 4-D mask from outside the forward") in text, text
 
+
+
+@pytest.mark.parametrize("model_type", MORE_LMS)
+def test_more_families_padded_and_left_padded_generate(model_type):
+    """Families beyond the zoo: a padded training step (logits at real tokens, all grads) and
+    left-padded greedy generation, all on the kernel."""
+    model, ref, _ = patched(lambda: auto_lm(model_type))
+    ids, mask, labels = padded_batch()
+    with count_attention() as stats:
+        logits = train_step(model, input_ids=ids, attention_mask=mask, labels=labels)
+    assert_all_kernel(stats, model)
+    ref_logits = train_step(ref, input_ids=ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(logits[mask.bool()], ref_logits[mask.bool()])
+    assert_grads_match(ref, model)
+    model.eval(), ref.eval()
+    ids, mask = ids[:, :10].clone(), torch.ones(2, 10, dtype=torch.long)
+    mask[1, :4], ids[1, :4] = 0, 0
+    with count_attention() as stats:
+        out = _generate(model, ids, mask, "dynamic")
+    assert_all_kernel(stats, model)
+    assert torch.equal(out, _generate(ref, ids, mask, "dynamic"))
 
 # -- the issue-16 table: python -m tests.test_hf_routes ----------------------------------------------
 def _run_kinds():
