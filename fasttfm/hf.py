@@ -43,8 +43,9 @@ import torch
 from ._registry import Keep
 from .hf_masks import Route, masking_utils, mask_interface
 
-__all__ = ["NAME", "register", "attention_forward", "mask_interface", "rms_norm_class", "use_attention",
-           "fallback_counts"]
+__all__ = ["NAME", "VERIFIED_WITHOUT_BACKEND_FLAG", "Route", "register", "attention_forward", "mask_interface",
+           "rms_norm_class", "fp32_weight_rms_norm_class", "gemma_rms_norm_class", "fp32_layer_norm_class",
+           "use_attention", "fallback_counts"]
 
 NAME = "fasttfm"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
