@@ -49,8 +49,8 @@ CASES = {
     "static-prefill": (mu.causal_mask_function, 6, 16, torch.tensor(0), 0, padding([6, 4], 6, left=True)),
     "static-decode": (mu.causal_mask_function, 1, 16, torch.tensor(8), 0, padding([9, 5], 9, left=True)),
     # DynamicCache sliding layer, full: kv_offset = seen - W + 1, kv_length = W - 1 + q
-    "sliding-dynamic-decode": (_sliding(4), 1, 4, 10, 7, padding([11, 8], 11, left=True)),
-    "sliding-dynamic-chunk": (_sliding(4), 3, 6, 10, 7, padding([13, 8], 13, left=True)),
+    "sliding-dynamic-decode": (_sliding(4), 1, 4, 10, 7, padding([11, 3], 11, left=True)),
+    "sliding-dynamic-chunk": (_sliding(4), 3, 6, 10, 7, padding([13, 4], 13, left=True)),
     # StaticSlidingWindowLayer not yet full: kv_length = W (static size), q_offset an int
     "sliding-static-early": (_sliding(6), 1, 6, 2, 0, padding([3, 2], 3, left=True)),
     "bidirectional-pad": (mu.bidirectional_mask_function, 9, 9, 0, 0, padding([9, 4], 9, left=False)),

@@ -285,6 +285,45 @@ def test_more_families_padded_and_left_padded_generate(model_type):
     assert_all_kernel(stats, model)
     assert torch.equal(out, _generate(ref, ids, mask, "dynamic"))
 
+
+def test_gradient_checkpointing_padded():
+    """Reentrant and non-reentrant checkpointing recompute the forward with the same Route."""
+    for reentrant in (True, False):
+        model, ref, _ = patched(CAUSAL_LMS["gemma3"])
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        ids, mask, labels = padded_batch()
+        inputs = dict(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
+        with count_attention() as stats:
+            logits = train_step(model, **inputs)
+        assert_all_kernel(stats, model)
+        assert stats["calls"] == 4  # 2 layers, forward + recomputation
+        torch.testing.assert_close(logits[mask.bool()], train_step(ref, **inputs)[mask.bool()])
+        assert_grads_match(ref, model)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_low_precision_padded_follows_the_oracle(family, dtype):
+    """bf16/fp16 padded training step: logits (real tokens) and every parameter gradient of the
+    patched model are within 2x the unpatched model's own error in that dtype of the float64
+    unpatched model (tests/oracle.py)."""
+    from tests.oracle import assert_close_oracle
+
+    build = CAUSAL_LMS[family]
+    ref64, ref_lowp = build().double(), build().to(dtype)
+    model, _, _ = patched(lambda: build().to(dtype))
+    ids, mask, labels = padded_batch()
+    inputs = dict(input_ids=ids, attention_mask=mask, labels=labels)
+    with count_attention() as stats:
+        logits = train_step(model, **inputs)
+    assert_all_kernel(stats, model)
+    keep = mask.bool()
+    outs = [logits[keep]] + [train_step(m, **inputs)[keep] for m in (ref64, ref_lowp)]
+    assert_close_oracle(*outs, name="logits")
+    for (name, p), p64, plow in zip(model.named_parameters(), ref64.parameters(), ref_lowp.parameters()):
+        if p64.grad is not None:
+            assert_close_oracle(p.grad, p64.grad, plow.grad, name=name)
+
 # -- the issue-16 table: python -m tests.test_hf_routes ----------------------------------------------
 def _run_kinds():
     def unpadded(m):
