@@ -242,6 +242,29 @@ def test_compile_fullgraph_and_no_host_sync(kind, padded):
         run(model, ids, batch(True)[1])  # a padding mask: no peeking at its values either
 
 
+def test_compile_fullgraph_packed():
+    """Packed sequences (position_ids restarting, no cache) compiled with fullgraph: HF's packing
+    detection always yields segment ids when tracing; one attn_fwd per layer, same logits/grads."""
+    torch._dynamo.reset()
+    model = make("mistral")
+    ref = copy.deepcopy(model)
+    fasttfm.patch(model)
+    ids = torch.randint(0, VOCAB, (2, SEQ))
+    pos = torch.cat([torch.arange(10), torch.arange(SEQ - 10)])[None].expand(2, -1)
+
+    def step(m):
+        out = m(input_ids=ids, position_ids=pos, labels=ids, use_cache=False)
+        out.loss.backward()
+        return out.logits
+
+    seen = []
+    logits = step(torch.compile(model, fullgraph=True, backend=graph_ops_backend(seen)))
+    assert_kernel_graph(seen, 2)
+    torch.testing.assert_close(logits, step(ref))
+    assert_grads_match(ref, model)
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("cache", ["static", "dynamic"])
 def test_compile_fullgraph_decode(cache):
     """A decode step (left-padded batch) compiled with fullgraph: one attn_fwd per layer, no SDPA,
