@@ -306,6 +306,42 @@ def test_compile_fullgraph_decode(cache):
     torch.testing.assert_close(logits, ref_logits)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_compile_fullgraph_with_generate_prepared_masks(family):
+    """generate() with a StaticCache builds the masks before the (on CUDA auto-compiled) forward
+    and calls .contiguous() on them: the Routes (a dict of them for Gemma 3's hybrid layers) enter
+    the compiled graph as inputs; still one attn_fwd per layer, no SDPA, same logits."""
+    from transformers.masking_utils import create_masks_for_generate
+
+    from tests.hf_zoo import CAUSAL_LMS
+
+    torch._dynamo.reset()
+    model = CAUSAL_LMS[family]().eval()
+    ref = copy.deepcopy(model)
+    fasttfm.patch(model)
+    ids = torch.randint(3, VOCAB, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    mask2 = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+    pos = mask2.cumsum(-1)[:, -1:] - 1
+
+    def decode(m, forward):
+        past = transformers.StaticCache(config=m.config, max_cache_len=16)
+        with torch.no_grad():
+            m(input_ids=ids, attention_mask=mask, past_key_values=past)
+            masks = create_masks_for_generate(config=m.config, inputs_embeds=torch.empty((2, 1, 0)),
+                                              attention_mask=mask2, past_key_values=past, position_ids=pos)
+            masks = {k: v.contiguous() for k, v in masks.items()} if isinstance(masks, dict) else masks.contiguous()
+            return forward(input_ids=ids[:, -1:], attention_mask=masks, past_key_values=past, position_ids=pos,
+                           cache_position=torch.tensor([10])).logits
+
+    seen = []
+    logits = decode(model, torch.compile(model, fullgraph=True, backend=graph_ops_backend(seen)))
+    assert_kernel_graph(seen, 2)
+    torch.testing.assert_close(logits, decode(ref, ref))
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("kind", ["plain", "padded", "packed", "static-decode"])
 def test_tiny_model_under_emulation(kind):
     """The GPU kernels' own source (Triton interpreter, SIMT emulator) inside a patched model, in
