@@ -95,12 +95,24 @@ if BEFORE_38:  # Triton 3.6 and 3.7 (static report, fp16 and bf16): these spill 
         8: {256: {AttnConfig(64, 32, 4, 2): AttnConfig(64, 32, 8, 2)}}})   # 64-72 B -> 0 (sm_86's choice)
 if TRITON_37:  # sm_80 d256 128x64 w8 s2: 8 B on 3.7 (0 on 3.6 and 3.8) -> 128x32 (255 regs, 0)
     _FWD_CONFIGS = replace_configs(_FWD_CONFIGS, {8: {256: {AttnConfig(128, 64, 8, 2): AttnConfig(128, 32, 8, 2)}}})
+# Per-sequence masks (key padding / seqused_k / segments; +10-30 registers): one config per bucket,
+# the plain (or, with softcap/ALiBi/dropout, the _MOD_FWD) default, swapped where that one spills
+# with all three masks on (static report, Triton 3.8; ``attention_aot._masked`` compiles them):
+# {(arch, mods): {bucket: {default: replacement}}}
+_MASKED_FWD = {(8, False): {256: {AttnConfig(128, 64, 8, 2): AttnConfig(64, 64, 8, 2)}},   # 32 B -> 0 (192 regs)
+               (86, False): {256: {AttnConfig(64, 32, 4, 2): AttnConfig(64, 32, 8, 2)}},  # 16 B -> 0 (168 regs)
+               (9, True): {256: {AttnConfig(64, 32, 4, 2): AttnConfig(64, 32, 8, 2)}},    # 16 B -> 0 (173 regs)
+               (8, True): {256: {AttnConfig(64, 32, 4, 2): AttnConfig(64, 32, 8, 2)}}}    # 80 B -> 0 (244 regs)
 SMOKE_FWD = AttnConfig(32, 32, 4, 1)  # cheap config for interpreter tests
 
 
-def fwd_configs(cc, head_dim, dtype=torch.float16, mods=False):
+def fwd_configs(cc, head_dim, dtype=torch.float16, mods=False, masks=False):
     """The forward tuning list for compute capability ``cc`` (80, 86, 89, 90...) and head dim;
-    ``mods``: softcap, ALiBi or dropout active (smaller tiles, see _MOD_FWD)."""
+    ``mods``: softcap, ALiBi or dropout active (smaller tiles, see _MOD_FWD); ``masks``: key padding,
+    seqused_k or segments active (one config, see _MASKED_FWD)."""
+    if masks:
+        cfg = fwd_configs(cc, head_dim, dtype, mods)[0]
+        return [_MASKED_FWD.get((_arch(cc), bool(mods)), {}).get(_bucket_dim(head_dim), {}).get(cfg, cfg)]
     elt = torch.empty((), dtype=dtype).element_size()
     if elt == 4:  # fp32 (IEEE dots on CUDA cores): small tiles (64x32 spills 80 B on sm_80)
         return ([AttnConfig(64, 32, 4, 2)] if _arch(cc) == 9 and not mods else []) + [AttnConfig(32, 32, 4, 2)]
@@ -109,9 +121,9 @@ def fwd_configs(cc, head_dim, dtype=torch.float16, mods=False):
     return list(_bucket(_FWD_CONFIGS[_arch(cc)], head_dim))
 
 
-def pick_fwd_config(cc, head_dim, dtype, seqlen_q, mods=False):
+def pick_fwd_config(cc, head_dim, dtype, seqlen_q, mods=False, masks=False):
     """Heuristic (autotuning off): first listed config, or the smallest BLOCK_M one for short q."""
-    cfgs = fwd_configs(cc, head_dim, dtype, mods)
+    cfgs = fwd_configs(cc, head_dim, dtype, mods, masks)
     if seqlen_q <= 64:
         return min(cfgs, key=lambda c: (c.BLOCK_M, -c.BLOCK_N))
     return cfgs[0]
@@ -347,12 +359,13 @@ def attn_fwd(q, k, v, out, lse, *, batch, seqlen_q, seqlen_k, max_seqlen_q, cu_s
                       INPUT_PRECISION=_input_precision(q.dtype), SOFTCAP=has_cap, ALIBI=has_alibi,
                       DROPOUT=dropout_p > 0, TMA=bool(tma), **mcx)
     mods = bool(softcap) or alibi_slopes is not None or dropout_p > 0
+    masks = any(mcx.values())
     if config is None and autotune_enabled():
-        kernel = _autotuned(_attn_fwd, fwd_configs(_cc(q), d, q.dtype, mods), interpret)
+        kernel = _autotuned(_attn_fwd, fwd_configs(_cc(q), d, q.dtype, mods, masks), interpret)
         grid = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), hq, batch)  # noqa: E731
         return _launch(kernel, grid, args, constexprs, None, interpret, autotune_configs=True)
     if config is None:
-        config = SMOKE_FWD if interpret else pick_fwd_config(_cc(q), d, q.dtype, max_seqlen_q, mods)
+        config = SMOKE_FWD if interpret else pick_fwd_config(_cc(q), d, q.dtype, max_seqlen_q, mods, masks)
     grid = (triton.cdiv(max_seqlen_q, config.BLOCK_M), hq, batch)
     constexprs.update(BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N)
     _launch(_attn_fwd, grid, args, constexprs, config, interpret)

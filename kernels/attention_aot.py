@@ -1,7 +1,7 @@
 """The attention kernels' static-report cases: ``aot_cases(cc)`` collects the forward
 (``attention.aot_cases_fwd``), backward (``attention_bwd.aot_cases_bwd``) and decode
 (``attention_decode.aot_cases_decode``) lists plus the variants that combine constexpr flags
-(chunked + varlen, softcap + ALiBi + dropout). It is the only module importing all three, so
+(chunked + varlen, softcap + ALiBi + dropout, key padding + seqused_k + segments). It is the only module importing all three, so
 none of them imports another (see ``kernels/_aot.py`` for the contract).
 """
 import dataclasses
@@ -40,6 +40,24 @@ def _modified(cc):
     return cases
 
 
+def _masked(cc):
+    """Key padding + seqused_k + segments together (KPAD, SEQUSED, SEGMENTS: the heaviest mask path)
+    for the one config per kernel a masked problem launches (fwd_configs/bwd_configs masks=True):
+    bf16 at every head-dim bucket, fp16 with softcap + ALiBi + dropout on top, fp32 at d64."""
+    cases = []
+    masks = dict(KPAD=True, SEQUSED=True, SEGMENTS=True)
+    mod = dict(SOFTCAP=True, ALIBI=True, DROPOUT=True)
+    for d, dtype, mods in [(d, dt, m) for d in (64, 128, 256) for dt, m in ((torch.bfloat16, {}), (torch.float16, mod))] \
+            + [(64, torch.float32, {})]:
+        dt = _DT[dtype]
+        bc = _bwd.bwd_configs(cc, d, dtype, bool(mods), masks=True)
+        fc = _fwd.fwd_configs(cc, d, dtype, bool(mods), masks=True)[0]
+        cases.append(_fwd._fwd_case(cc, d, dt, fc, _arch(cc) == 9 and dt != "fp32", **mods, **masks))
+        cases.append(_bwd._bwd_case(cc, "dkdv", d, dt, bc.dkdv[0], **mods, **masks))
+        cases.append(_bwd._bwd_case(cc, "dq", d, dt, bc.dq[0], **mods, **masks))
+    return cases
+
+
 def aot_cases(cc):
     """Every attention config fasttfm may launch on ``cc`` (80, 86 or 90): forward, backward (fp16
     and bf16 at d64/128/256, fp32 at d64), the flag combinations above, and decode."""
@@ -50,5 +68,6 @@ def aot_cases(cc):
     cases += _bwd.aot_cases_bwd(cc, 64, torch.float32, "fp32")
     cases += _chunked_varlen(cases)
     cases += _modified(cc)
+    cases += _masked(cc)
     cases += _dec.aot_cases_decode(cc)
     return cases

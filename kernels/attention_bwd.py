@@ -109,9 +109,28 @@ if TRITON_36:  # Triton 3.6 (static report, fp16 and bf16): these spill there, 3
     _FP32_DKDV = AttnConfig(16, 32, 4, 2)  # 32x32: 432-512 B of spills on sm_80/86/90 -> 0 (108-143 regs)
 
 
-def bwd_configs(cc, head_dim, dtype=torch.float16, mods=False):
+# Per-sequence masks: one config per kernel and bucket, the default swapped where it spills with all
+# three masks on (static report, Triton 3.8), as kernels/attention.py's _MASKED_FWD. sm_90 dK/dV d128
+# keeps 64x64 w4 s2: 240 B with masks, within its MEASURED_SPILLS allowance (344 B without masks).
+_MASKED_DQ = {(9, False): {256: {AttnConfig(64, 64, 4, 2): AttnConfig(64, 32, 4, 2)}},    # 32 B -> 0 (255 regs)
+              (8, False): {64: {AttnConfig(128, 64, 8, 2): AttnConfig(64, 32, 4, 2)}},    # 80 B -> 0 (212 regs)
+              (86, False): {64: {AttnConfig(128, 64, 8, 2): AttnConfig(64, 32, 4, 2)}}}   # 40 B -> 0
+_MASKED_DKDV = {}
+
+
+def _masked(table, arch, mods, head_dim, cfg):
+    return table.get((arch, bool(mods)), {}).get(_bucket_dim(head_dim), {}).get(cfg, cfg)
+
+
+def bwd_configs(cc, head_dim, dtype=torch.float16, mods=False, masks=False):
     """(dK/dV tuning list, dQ tuning list) for compute capability ``cc`` and head dim; ``mods``:
-    softcap, ALiBi or dropout active."""
+    softcap, ALiBi or dropout active; ``masks``: key padding, seqused_k or segments active (one
+    config each, see _MASKED_DQ)."""
+    if masks:
+        bc = bwd_configs(cc, head_dim, dtype, mods)
+        arch = _arch(cc)
+        return BwdConfigs([_masked(_MASKED_DKDV, arch, mods, head_dim, bc.dkdv[0])],
+                          [_masked(_MASKED_DQ, arch, mods, head_dim, bc.dq[0])])
     elt = torch.empty((), dtype=dtype).element_size()
     if elt == 4:
         return BwdConfigs([_FP32_DKDV], [AttnConfig(32, 32, 4, 2)])
@@ -350,6 +369,10 @@ def _mods(cx):
     return cx["SOFTCAP"] or cx["ALIBI"] or cx["DROPOUT"]
 
 
+def _masks(cx):
+    return cx["KPAD"] or cx["SEQUSED"] or cx["SEGMENTS"]
+
+
 def _common(q, k, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k, sm_scale, win_left, win_right, chunk_size,
             softcap, alibi_slopes, lse, dropout_p=0.0, seed=0, masks=None):
     """Arguments shared by both backward kernels: (varlen, trailing scalars, constexprs, the pointer
@@ -398,7 +421,7 @@ def _launch_bwd(kernel, which, q, args, cx, n_rows, block, heads, batch, config,
     """Config choice and launch shared by dK/dV (``which`` "dkdv": programs over kv rows, ``block``
     "BLOCK_N") and dQ ("dq": over q rows, "BLOCK_M"): explicit config, autotuning, or the heuristic."""
     def tuning_list():
-        return getattr(bwd_configs(_cc(q), q.shape[-1], q.dtype, _mods(cx)), which)
+        return getattr(bwd_configs(_cc(q), q.shape[-1], q.dtype, _mods(cx), _masks(cx)), which)
 
     if config is None and autotune_enabled():
         grid = lambda meta: (triton.cdiv(n_rows, meta[block]), heads, batch)  # noqa: E731
@@ -424,7 +447,13 @@ def _bwd_case(cc, which, d, dt, cfg, **flags):
     return AotCase(f"attn_bwd_{which}[{dt},d{d},bm{cfg.BLOCK_M},bn{cfg.BLOCK_N},w{cfg.num_warps},"
                    f"s{cfg.num_stages}{tags}]", kernel, sig, cx, cfg.num_warps, cfg.num_stages,
                    tensor_core=dt != "fp32", attrs=aot_attrs(kernel, sig),
-                   spill_ok=0 if flags else MEASURED_SPILLS.get((_arch(cc), which, cfg), 0))
+                   spill_ok=MEASURED_SPILLS.get((_arch(cc), which, cfg), 0) if _plain_scores(flags) else 0)
+
+
+def _plain_scores(flags):
+    """Whether a case keeps the plain score path (no softcap/ALiBi/dropout): masks, chunks and varlen
+    only narrow ranges and mask elements, so a GPU-measured spill allowance carries over."""
+    return not any(flags.get(f) for f in ("SOFTCAP", "ALIBI", "DROPOUT"))
 
 
 def aot_cases_bwd(cc, d, dtype, dt):

@@ -12,7 +12,7 @@ import torch
 
 from fasttfm.ops import attention as A
 from tests.oracle import assert_close_oracle, require_gpu
-from tests.test_attention import grad_floor, mode_ctx
+from tests.test_attention import grad_floor, mode_ctx, sm90_tma  # noqa: F401 (fixture)
 
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 
@@ -381,3 +381,67 @@ def test_padded_tiles_are_skipped(kind, monkeypatch):
         out.backward(torch.randn_like(out))
     assert counts["n"] == 9 * tiles
     assert tiles < b * (n // bm) * (n // bn + 1) // 2  # fewer than causal alone visits
+
+
+@pytest.mark.parametrize("which", ["kpad", "seqused", "segments"])
+def test_masks_tma_forward_interpreted(which, sm90_tma):
+    """sm_90's forward (K/V through TMA tensor descriptors sized by seqused_k) with each mask."""
+    b, n = 2, 53
+    kw = dict(kpm=make_kpm("left", b, n)) if which == "kpad" else \
+        dict(seqused=torch.tensor([n, 29], dtype=torch.int32)) if which == "seqused" else \
+        dict(seg=make_segments(b, n, [20, 33]))
+    check_masked("emu", F16, b, 2, 2, n, n, 64, True, **kw)
+    assert sm90_tma and all(sm90_tma)
+
+
+# -- users: SDPA boolean per-key masks, nn.MultiheadAttention key_padding_mask --------------------------
+def _count_kernel_calls(monkeypatch):
+    """Record whether fasttfm's op or torch's SDPA ran (the op layer's reference to torch's SDPA)."""
+    calls = {"torch": 0}
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*a, **kw):
+        calls["torch"] += 1
+        return real(*a, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    return calls, real
+
+
+@pytest.mark.parametrize("mode", ["cpu", "emu"])
+@pytest.mark.parametrize("shape", ["b11s", "111s", "1s", "bs_5d"])
+@pytest.mark.parametrize("is_gqa", [False, True])
+def test_sdpa_key_padding_mask_runs_kernel(mode, shape, is_gqa, monkeypatch):
+    """Boolean per-key masks in SDPA's broadcast shapes run the kernel with key_padding_mask and match
+    torch's SDPA (fp32, fwd + grads), fully masked rows included (torch gives 0 there too)."""
+    b, h, L, S, e = 3, 4, 37, 53, 32
+    hkv = 2 if is_gqa else h
+    q = torch.randn(b, h, L, e, requires_grad=True)
+    k, v = (torch.randn(b, hkv, S, e, requires_grad=True) for _ in range(2))
+    kpm = make_kpm("empty_row", b, S)
+    mask = {"b11s": kpm[:, None, None, :], "111s": kpm[:1, None, None, :], "1s": kpm[:1],
+            "bs_5d": kpm[:, None, None, None, :]}[shape]
+    if shape == "bs_5d":  # (N, G, H, L, E) queries with a (N, 1, 1, 1, S) mask
+        q, k, v = (t.detach().unsqueeze(1).expand(-1, 2, -1, -1, -1).clone().requires_grad_() for t in (q, k, v))
+    calls, real = _count_kernel_calls(monkeypatch)
+    ref = real(q, k, v, attn_mask=mask, enable_gqa=is_gqa)
+    with mode_ctx(mode, F32):
+        out = A.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=is_gqa)
+    assert calls["torch"] == 0
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    g = torch.randn_like(ref)
+    with mode_ctx(mode, F32):
+        got = torch.autograd.grad(out, (q, k, v), g)
+    for a, b_ in zip(got, torch.autograd.grad(ref, (q, k, v), g)):
+        torch.testing.assert_close(a, b_, atol=1e-4, rtol=1e-3)
+
+
+def test_sdpa_other_masks_stay_on_torch(monkeypatch):
+    """Per-query / per-head boolean masks and float masks are not key padding: torch's SDPA runs them."""
+    q, k, v = torch.randn(2, 2, 10, 16), torch.randn(2, 2, 12, 16), torch.randn(2, 2, 12, 16)
+    calls, real = _count_kernel_calls(monkeypatch)
+    masks = [torch.rand(10, 12) > 0.3, torch.rand(2, 2, 1, 12) > 0.3, torch.rand(2, 1, 10, 12) > 0.3,
+             torch.randn(2, 1, 1, 12)]
+    for i, m in enumerate(masks):
+        torch.testing.assert_close(A.scaled_dot_product_attention(q, k, v, attn_mask=m), real(q, k, v, attn_mask=m))
+        assert calls["torch"] == i + 1

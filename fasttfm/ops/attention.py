@@ -678,14 +678,49 @@ def _dropout_mask_of(b, hq, nq, nk, p, seed, device):
     return _keep_mask(seed, p, list(range(b)), hq, 0, nq, 0, nk, nq, nk, False, device)
 
 
+def _sdpa_key_padding(attn_mask, lead, S, device):
+    """The (B, S) bool key padding mask (True = attend) equal to an SDPA boolean ``attn_mask`` that
+    broadcasts to (*lead, H, L, S) as a per-key mask -- size 1 along L and H, any batch dims of size 1
+    or equal to ``lead`` (e.g. (B, 1, 1, S), (1, 1, 1, S), (1, S)) -- decided from the shape only
+    (no value inspection, no host sync); None for any other mask."""
+    if not isinstance(attn_mask, Tensor) or attn_mask.dtype != torch.bool or attn_mask.device != device:
+        return None
+    nd = len(lead) + 3
+    if not 1 <= attn_mask.dim() <= nd:
+        return None
+    m = attn_mask.reshape((1,) * (nd - attn_mask.dim()) + tuple(attn_mask.shape))
+    if m.shape[-1] not in (1, S) or m.shape[-2] != 1 or m.shape[-3] != 1:
+        return None
+    if any(a not in (1, b) for a, b in zip(m.shape[:-3], lead)):
+        return None
+    return m.expand(*lead, 1, 1, S).reshape(-1, S)
+
+
+def flash_sdpa(q, k, v, *, scale, is_causal=False, dropout_p=0.0, key_padding_mask=None):
+    """fasttfm's kernels on (B, H, L, E) / (B, Hkv, S, E) views with SDPA's conventions: top-left
+    ``is_causal`` (query i sees keys j <= i, any L and S), a Philox seed drawn from torch's default
+    CPU generator when dropout_p > 0, key_padding_mask bool (B, S) True = attend. Returns out (B, H, L, E)."""
+    L, S = q.shape[2], k.shape[2]
+    # top-left causal: j <= i  <=>  j <= i + (S - L) + right with right = L - S (any sign, inside the op)
+    right = (L - S) if is_causal else UNBOUNDED
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0 else 0
+    out, _ = torch.ops.fasttfm.attn_fwd(q, k, v, None, None, L, S, float(scale), UNBOUNDED, right, 0, "bhnd", 0.0,
+                                        None, float(dropout_p), seed, key_padding_mask, None, None)
+    return out
+
+
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                  enable_gqa=False):
     """Drop-in ``torch.nn.functional.scaled_dot_product_attention`` (same arguments and semantics).
 
     query (N, ..., Hq, L, E), key/value (N, ..., Hkv, S, E); ``is_causal`` is top-left aligned as
-    SDPA defines it (query i sees keys j <= i). Without ``attn_mask`` and with E == Ev in 16..256
-    and fp16/bf16/fp32, it runs fasttfm's flash kernels; with a boolean/float ``attn_mask`` (or any
-    other shape/dtype) it runs PyTorch's own SDPA, which is exact for arbitrary masks.
+    SDPA defines it (query i sees keys j <= i). With E == Ev in 16..256 and fp16/bf16/fp32 it runs
+    fasttfm's flash kernels when ``attn_mask`` is None or a boolean per-key (padding) mask --
+    broadcastable with size 1 along L and H, e.g. (N, 1, 1, S) or (1, 1, 1, S), True = attend,
+    detected from its shape only -- which the kernels apply per kv tile (a query row that sees no
+    key gives 0, as torch's SDPA does). Any other ``attn_mask`` (float, per-query, per-head) runs
+    PyTorch's own SDPA, which is exact for arbitrary masks.
     dropout_p > 0 drops attention probabilities as SDPA does (always, whatever the module mode): in
     the kernels with a Philox seed drawn from torch's default CPU generator (see ``attention``), on
     the fallback path with PyTorch's own dropout.
@@ -699,11 +734,15 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         raise RuntimeError(f"fasttfm.scaled_dot_product_attention: query has {hq} heads and key/value {hkv}; "
                            f"pass enable_gqa=True for grouped-query attention")
     e = query.shape[-1]
-    fast = (attn_mask is None and query.dim() >= 3 and query.dim() == key.dim() == value.dim()
+    fast = (query.dim() >= 3 and query.dim() == key.dim() == value.dim()
             and value.shape[-1] == e == key.shape[-1] and 16 <= e <= 256
             and query.dtype in _DTYPES and key.dtype in _DTYPES and value.dtype in _DTYPES
             and autocast_dtype(query) == autocast_dtype(key) == autocast_dtype(value)
             and (hkv > 0 and hq % hkv == 0))
+    kpm = None
+    if fast and attn_mask is not None:
+        kpm = _sdpa_key_padding(attn_mask, query.shape[:-3], key.shape[-2], query.device)
+        fast = kpm is not None
     if not fast:
         return torch.nn.functional.scaled_dot_product_attention(
             query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
@@ -712,13 +751,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     q, k, v = (t.reshape(-1, *t.shape[-3:]) if t.dim() != 4 else t for t in (query, key, value))
     if q.shape[0] != k.shape[0]:
         k, v = k.expand(q.shape[0], *k.shape[1:]), v.expand(q.shape[0], *v.shape[1:])
-    L, S = q.shape[2], k.shape[2]
-    # top-left causal: j <= i  <=>  j <= i + (S - L) + right with right = L - S (any sign, inside the op)
-    right = (L - S) if is_causal else UNBOUNDED
-    if scale is None:
-        scale = e ** -0.5
-    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-    seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0 else 0
-    out, _ = torch.ops.fasttfm.attn_fwd(q, k, v, None, None, L, S, float(scale), UNBOUNDED, right, 0, "bhnd", 0.0,
-                                        None, float(dropout_p), seed)
+    if kpm is not None and kpm.shape[0] != q.shape[0]:  # a 3-D query: one batch row
+        kpm = kpm.expand(q.shape[0], -1)
+    out = flash_sdpa(q, k, v, scale=e ** -0.5 if scale is None else scale, is_causal=is_causal, dropout_p=dropout_p,
+                     key_padding_mask=kpm)
     return out.reshape(*lead, *out.shape[-3:]) if len(lead) != 1 else out
