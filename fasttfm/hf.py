@@ -236,6 +236,11 @@ def use_attention(model, handle, path):
         cfg.hidden_size // cfg.num_attention_heads if getattr(cfg, "num_attention_heads", None) else None)
     if head_dim is not None and not 16 <= head_dim <= 256:
         notes.append(f"head_dim {head_dim} outside 16..256: HF's sdpa runs")
+    window = _local_attention(cfg)
+    if window:
+        notes.append(window)
+    if getattr(cfg, "attention_chunk_size", None):
+        notes.append(f"chunked attention ({cfg.attention_chunk_size}): HF's dense mask, counted per call")
     prefix = f"{path}." if path else ""
     modules = list(model.named_modules())
     handle.fallback_sources.append(
@@ -248,6 +253,22 @@ def use_attention(model, handle, path):
 
 
 use_attention.display = "fasttfm.hf.attention_forward"
+
+
+def _local_attention(cfg):
+    """A note on the config's local-attention layers (read from the masks at call time, whatever
+    the family: this only says where they are), or None."""
+    types = getattr(cfg, "layer_types", None) or ()
+    n_local = sum(t == "sliding_attention" for t in types)
+    window = getattr(cfg, "sliding_window", None)
+    if getattr(cfg, "use_sliding_window", True) is False or not window or (types and not n_local):
+        window = None
+    local = getattr(cfg, "local_attention", None)  # ModernBERT: +-local_attention // 2
+    if window is None and not local:
+        return None
+    where = f"{n_local} of {len(types)} layers" if types else "every layer"
+    size = f"sliding window {window}" if window else f"local attention {local}"
+    return f"{size} on {where}: on the kernel's window"
 
 
 # -- norms -----------------------------------------------------------------------------------------

@@ -324,6 +324,15 @@ def test_low_precision_padded_follows_the_oracle(family, dtype):
         if p64.grad is not None:
             assert_close_oracle(p.grad, p64.grad, plow.grad, name=name)
 
+
+@pytest.mark.parametrize("family,note", [("mistral", "sliding window 8 on every layer"),
+                                         ("qwen2", "sliding window 8 on 1 of 2 layers"),
+                                         ("gemma3", "sliding window 8 on 1 of 2 layers"), ("llama", None)])
+def test_report_names_the_local_attention_layers(family, note):
+    _, _, handle = patched(CAUSAL_LMS[family])
+    text = handle.report()
+    assert (note is None and "window" not in text) or f"{note}: on the kernel's window" in text, text
+
 # -- the issue-16 table: python -m tests.test_hf_routes ----------------------------------------------
 def _run_kinds():
     def unpadded(m):
