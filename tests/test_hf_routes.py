@@ -333,6 +333,38 @@ def test_report_names_the_local_attention_layers(family, note):
     text = handle.report()
     assert (note is None and "window" not in text) or f"{note}: on the kernel's window" in text, text
 
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("family", ["mistral", "gemma3", "llama"])
+def test_chunked_prefill(family, cache):
+    """A left-padded prompt fed in chunks of 7, 5 and 4 tokens (Nq < Nk after the first, crossing
+    the window of 8): every chunk on the kernel, same logits at the real tokens."""
+    model, ref, _ = patched(CAUSAL_LMS[family])
+    model.eval(), ref.eval()
+    ids, mask, _ = padded_batch()
+    mask[0, -3:] = 1  # left padding only (row 1), as a prompt
+    ids, mask = ids[:, :16], mask[:, :16]
+
+    def chunks(m):
+        past = transformers.StaticCache(config=m.config, max_cache_len=24) if cache == "static" else \
+            transformers.DynamicCache(config=m.config)
+        out, start = [], 0
+        with torch.no_grad():
+            for n in (7, 5, 4):
+                end = start + n
+                out.append(m(input_ids=ids[:, start:end], attention_mask=mask[:, :end], past_key_values=past,
+                             position_ids=(mask[:, :end].cumsum(-1) - 1).clamp(min=0)[:, start:end],
+                             cache_position=torch.arange(start, end)).logits)
+                start = end
+        return torch.cat(out, dim=1)
+
+    with count_attention() as stats:
+        logits = chunks(model)
+    assert_all_kernel(stats, model)
+    assert stats["calls"] == 6
+    keep = mask.bool()
+    torch.testing.assert_close(logits[keep], chunks(ref)[keep])
+
 # -- the issue-16 table: python -m tests.test_hf_routes ----------------------------------------------
 def _run_kinds():
     def unpadded(m):
