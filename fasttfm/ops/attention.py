@@ -283,12 +283,24 @@ def _fwd_impl(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, chunk, layo
     return out, lse
 
 
+def _mask_bias(vis):
+    """fp32 (B, 1, n, m) additive bias (0 / -inf) of a (B, 1, 1, n, m) visibility mask, for aten's kernel."""
+    return torch.zeros(vis.shape[0], 1, *vis.shape[3:], device=vis.device).masked_fill(~vis[:, 0], float("-inf"))
+
+
 def _cpu_fwd_masked(q4, k4, v4, o4, lse4, scale, left, right, chunk, softcap, slopes, dropout_p, seed, kpm,
                     seqused, seg):
-    """CPU forward with per-sequence masks (dense layouts): the dense reference math in fp32."""
+    """CPU forward with per-sequence masks (dense layouts), fp32 math: aten's CPU flash kernel with the
+    mask as an additive bias when there are no score modifiers, else the dense reference math."""
     g = q4.shape[1] // k4.shape[1]
     n, m = q4.shape[2], k4.shape[2]
     vis, shift = _visible_batched(n, m, left, right, chunk, kpm, seqused, seg, q4.device)
+    if not softcap and slopes is None and dropout_p == 0:
+        o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q4.float(), k4.float(), v4.float(), 0.0, False, attn_mask=_mask_bias(vis), scale=scale)
+        o4.copy_(o.to(o4.dtype))
+        lse4.copy_(torch.where(vis[:, 0, 0].any(-1)[:, None], l, float("-inf")))  # rows seeing nothing: -inf
+        return
     _, p, l = _cpu_probs(q4, k4, None, vis, scale, g, softcap, _slopes_of(slopes, slice(None)), None,
                          shift.reshape(-1, 1, 1, 1, 1))
     if dropout_p > 0:
@@ -358,6 +370,13 @@ def _bwd_impl(dout, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, le
     g = q4.shape[1] // k4.shape[1]
     if cu_q is None and (kpm is not None or seqused is not None or seg is not None):
         vis, shift = _visible_batched(q4.shape[2], k4.shape[2], left, right, chunk, kpm, seqused, seg, q.device)
+        if not softcap and slopes is None and dropout_p == 0 and dlse4 is None:  # aten's kernel (no LSE grad)
+            gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                do4.float(), q4.float(), k4.float(), v4.float(), o4.float(),
+                torch.where(torch.isinf(lse4), 0.0, lse4).contiguous(), 0.0, False, attn_mask=_mask_bias(vis),
+                scale=scale)
+            dq4.copy_(gq), dk4.copy_(gk), dv4.copy_(gv)
+            return dq, dk, dv
         _cpu_bwd_one(slice(None), 0, (q4, k4, v4, o4, do4, dq4, dk4, dv4), lse4, dlse4, vis, scale, g, softcap,
                      _slopes_of(slopes, slice(None)), dropout_p, seed, (0, q4.shape[2], 0, k4.shape[2]), False,
                      shift.reshape(-1, 1, 1, 1, 1))
