@@ -25,6 +25,14 @@ multiply, ``exp2``); fp32 statistics and accumulators; P is rounded to the input
 the P @ V product (fp16/bf16 tensor cores). fp32 inputs use IEEE fp32 dots (no TF32). Rows with
 no visible key give output 0 and LSE -inf.
 
+Per-sequence masks, constexpr-gated (KPAD, SEQUSED, SEGMENTS; dense problems, SEQUSED also varlen):
+SEQUSED replaces n_k by seqused_k[b] (so the shift above is seqused_k[b] - Nq); SEGMENTS intersects
+[lo(i), hi(i)] with the run [start(i), end(i)] of equal segment ids holding row i (both bounds stay
+monotone in i, so the tile ranges above still hold); KPAD clips a q tile's kv range to the
+sequence's first/last valid key (computed on the device by the op layer) and masks each loaded tile
+with the key_padding_mask row. The op layer computes run bounds and key bounds with torch ops (no
+host sync). Masked problems launch one checked config per kernel (``fwd_configs(masks=True)``).
+
 Score modifiers, constexpr-gated (SOFTCAP, ALIBI, DROPOUT all False compile the plain kernel):
 softcap s = cap * tanh(s / cap) and ALiBi bias -slope_h * |i + shift - j| (``_scores``, after the
 cap), dropout of P by Philox keyed on (batch, head, row, col) (``_dropout_keep``; the LSE stays that

@@ -55,7 +55,11 @@ def _masked(cc):
         cases.append(_fwd._fwd_case(cc, d, dt, fc, _arch(cc) == 9 and dt != "fp32", **mods, **masks))
         cases.append(_bwd._bwd_case(cc, "dkdv", d, dt, bc.dkdv[0], **mods, **masks))
         cases.append(_bwd._bwd_case(cc, "dq", d, dt, bc.dq[0], **mods, **masks))
-    return cases
+    # varlen + seqused_k (FlashAttention-3 style), the masked default configs at bf16 d128
+    vs = [dataclasses.replace(c, name=c.name.replace(",kpad,seqused,segments", ",varlen,seqused"),
+                              constexprs=dict(c.constexprs, VARLEN=True, KPAD=False, SEGMENTS=False))
+          for c in cases if "bf16,d128," in c.name]
+    return cases + vs
 
 
 def aot_cases(cc):

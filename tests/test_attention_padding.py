@@ -294,7 +294,7 @@ def test_mask_argument_errors(kw, match):
         A.attention(q, k, v, **kw)
 
 
-def test_mask_arguments_refuse_varlen():
+def test_mask_arguments_refuse_varlen():  # (seqused_k is allowed: test_varlen_seqused_k)
     q = torch.randn(10, 2, 16)
     cu = torch.tensor([0, 4, 10], dtype=torch.int32)
     with pytest.raises(ValueError, match="key_padding_mask need the dense layouts"):
@@ -445,3 +445,41 @@ def test_sdpa_other_masks_stay_on_torch(monkeypatch):
     for i, m in enumerate(masks):
         torch.testing.assert_close(A.scaled_dot_product_attention(q, k, v, attn_mask=m), real(q, k, v, attn_mask=m))
         assert calls["torch"] == i + 1
+
+
+@pytest.mark.parametrize("mode", ["cpu", "emu", "cuda"])
+@pytest.mark.parametrize("dtype", [F16, BF16, F32])
+def test_varlen_seqused_k(mode, dtype):
+    """Varlen (cu_seqlens) with seqused_k (FlashAttention-3 style): sequence i uses its first
+    seqused_k[i] keys, bottom-right aligned to them; per sequence against the fp64 reference,
+    output and every gradient; unused keys get exactly zero gradients."""
+    if mode == "cuda":
+        require_gpu()
+    dev = "cuda" if mode == "cuda" else "cpu"
+    lens_q, lens_k, used = [37, 5, 20], [53, 40, 20], [41, 40, 0]
+    cu_q = torch.tensor([0, 37, 42, 62], dtype=torch.int32)
+    cu_k = torch.tensor([0, 53, 93, 113], dtype=torch.int32)
+    hq, hkv, d = 2, 1, 32
+    q, do = (torch.randn(62, hq, d, dtype=torch.float64).to(dtype) for _ in range(2))
+    k, v = (torch.randn(113, hkv, d, dtype=torch.float64).to(dtype) for _ in range(2))
+    qd, kd, vd = (t.to(dev).requires_grad_() for t in (q, k, v))
+    with mode_ctx(mode, dtype):
+        out = A.attention(qd, kd, vd, cu_seqlens_q=cu_q.to(dev), cu_seqlens_k=cu_k.to(dev), causal=True,
+                          seqused_k=torch.tensor(used, dtype=torch.int32, device=dev))
+        got = (out, *torch.autograd.grad(out, (qd, kd, vd), do.to(dev)))
+    for i in range(3):
+        qs, ks, vs, dos = (t[a:a + n].transpose(0, 1)[None] for t, a, n in
+                           ((q, cu_q[i], lens_q[i]), (k, cu_k[i], lens_k[i]), (v, cu_k[i], lens_k[i]),
+                            (do, cu_q[i], lens_q[i])))
+        mask = ref_mask(1, lens_q[i], lens_k[i], True, seqused=torch.tensor([used[i]]))
+        refs = {}
+        for name, dt in (("64", torch.float64), ("lowp", dtype)):
+            qq, kk, vv = (t.to(dt).requires_grad_() for t in (qs, ks, vs))
+            o, _ = ref_attention(qq, kk, vv, mask, d ** -0.5)
+            refs[name] = (o, *torch.autograd.grad(o, (qq, kk, vv), dos.to(dt)))
+        sl = [slice(int(cu_q[i]), int(cu_q[i]) + lens_q[i])] * 2 + [slice(int(cu_k[i]), int(cu_k[i]) + lens_k[i])] * 2
+        for j, name in enumerate(("out", "dq", "dk", "dv")):
+            assert_close_oracle(got[j][sl[j]].transpose(0, 1)[None], refs["64"][j], refs["lowp"][j],
+                                factor=2.0 if j == 0 else 3.0, name=f"{name}[{i}]",
+                                floor=None if j == 0 else grad_floor(dtype, refs["64"][1:]))
+        assert (got[2][int(cu_k[i]) + used[i]:int(cu_k[i + 1])].cpu() == 0).all()

@@ -45,12 +45,15 @@ def _unit_last(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
-def _sequences(cu_q, cu_k, q4, k4):
-    """[(b, q0, q1, k0, k1)] of the problem: one dense entry, or one per packed sequence."""
+def _sequences(cu_q, cu_k, q4, k4, seqused=None):
+    """[(b, q0, q1, k0, k1)] of the problem: one dense entry, or one per packed sequence (varlen with
+    seqused_k: keys k0 .. k0 + min(seqused_k[i], k1 - k0), a host read of the CPU path)."""
     if cu_q is None:
         return [(slice(None), 0, q4.shape[2], 0, k4.shape[2])]
     cq, ck = cu_q.tolist(), cu_k.tolist()
-    return [(slice(0, 1), cq[i], cq[i + 1], ck[i], ck[i + 1]) for i in range(len(cq) - 1)]
+    used = [None] * (len(cq) - 1) if seqused is None else seqused.tolist()
+    ends = [ck[i + 1] if used[i] is None else ck[i] + min(used[i], ck[i + 1] - ck[i]) for i in range(len(cq) - 1)]
+    return [(slice(0, 1), cq[i], cq[i + 1], ck[i], ends[i]) for i in range(len(cq) - 1)]
 
 
 def _visible(nq, nk, left, right, chunk, device):
@@ -256,11 +259,11 @@ def _fwd_impl(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, chunk, layo
         return out, lse
     lse4 = lse.unsqueeze(0) if layout == "thd" else lse
     g = q4.shape[1] // k4.shape[1]
-    if kpm is not None or seqused is not None or seg is not None:
+    if cu_q is None and (kpm is not None or seqused is not None or seg is not None):
         _cpu_fwd_masked(q4, k4, v4, o4, lse4, scale, left, right, chunk, softcap, slopes, dropout_p, seed,
                         kpm, seqused, seg)
         return out, lse
-    for idx, (b, q0, q1, k0, k1) in enumerate(_sequences(cu_q, cu_k, q4, k4)):
+    for idx, (b, q0, q1, k0, k1) in enumerate(_sequences(cu_q, cu_k, q4, k4, seqused)):
         causal = _aten_causal(q1 - q0, k1 - k0, left, right, chunk, softcap, slopes, dropout_p)
         if causal is not None:
             o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -280,12 +283,24 @@ def _fwd_impl(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, chunk, layo
     return out, lse
 
 
+def _mask_bias(vis):
+    """fp32 (B, 1, n, m) additive bias (0 / -inf) of a (B, 1, 1, n, m) visibility mask, for aten's kernel."""
+    return torch.zeros(vis.shape[0], 1, *vis.shape[3:], device=vis.device).masked_fill(~vis[:, 0], float("-inf"))
+
+
 def _cpu_fwd_masked(q4, k4, v4, o4, lse4, scale, left, right, chunk, softcap, slopes, dropout_p, seed, kpm,
                     seqused, seg):
-    """CPU forward with per-sequence masks (dense layouts): the dense reference math in fp32."""
+    """CPU forward with per-sequence masks (dense layouts), fp32 math: aten's CPU flash kernel with the
+    mask as an additive bias when there are no score modifiers, else the dense reference math."""
     g = q4.shape[1] // k4.shape[1]
     n, m = q4.shape[2], k4.shape[2]
     vis, shift = _visible_batched(n, m, left, right, chunk, kpm, seqused, seg, q4.device)
+    if not softcap and slopes is None and dropout_p == 0:
+        o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q4.float(), k4.float(), v4.float(), 0.0, False, attn_mask=_mask_bias(vis), scale=scale)
+        o4.copy_(o.to(o4.dtype))
+        lse4.copy_(torch.where(vis[:, 0, 0].any(-1)[:, None], l, float("-inf")))  # rows seeing nothing: -inf
+        return
     _, p, l = _cpu_probs(q4, k4, None, vis, scale, g, softcap, _slopes_of(slopes, slice(None)), None,
                          shift.reshape(-1, 1, 1, 1, 1))
     if dropout_p > 0:
@@ -353,13 +368,20 @@ def _bwd_impl(dout, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, le
     lse4 = lse.unsqueeze(0) if layout == "thd" else lse
     dlse4 = None if dlse is None else (dlse.unsqueeze(0) if layout == "thd" else dlse)
     g = q4.shape[1] // k4.shape[1]
-    if kpm is not None or seqused is not None or seg is not None:
+    if cu_q is None and (kpm is not None or seqused is not None or seg is not None):
         vis, shift = _visible_batched(q4.shape[2], k4.shape[2], left, right, chunk, kpm, seqused, seg, q.device)
+        if not softcap and slopes is None and dropout_p == 0 and dlse4 is None:  # aten's kernel (no LSE grad)
+            gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                do4.float(), q4.float(), k4.float(), v4.float(), o4.float(),
+                torch.where(torch.isinf(lse4), 0.0, lse4).contiguous(), 0.0, False, attn_mask=_mask_bias(vis),
+                scale=scale)
+            dq4.copy_(gq), dk4.copy_(gk), dv4.copy_(gv)
+            return dq, dk, dv
         _cpu_bwd_one(slice(None), 0, (q4, k4, v4, o4, do4, dq4, dk4, dv4), lse4, dlse4, vis, scale, g, softcap,
                      _slopes_of(slopes, slice(None)), dropout_p, seed, (0, q4.shape[2], 0, k4.shape[2]), False,
                      shift.reshape(-1, 1, 1, 1, 1))
         return dq, dk, dv
-    for idx, (b, q0, q1, k0, k1) in enumerate(_sequences(cu_q, cu_k, q4, k4)):
+    for idx, (b, q0, q1, k0, k1) in enumerate(_sequences(cu_q, cu_k, q4, k4, seqused)):
         qs, ks, vs, os_, dos = q4[b, :, q0:q1], k4[b, :, k0:k1], v4[b, :, k0:k1], o4[b, :, q0:q1], do4[b, :, q0:q1]
         causal = _aten_causal(q1 - q0, k1 - k0, left, right, chunk, softcap, slopes, dropout_p)
         if causal is not None and dlse4 is None:  # aten's backward has no LSE gradient input
@@ -527,7 +549,7 @@ def _check_masks(kpm, seqused, seg, b, nq, nk, device, varlen):
     """Argument checks of key_padding_mask (bool (B, Nk)), seqused_k (int32 (B,)) and segment_ids
     (integer (B, N), Nq == Nk). Values are checked only for CPU tensors outside torch.compile
     (no host sync on device tensors)."""
-    given = [n for n, t in (("key_padding_mask", kpm), ("seqused_k", seqused), ("segment_ids", seg)) if t is not None]
+    given = [n for n, t in (("key_padding_mask", kpm), ("segment_ids", seg)) if t is not None]
     if given and varlen:
         raise ValueError(f"attention: {', '.join(given)} need the dense layouts 'bhnd'/'bnhd' "
                          f"(with cu_seqlens, pack only the valid tokens instead)")
@@ -539,8 +561,8 @@ def _check_masks(kpm, seqused, seg, b, nq, nk, device, varlen):
             raise ValueError(f"attention: key_padding_mask must be on {device}, got {kpm.device}")
     if seqused is not None:
         if not isinstance(seqused, Tensor) or seqused.dtype != torch.int32 or tuple(seqused.shape) != (b,):
-            raise ValueError(f"attention: seqused_k must be a torch.int32 tensor of shape (B,) = ({b},), "
-                             f"got {_desc(seqused)}")
+            raise ValueError(f"attention: seqused_k must be a torch.int32 tensor of shape (B,) = ({b},) "
+                             f"(varlen: one entry per sequence), got {_desc(seqused)}")
         if seqused.device != device:
             raise ValueError(f"attention: seqused_k must be on {device}, got {seqused.device}")
         if seqused.device.type == "cpu" and not torch.compiler.is_compiling():
@@ -592,14 +614,15 @@ def attention(q, k, v, *, causal=False, window=(-1, -1), chunk_size=None, softma
     value, so under torch.compile pass an explicit int). ``return_dropout_mask`` (debug, dense
     only) also returns the bool keep mask (B, Hq, Nq, Nk) the kernels used.
 
-    Per-sequence masks (dense layouts "bhnd"/"bnhd" only; combinable with each other and with
+    Per-sequence masks (dense layouts "bhnd"/"bnhd"; seqused_k also varlen; combinable with each other and with
     causal/window/chunk/softcap/ALiBi/dropout/GQA), applied inside the kernels, no host sync:
       * ``key_padding_mask`` bool (B, Nk), True = attend (HF's 2-D attention_mask convention; any
         pattern: left/right padding, holes). Keys with False are invisible to every query of that
         batch row; kv tiles before the first / after the last valid key are skipped.
       * ``seqused_k`` int32 (B,), 0 <= seqused_k[b] <= Nk: keys j >= seqused_k[b] are invisible and
         the causal/window/chunk/ALiBi alignment of sequence b is bottom-right relative to
-        seqused_k[b] (shift seqused_k[b] - Nq, FlashAttention-3's ``seqused_k``).
+        seqused_k[b] (shift seqused_k[b] - Nq, FlashAttention-3's ``seqused_k``). Also with
+        cu_seqlens (varlen, one entry per sequence, <= that sequence's key count).
       * ``segment_ids`` integer (B, N) with Nq == Nk (packed sequences in one row): query i sees key
         j only if both lie in the same maximal run of equal ids along N. Causal/window apply on the
         row's positions (inside a run they equal in-sequence positions).
@@ -651,8 +674,9 @@ def attention(q, k, v, *, causal=False, window=(-1, -1), chunk_size=None, softma
             max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max())
     else:
         max_seqlen_q, max_seqlen_k = q4.shape[2], k4.shape[2]
-    _check_masks(key_padding_mask, seqused_k, segment_ids, q4.shape[0], q4.shape[2], k4.shape[2], q.device,
-                 varlen)
+    nk_max = max_seqlen_k if varlen else k4.shape[2]
+    _check_masks(key_padding_mask, seqused_k, segment_ids, cu_seqlens_q.numel() - 1 if varlen else q4.shape[0],
+                 q4.shape[2], nk_max, q.device, varlen)
     if alibi_slopes is not None:
         nb = cu_seqlens_q.numel() - 1 if varlen else q4.shape[0]
         _check_slopes(alibi_slopes, q4.shape[1], nb, q.device)
