@@ -28,6 +28,10 @@ such layers gets ``use_nested_tensor = False``; both are restored by ``undo()``.
 
 ``sdpa_patched()`` is the opt-in context manager for code that calls
 ``torch.nn.functional.scaled_dot_product_attention`` itself.
+
+The registry types (``Row``, ``Entry``) and ``Keep`` (a model-scope target's refusal) live in
+``fasttfm._registry``, which this module and the targets (``fasttfm.hf``) import; ``fasttfm.hf``
+never imports this module.
 """
 import contextlib
 import sys
