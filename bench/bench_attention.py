@@ -2,6 +2,7 @@
 
     python bench/bench_attention.py [--dtype bf16] [--d 64 128] [--mode fwd fwd_bwd] [--out results.csv]
     python bench/bench_attention.py --masks causal causal+softcap causal+alibi causal+dropout
+    python bench/bench_attention.py --masks pad causal_pad     (padded batch: key_padding_mask vs varlen)
     python bench/bench_attention.py --decode [--cache 1024 4096 16384 65536] [--batch 1 16]
 
 FLOPs (ANCHORS.md convention): forward 4 * B * H * D * visible(q, k) pairs, backward 2.5x forward;
@@ -24,6 +25,14 @@ Mask ``doc4``: four equal documents packed in each sequence (fasttfm: varlen cu_
 a document mask; flash_attn: its varlen function). After the rows a summary table puts each
 fasttfm row beside the fastest other provider of the same case and prints the ratio
 (other ms / fasttfm ms; > 1 means fasttfm is faster).
+
+Padded batches (masks ``pad`` and ``causal_pad``): sequence i of the batch holds
+n - (n / 2) * (i + 1) / B valid tokens (from 1 - 1/(2B) of n down to half; B = 1 on the CPU: half),
+right-padded. ``fasttfm`` runs the padded (B, H, n, D) batch with ``key_padding_mask`` (padded kv
+tiles skipped inside the kernel), ``fasttfm_unpadded`` the same tokens packed beforehand
+(varlen ``cu_seqlens``; the unpad/pad copies are not timed: its best case), ``torch_sdpa`` SDPA
+with the equivalent (B, 1, 1, n) boolean mask (a dense-mask path). FLOPs count the useful work only:
+visible pairs of valid queries and keys.
 
 Score modifiers (``+softcap`` 30.0, ``+alibi`` per-head slopes, ``+dropout`` p = 0.1) are rows of
 their own; SDPA joins only where it has the feature (dropout). ``--decode``: one new token per
@@ -69,6 +78,60 @@ def visible_pairs(nq, nk, causal, window, chunk):
             lo, hi = max(lo, (p // chunk) * chunk), min(hi, (p // chunk) * chunk + chunk - 1)
         total += max(0, hi - lo + 1)
     return total
+
+
+def pad_lengths(b, n):
+    """Valid tokens per sequence of a padded batch: n - (n // 2) * (i + 1) // b for i < b."""
+    return [n - (n // 2) * (i + 1) // b for i in range(b)]
+
+
+def padded_providers(causal, lens, skipped):
+    """{name: fn(q, k, v)} for a right-padded batch with valid lengths ``lens`` (see module docstring)."""
+    def kpm_of(q):
+        return torch.arange(q.shape[2], device=q.device)[None, :] < torch.tensor(lens, device=q.device)[:, None]
+
+    out = {"fasttfm": lambda q, k, v: attention(q, k, v, causal=causal, key_padding_mask=kpm_of(q)),
+           "fasttfm_unpadded": _Unpadded(causal, lens),
+           "torch_sdpa": lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
+               q, k, v, attn_mask=_sdpa_pad_mask(kpm_of(q), causal), enable_gqa=k.shape[1] != q.shape[1])}
+    skipped.append("sdpa backends, flex, flash_attn: padded rows compare fasttfm (mask), fasttfm varlen and SDPA")
+    return out
+
+
+class _Unpadded:
+    """fasttfm varlen on the valid tokens, packed once per input set outside the timed runs;
+    ``grad_run`` differentiates w.r.t. the packed tensors (the padded ones are not its inputs)."""
+
+    def __init__(self, causal, lens):
+        self.causal, self.lens, self.key, self.packed = causal, lens, None, None
+
+    def _pack(self, q, k, v):
+        key = (q.data_ptr(), k.data_ptr(), v.data_ptr())
+        if key != self.key:
+            lens = self.lens
+            cu = torch.tensor([0] + [sum(lens[:i + 1]) for i in range(len(lens))], dtype=torch.int32, device=q.device)
+            pk = [torch.cat([t[i, :, :lens[i]].transpose(0, 1) for i in range(len(lens))]).detach()
+                  .requires_grad_(t.requires_grad) for t in (q, k, v)]
+            self.key, self.packed = key, (cu, pk)
+            self.do = torch.randn_like(pk[0])
+        return self.packed
+
+    def __call__(self, q, k, v):
+        cu, pk = self._pack(q, k, v)
+        m = max(self.lens)
+        return attention(*pk, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=m, max_seqlen_k=m, causal=self.causal)
+
+    def grad_run(self, q, k, v, do):
+        return torch.autograd.grad(self(q, k, v), self.packed[1], self.do)
+
+
+def _sdpa_pad_mask(kpm, causal):
+    """SDPA boolean mask (B, 1, n, n) or (B, 1, 1, n) of a key padding mask (True = attend)."""
+    m = kpm[:, None, None, :]
+    if causal:
+        n = kpm.shape[1]
+        m = m & torch.ones(n, n, dtype=torch.bool, device=kpm.device).tril()
+    return m
 
 
 def providers(causal, window, chunk, mods=None, dev="cpu", n=0, doc=False, math_max=2048, skipped=None):
@@ -239,7 +302,8 @@ def main(argv=None):
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     seqlens = args.seqlens or ([512, 1024, 2048, 4096, 8192, 16384] if dev == "cuda" else [256, 512])
     masks = {"none": (False, (-1, -1), None), "causal": (True, (-1, -1), None),
-             "window1k": (True, (1024, -1), None), "chunk1k": (True, (-1, -1), 1024), "doc4": (True, (-1, -1), None)}
+             "window1k": (True, (1024, -1), None), "chunk1k": (True, (-1, -1), 1024), "doc4": (True, (-1, -1), None),
+             "pad": (False, (-1, -1), None), "causal_pad": (True, (-1, -1), None)}
     mod_kw = {"softcap": dict(softcap=30.0), "dropout": dict(dropout_p=0.1),
               "alibi": dict(alibi_slopes=lambda h, dev: 2.0 ** -(8.0 * (torch.arange(h, device=dev) + 1) / h))}
     if args.decode:
@@ -256,12 +320,17 @@ def main(argv=None):
         b = max(1, 16384 // n) if dev == "cuda" else 1
         q = torch.randn(b, h, n, d, device=dev, dtype=dtype, requires_grad=mode != "fwd")
         k, v = (torch.randn(b, hkv, n, d, device=dev, dtype=dtype, requires_grad=mode != "fwd") for _ in range(2))
+        pad = base.endswith("pad")
         pairs = b * DOCS * visible_pairs(n // DOCS, n // DOCS, causal, window, chunk) if doc else \
+            sum(visible_pairs(m, m, causal, window, chunk) for m in pad_lengths(b, n)) if pad else \
             b * visible_pairs(n, n, causal, window, chunk)
         flops = 4 * h * d * pairs * (3.5 if mode == "fwd_bwd" else 1.0)
         case_skips = []
-        provs = providers(causal, window, chunk, mods, dev=dev, n=n, doc=doc, math_max=args.math_max,
-                          skipped=case_skips)
+        if pad:
+            provs = padded_providers(causal, pad_lengths(b, n), case_skips)
+        else:
+            provs = providers(causal, window, chunk, mods, dev=dev, n=n, doc=doc, math_max=args.math_max,
+                              skipped=case_skips)
         skipped += [f"{s_} [d={d} n={n} {mname} {mode}]" for s_ in case_skips]
         for name, fn in provs.items():
             if mode == "fwd":
@@ -269,6 +338,8 @@ def main(argv=None):
             else:
                 do = torch.randn(b, h, n, d, device=dev, dtype=dtype)
                 run = lambda fn=fn: torch.autograd.grad(fn(q, k, v), (q, k, v), do)  # noqa: E731
+                if hasattr(fn, "grad_run"):
+                    run = lambda fn=fn: fn.grad_run(q, k, v, do)  # noqa: E731
             try:
                 if isinstance(fn, _FlexProvider) or hasattr(fn, "compile_s"):
                     run()  # compile outside the timed runs

@@ -7,24 +7,29 @@ Used through ``fasttfm.patch(model)`` (rows in ``fasttfm.patch.REGISTRY``), or d
 
 ``transformers`` is imported only when one of these functions runs, never by ``import fasttfm``.
 
+Masks (``mask_interface``, ``fasttfm.hf_masks``, registered under the same name in HF's
+AttentionMaskInterface -- the trap in INTEGRATION.md): HF's mask request is recognised and answered
+with a ``Route`` (causal, window, key_padding_mask, seqused_k, segment_ids) instead of a dense
+(B, 1, Sq, Skv) mask, for every and-composition of HF's causal / sliding-window / bidirectional /
+packed-sequence mask functions, with or without a 2-D padding mask, over no cache, a DynamicCache,
+sliding caches or a StaticCache (its device-tensor offset becomes ``seqused_k``: no host sync).
+Other patterns (or_masks, chunked attention, a model's own mask functions) keep HF's dense
+sdpa_mask, and every attention call that gets one is counted with the reason.
+
 Attention (``attention_forward``, HF's attention-interface signature): query (B, Hq, Sq, D),
 key/value (B, Hkv, Skv, D) passed unexpanded (GQA is native), output (B, Sq, Hq, D).
-  * no mask -> fasttfm.attention on the (B, S, H, D) views ("bnhd", no copies): causal when the
-    module is causal and Sq > 1 (as HF's sdpa path), sliding window ``(sliding_window - 1, 0)``
-    when the model passes ``sliding_window`` (HF: kv_idx > q_idx - sliding_window);
-  * a mask (4-D bool, True = attend; padding, packed sequences, custom patterns) -> fasttfm's SDPA
-    with that mask: exact, dense math, padding never dropped;
-  * softcapping (Gemma 2) -> the kernel's softcap when there is no mask;
-  * position bias, sinks, or softcapping that cannot take the kernel (with a mask, dropout, odd head
-    dims) -> the model's own eager attention (HF's sdpa would silently drop them); attention
-    dropout in training, head dims outside 16..256 -> HF's sdpa function. Both are counted as
-    call-time fallbacks in ``handle.report()``.
-Masks (``mask_interface``, registered under the same name, the trap in INTEGRATION.md): returns
-None, with no data inspection (so no host sync, compile-clean), when the mask is exactly the plain
-causal pattern -- or Mistral's sliding-window pattern -- over a fresh sequence with no padding mask;
-otherwise it is ``transformers.masking_utils.sdpa_mask``, told not to inspect a padding mask's values
-(HF's own skip checks ``padding_mask.all()`` on the host: a sync per forward). So a padding mask,
-even one of all ones, gives the dense masked path: pass ``attention_mask=None`` when nothing is padded.
+  * a Route -> fasttfm.attention on the (B, S, H, D) views ("bnhd", no copies) with the Route's
+    arguments; with HF's flash-attention kwargs (cu_seq_lens_q/k, max_length_q/k, batch 1, no
+    padding) the varlen path ("thd") instead of segment_ids;
+  * no mask (the model built none) -> the kernel with HF's sdpa rule: causal when the module is
+    causal and Sq > 1 (top-left: keys past Sq unseen);
+  * a dense 4-D mask (an unrecognised pattern, the caller's own) -> fasttfm's SDPA with that mask;
+  * softcapping (Gemma 2) -> the kernel's softcap, with any Route;
+  * position bias, sinks, or softcapping with a dense mask -> the model's own eager attention (HF's
+    sdpa would silently drop them); attention dropout in training, head dims outside 16..256,
+    other dtypes -> HF's sdpa with the Route's dense mask.
+Every call not on the kernel is counted per module with its reason (``fallback_counts``,
+``handle.report()``).
 
 Norms: LlamaRMSNorm/MistralRMSNorm instances get a generated subclass (``rms_norm_class``) whose
 forward runs fasttfm.rms_norm with HF's numerics: fp32 statistics, the normalized value cast back
@@ -35,30 +40,20 @@ from collections import Counter
 
 import torch
 
-__all__ = ["NAME", "register", "attention_forward", "mask_interface", "rms_norm_class", "use_attention",
-           "fallback_counts"]
+from ._registry import Keep
+from .hf_masks import Route, masking_utils, mask_interface
+
+__all__ = ["NAME", "VERIFIED_WITHOUT_BACKEND_FLAG", "Route", "register", "attention_forward", "mask_interface",
+           "rms_norm_class", "fp32_weight_rms_norm_class", "gemma_rms_norm_class", "fp32_layer_norm_class",
+           "use_attention", "fallback_counts"]
 
 NAME = "fasttfm"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_SLIDING_MODELS = ("mistral", "gemma2")  # model types whose attention layers pass ``sliding_window`` to us
+# models without ``_supports_attention_backend`` that call HF's attention interface and build their
+# masks with masking_utils: verified equal to their sdpa implementation (tests/test_hf_zoo.py)
+VERIFIED_WITHOUT_BACKEND_FLAG = ("bart", "whisper", "stablelm")
 _fallbacks = weakref.WeakKeyDictionary()  # attention module -> Counter(reason)
 _registered = False
-_mu = None  # transformers.masking_utils, bound by register()
-_and_mask_code = None  # the code object of masking_utils.and_masks' inner and_mask
-
-
-def _masking_utils():
-    """transformers.masking_utils. Functions that run under torch.compile (mask_interface) read the
-    module from this global, bound in register() outside any trace: torch 2.11's dynamo cannot trace
-    ``from transformers import masking_utils`` (the package is a _LazyModule: "Bad import result")."""
-    global _mu, _and_mask_code
-    if _mu is None:
-        from transformers import masking_utils
-
-        _and_mask_code = next((c for c in masking_utils.and_masks.__code__.co_consts
-                               if getattr(c, "co_name", None) == "and_mask"), None)
-        _mu = masking_utils
-    return _mu
 
 
 def register():
@@ -69,7 +64,7 @@ def register():
     from transformers import AttentionInterface
 
     AttentionInterface.register(NAME, attention_forward)
-    _masking_utils().AttentionMaskInterface.register(NAME, mask_interface)
+    masking_utils().AttentionMaskInterface.register(NAME, mask_interface)
     _registered = True
 
 
@@ -84,72 +79,122 @@ def _fallback(module, reason):
 
 
 # -- attention -------------------------------------------------------------------------------------
+def _call_reason(query, key, value, dropout, softcap, extras):
+    """Why this call cannot take the kernels (None when it can)."""
+    d = query.shape[-1]
+    if extras:
+        return "position bias / attention sinks"
+    if dropout:
+        return "attention dropout > 0 (training mode)"
+    if key.shape[-1] != d or value.shape[-1] != d:
+        return (f"q/k head dim {d}, v head dim {value.shape[-1]}: the kernels need one head dim "
+                "(DeepSeek-style MLA is not supported yet)") if key.shape[-1] == d else \
+            f"head dims of q ({d}) and k ({key.shape[-1]}) differ"
+    if not 16 <= d <= 256:
+        return f"head dim {d} outside 16..256"
+    if query.dtype not in _DTYPES or not (query.dtype == key.dtype == value.dtype):
+        return f"dtype {query.dtype}"
+    return None
+
+
+def _route_mismatch(route, query, key):
+    if route.q_length != query.shape[2] or route.kv_length != key.shape[2]:
+        return (f"the mask was made for Sq={route.q_length}, Skv={route.kv_length} but the call has "
+                f"Sq={query.shape[2]}, Skv={key.shape[2]}")
+    for name in ("key_padding_mask", "seqused_k", "segment_ids"):
+        t = getattr(route, name)
+        if t is not None and t.shape[0] != query.shape[0]:
+            return f"{name} has batch {t.shape[0]}, the call {query.shape[0]}"
+    return None
+
+
+def _varlen(route, query, kwargs):
+    """(cu_q, cu_k, max_q, max_k) when HF's flash-attention kwargs describe packed sequences the
+    kernel's varlen path can take for this call, else None."""
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
+    if cu_q is None or cu_k is None or not isinstance(max_q, int) or not isinstance(max_k, int):
+        return None
+    if query.shape[0] != 1 or route.key_padding_mask is not None or route.seqused_k is not None or \
+            route.q_length != route.kv_length:
+        return None
+    return cu_q.to(torch.int32), cu_k.to(torch.int32), max_q, max_k
+
+
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                       sliding_window=None, **kwargs):
-    """HF attention function: returns (out (B, Sq, Hq, D), None)."""
-    d = query.shape[-1]
+    """HF attention function: returns (out (B, Sq, Hq, D), None). See the module docstring."""
     softcap = kwargs.pop("softcap", None) or 0.0
     extras = [k for k in ("position_bias", "s_aux", "sinks") if kwargs.get(k) is not None]
-    reason = None
-    if extras:
-        reason = "position bias / attention sinks"
-    elif dropout:
-        reason = "attention dropout > 0 (training mode)"
-    elif softcap and attention_mask is not None:
-        reason = "softcapping with a mask"
-    elif key.shape[-1] != d or value.shape[-1] != d:
-        reason = (f"q/k head dim {d}, v head dim {value.shape[-1]}: the kernels need one head dim "
-                  "(DeepSeek-style MLA is not supported yet)") if key.shape[-1] == d else \
-            f"head dims of q ({d}) and k ({key.shape[-1]}) differ"
-    elif not 16 <= d <= 256:
-        reason = f"head dim {d} outside 16..256"
-    elif query.dtype not in _DTYPES or not (query.dtype == key.dtype == value.dtype):
-        reason = f"dtype {query.dtype}"
-    if reason is not None and (softcap or extras):  # HF's sdpa would silently drop these
-        _fallback(module, reason + ": the model's eager attention")
-        if softcap:
-            kwargs["softcap"] = softcap
-        return _eager_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal,
-                                sliding_window, **kwargs)
+    reason = _call_reason(query, key, value, dropout, softcap, extras)
+    route = attention_mask if isinstance(attention_mask, Route) else None
+    if reason is None and route is not None:
+        reason = _route_mismatch(route, query, key)
+        if reason is not None:
+            reason = f"dense mask: {reason}"
+    if reason is None and isinstance(attention_mask, torch.Tensor):
+        why = getattr(attention_mask, "_fasttfm_reason", None) or \
+            "a 4-D mask from outside the forward (the caller's own, or generate()'s prepared mask)"
+        reason = f"dense mask: {why}"
+        if not softcap:
+            _fallback(module, reason + ": fasttfm's masked SDPA")
+            return _dense_attention(query, key, value, attention_mask, scaling), None
     if reason is not None:
+        dense = route.dense() if route is not None else attention_mask
+        if softcap or extras:  # HF's sdpa would silently drop these
+            _fallback(module, reason + ": the model's eager attention")
+            if softcap:
+                kwargs["softcap"] = softcap
+            return _eager_attention(module, query, key, value, dense, dropout, scaling, is_causal,
+                                    sliding_window, **kwargs)
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         _fallback(module, reason + ": HF's sdpa")
-        if attention_mask is None and sliding_window and query.shape[2] > 1 and (
-                is_causal if is_causal is not None else getattr(module, "is_causal", True)):
-            # mask_interface left the window to us: give HF's sdpa the pattern as a mask
-            attention_mask = _sliding_causal_mask(query.shape[2], key.shape[2], sliding_window, query.device)
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+        return sdpa_attention_forward(module, query, key, value, dense, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, sliding_window=sliding_window, **kwargs)
 
-    from .ops.attention import attention, scaled_dot_product_attention
+    from .ops.attention import attention
 
-    if attention_mask is not None:
-        # dense masked path; expand GQA heads as HF's repeat_kv does (torch's SDPA CPU math needs it)
-        g = query.shape[1] // key.shape[1]
-        if g > 1:
-            key, value = key.repeat_interleave(g, dim=1), value.repeat_interleave(g, dim=1)
-        out = scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling)
-        return out.transpose(1, 2).contiguous(), None
-
-    q_len, kv_len = query.shape[2], key.shape[2]
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    causal = bool(causal) and q_len > 1  # a single query sees every cached key (HF's sdpa rule)
-    if causal and kv_len > q_len:
-        # empty static cache at prefill (HF's sdpa: top-left causal, then the cache tail is unused)
-        key, value = key[:, :, :q_len], value[:, :, :q_len]
-    window = (sliding_window - 1 if (causal and sliding_window) else -1, -1)
+    if route is None:  # the model built no mask: HF's sdpa rule (causal when the module is and Sq > 1)
+        q_len, kv_len = query.shape[2], key.shape[2]
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        causal = bool(causal) and q_len > 1
+        if causal and kv_len > q_len:  # SDPA's is_causal is top-left: the keys past Sq are unseen
+            key, value = key[:, :, :q_len], value[:, :, :q_len]
+        pattern = dict(causal=causal)
+    else:
+        pattern = route.kernel_kwargs()
+        varlen = _varlen(route, query, kwargs)
+        if varlen is not None:
+            cu_q, cu_k, max_q, max_k = varlen
+            pattern.pop("segment_ids", None)
+            # (1, H, T, D) -> (T, H, D) views; out (T, Hq, D) -> (1, T, Hq, D)
+            out = attention(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
+                            softmax_scale=scaling, layout="thd", softcap=softcap, cu_seqlens_q=cu_q,
+                            cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k, **pattern)
+            return out.unsqueeze(0), None
     # (B, H, S, D) -> (B, S, H, D) views; out (B, Sq, Hq, D) contiguous, as HF wants it
-    out = attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=causal,
-                    window=window, softmax_scale=scaling, layout="bnhd", softcap=softcap)
+    out = attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), softmax_scale=scaling,
+                    layout="bnhd", softcap=softcap, **pattern)
     return out, None
+
+
+def _dense_attention(query, key, value, mask, scaling):
+    """fasttfm's SDPA with a dense mask (exact; GQA heads expanded as HF's repeat_kv does)."""
+    from .ops.attention import scaled_dot_product_attention
+
+    g = query.shape[1] // key.shape[1]
+    if g > 1:
+        key, value = key.repeat_interleave(g, dim=1), value.repeat_interleave(g, dim=1)
+    out = scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+    return out.transpose(1, 2).contiguous()
 
 
 def _eager_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, sliding_window,
                      **kwargs):
     """The model's own ``eager_attention_forward`` (its modeling file's), which applies softcapping,
-    position bias and sinks. When mask_interface left the pattern to the kernel (mask None), the
-    causal / sliding pattern is built here; eager adds the mask to the scores, so it gets an
-    additive float mask (0 or the dtype's minimum), never a bool one."""
+    position bias and sinks. With no mask (the model built none) the causal pattern is built here
+    as HF's sdpa would apply it; eager adds the mask to the scores, so it gets an additive float
+    mask (0 or the dtype's minimum), never a bool one."""
     import sys
 
     fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
@@ -161,9 +206,10 @@ def _eager_attention(module, query, key, value, attention_mask, dropout, scaling
     q_len, kv_len = query.shape[2], key.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if attention_mask is None and causal and q_len > 1:
-        if kv_len > q_len:  # as on the kernel path: empty static cache at prefill
+        if kv_len > q_len:  # SDPA's top-left is_causal: the keys past Sq are unseen
             key, value, kv_len = key[:, :, :q_len], value[:, :, :q_len], q_len
-        attention_mask = _sliding_causal_mask(q_len, kv_len, sliding_window or kv_len, query.device)[None, None]
+        i = torch.arange(q_len, device=query.device)[:, None]
+        attention_mask = (torch.arange(kv_len, device=query.device)[None, :] <= i)[None, None]
     if attention_mask is not None and attention_mask.dtype == torch.bool:
         attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
             ~attention_mask, torch.finfo(query.dtype).min)
@@ -171,69 +217,13 @@ def _eager_attention(module, query, key, value, attention_mask, dropout, scaling
               sliding_window=sliding_window, **kwargs)
 
 
-def _sliding_causal_mask(q_len, kv_len, window, device):
-    """(q_len, kv_len) bool, True = attend: HF's causal sliding window, queries at the end."""
-    i = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
-    j = torch.arange(kv_len, device=device)[None, :]
-    return (j <= i) & (j > i - window)
-
-
-def _is_sliding_causal(mask_function, local_size):
-    """True when mask_function is masking_utils.sliding_window_causal_mask_function(local_size).
-
-    Eager: from the closures (``and_masks(sliding_window_overlay(local_size), causal_mask_function)``).
-    Under torch.compile the function was created inside the trace, and torch 2.11's dynamo cannot
-    read its closure cells ("Unexpected type in sourceless builder: cell"); there the check is
-    structural: HF's ``and_masks`` closure over one tuple. That suffices because
-    ``create_sliding_window_causal_mask`` clears ``allow_is_causal_skip`` whenever it combines more
-    masks (or/and mask functions, packed sequences, blockwise), and the caller also requires a fresh,
-    unpadded sequence, a sliding model type and ``config.sliding_window == local_size``."""
-    mu = _mu or _masking_utils()
-    cells = getattr(mask_function, "__closure__", None) or ()
-    if getattr(mask_function, "__qualname__", "") != "and_masks.<locals>.and_mask" or len(cells) != 1:
-        return False
-    if torch.compiler.is_compiling():
-        return mask_function.__code__ is _and_mask_code
-    parts = cells[0].cell_contents
-    if not (isinstance(parts, tuple) and len(parts) == 2 and parts[1] is mu.causal_mask_function):
-        return False
-    overlay = parts[0]
-    inner = getattr(overlay, "__closure__", None) or ()
-    return (getattr(overlay, "__qualname__", "") == "sliding_window_overlay.<locals>.inner_mask"
-            and len(inner) == 1 and inner[0].cell_contents == local_size)
-
-
-def mask_interface(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
-                   attention_mask=None, local_size=None, allow_is_causal_skip=True, **kwargs):
-    """HF mask function: None for the patterns attention_forward applies itself, else sdpa_mask."""
-    mu = _mu or _masking_utils()
-
-    if mask_function is None:
-        mask_function = mu.causal_mask_function
-    config = kwargs.get("config")
-    fresh = attention_mask is None and q_offset == 0 and kv_offset == 0 and q_length == kv_length
-    if allow_is_causal_skip and fresh:
-        if local_size is None and mask_function is mu.causal_mask_function:
-            return None
-        if (local_size is not None and getattr(config, "model_type", None) in _SLIDING_MODELS
-                and getattr(config, "sliding_window", None) == local_size
-                and _is_sliding_causal(mask_function, local_size)):
-            return None
-    if attention_mask is not None:
-        # HF's skips read the padding mask's values (`fast_all(...)`: a host sync); materialize instead
-        allow_is_causal_skip = False
-        kwargs["allow_is_bidirectional_skip"] = False
-    return mu.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-                        kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
-                        local_size=local_size, allow_is_causal_skip=allow_is_causal_skip, **kwargs)
-
-
 def use_attention(model, handle, path):
     """Model-scope registry target: switch a PreTrainedModel to "fasttfm"; returns (note, undo)."""
-    from .patch import _Keep
-
-    if not getattr(model, "_supports_attention_backend", False):
-        raise _Keep(f"{type(model).__name__} does not use HF's attention interface")
+    if not getattr(model, "_supports_attention_backend", False) and \
+            getattr(model.config, "model_type", None) not in VERIFIED_WITHOUT_BACKEND_FLAG:
+        raise Keep(f"{type(model).__name__} does not declare HF's attention interface "
+                   f"(_supports_attention_backend), and its family is not among the verified "
+                   f"{', '.join(VERIFIED_WITHOUT_BACKEND_FLAG)}")
     register()
     previous = model.config._attn_implementation
     model.set_attn_implementation(NAME)
@@ -246,6 +236,11 @@ def use_attention(model, handle, path):
         cfg.hidden_size // cfg.num_attention_heads if getattr(cfg, "num_attention_heads", None) else None)
     if head_dim is not None and not 16 <= head_dim <= 256:
         notes.append(f"head_dim {head_dim} outside 16..256: HF's sdpa runs")
+    window = _local_attention(cfg)
+    if window:
+        notes.append(window)
+    if getattr(cfg, "attention_chunk_size", None):
+        notes.append(f"chunked attention ({cfg.attention_chunk_size}): HF's dense mask, counted per call")
     prefix = f"{path}." if path else ""
     modules = list(model.named_modules())
     handle.fallback_sources.append(
@@ -258,6 +253,22 @@ def use_attention(model, handle, path):
 
 
 use_attention.display = "fasttfm.hf.attention_forward"
+
+
+def _local_attention(cfg):
+    """A note on the config's local-attention layers (read from the masks at call time, whatever
+    the family: this only says where they are), or None."""
+    types = getattr(cfg, "layer_types", None) or ()
+    n_local = sum(t == "sliding_attention" for t in types)
+    window = getattr(cfg, "sliding_window", None)
+    if getattr(cfg, "use_sliding_window", True) is False or not window or (types and not n_local):
+        window = None
+    local = getattr(cfg, "local_attention", None)  # ModernBERT: +-local_attention // 2
+    if window is None and not local:
+        return None
+    where = f"{n_local} of {len(types)} layers" if types else "every layer"
+    size = f"sliding window {window}" if window else f"local attention {local}"
+    return f"{size} on {where}: on the kernel's window"
 
 
 # -- norms -----------------------------------------------------------------------------------------

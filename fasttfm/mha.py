@@ -5,9 +5,15 @@ signature and results. The fused path runs when the call needs no attention weig
 (``need_weights=False``) and ``add_bias_kv``/``add_zero_attn`` are off. Attention dropout
 (``dropout`` > 0, training mode only; a no-op in eval mode as in torch) runs inside the kernels:
   * no masks                                -> fasttfm.attention (no mask);
-  * ``is_causal=True`` hint, no padding mask -> fasttfm causal kernel (top-left, as torch's SDPA);
-  * ``key_padding_mask`` and/or ``attn_mask`` -> masks merged exactly as torch does, then SDPA
-    with that additive mask (a correct dense path; padded keys are not skipped by the kernel).
+  * ``is_causal=True`` hint (attn_mask promised causal) -> fasttfm causal kernel (top-left, as
+    torch's SDPA), with a boolean ``key_padding_mask`` applied in the kernel too;
+  * boolean ``key_padding_mask`` (True = ignore, torch's convention), no ``attn_mask`` -> the kernel
+    with its inverse as key padding mask (padded kv tiles skipped, no dense mask built);
+  * float ``key_padding_mask`` or any other ``attn_mask`` -> masks merged exactly as torch does,
+    then SDPA with that additive mask (a correct dense path).
+A query whose keys are all padded gives attention output 0 (then the output projection's bias), as
+torch's module does in training mode and torch's SDPA does; torch's inference fast path
+(eval + no_grad) returns NaN for such rows instead.
 Anything else (weights requested, bias_kv/zero_attn) calls torch's own forward, so results always
 match ``nn.MultiheadAttention`` (with dropout: in distribution -- the kernels draw their own
 Philox mask, seeded from torch's default generator, so ``torch.manual_seed`` reproduces runs).
@@ -16,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fasttfm.ops.attention import attention, scaled_dot_product_attention
+from fasttfm.ops.attention import attention, flash_sdpa, scaled_dot_product_attention
 
 __all__ = ["MultiheadAttention"]
 
@@ -55,12 +61,15 @@ class MultiheadAttention(nn.MultiheadAttention):
         k = F.linear(key, w_k, b_k).view(n, src_len, h, dh)
         v = F.linear(value, w_v, b_v).view(n, src_len, h, dh)
 
-        if is_causal and key_padding_mask is None:
+        bool_kpm = key_padding_mask is not None and key_padding_mask.dtype == torch.bool
+        if is_causal and (key_padding_mask is None or bool_kpm):
             # torch uses the hint as SDPA's is_causal (top-left): right = L - S in bottom-right terms
-            out = scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               is_causal=True, dropout_p=dropout).transpose(1, 2)
-        elif key_padding_mask is None and attn_mask is None:
-            out = attention(q, k, v, layout="bnhd", dropout_p=dropout)
+            kpm = ~key_padding_mask if bool_kpm else None
+            out = flash_sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=dh ** -0.5,
+                             is_causal=True, dropout_p=dropout, key_padding_mask=kpm).transpose(1, 2)
+        elif attn_mask is None and (key_padding_mask is None or bool_kpm):
+            kpm = ~key_padding_mask if bool_kpm else None
+            out = attention(q, k, v, layout="bnhd", dropout_p=dropout, key_padding_mask=kpm)
         else:
             mask = self._merged_mask(key_padding_mask, attn_mask, query, n, tgt_len, src_len)
             out = scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),

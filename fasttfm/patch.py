@@ -28,17 +28,23 @@ such layers gets ``use_nested_tensor = False``; both are restored by ``undo()``.
 
 ``sdpa_patched()`` is the opt-in context manager for code that calls
 ``torch.nn.functional.scaled_dot_product_attention`` itself.
+
+The registry types (``Row``, ``Entry``) and ``Keep`` (a model-scope target's refusal) live in
+``fasttfm._registry``, which this module and the targets (``fasttfm.hf``) import; ``fasttfm.hf``
+never imports this module.
 """
 import contextlib
-import dataclasses
 import sys
 import threading
 import warnings
 from collections import Counter, defaultdict
-from typing import Callable, List, Optional
+from typing import List
 
 import torch
 from torch import nn
+
+from ._registry import Entry, Row
+from ._registry import Keep as _Keep
 
 __all__ = ["patch", "PatchHandle", "REGISTRY", "EXPLICIT_ONLY", "Row", "sdpa_patched"]
 
@@ -85,21 +91,6 @@ def _cross_entropy_build(m, cls):
 
 
 # -- the registry ----------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Row:
-    """One replacement. ``target``: "fasttfm.nn.<Name>" (a class, may be absent in a build) or
-    "fasttfm.hf.<factory>" (called with the source class, returns the replacement class).
-    ``scope="model"`` rows act once on the top-most instance of ``source`` (Hugging Face attention):
-    their target is a function ``(model, handle) -> (note, undo)`` that raises ``_Keep`` to refuse."""
-    group: str
-    source: str
-    target: str
-    check: Optional[Callable] = None
-    build: Optional[Callable] = None
-    call_reason: Optional[Callable] = None
-    scope: str = "module"
-
-
 def _hf(family, cls):
     return f"transformers.models.{family}.modeling_{family}.{cls}"
 
@@ -141,10 +132,6 @@ EXPLICIT_ONLY = {
 }
 
 
-class _Keep(Exception):
-    """Raised by a model-scope target to keep the model as it is (the message is the reason)."""
-
-
 def _resolve_source(path):
     module_name, _, name = path.rpartition(".")
     if module_name.startswith("transformers"):
@@ -183,16 +170,6 @@ def _cls_name(cls):
 
 
 # -- the handle ------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class Entry:
-    path: str            # the module's name in the model ("" for the root)
-    source: str          # the original class
-    target: Optional[str]
-    status: str          # "replaced" | "kept" | "adjusted"
-    reason: str = ""
-    undo: Optional[Callable] = None
-
-
 class PatchHandle:
     """What ``patch`` did: ``undo()`` restores the originals, ``report()`` explains every decision.
     Also a context manager: ``with fasttfm.patch(model): ...`` undoes on exit."""
@@ -242,10 +219,10 @@ class PatchHandle:
         off = [g for g in GROUPS if g not in self.groups]
         if off:
             lines.append(f"  not requested: {', '.join(off)}")
-        calls = [(p, r, n) for (p, r), n in self.fallbacks.items()]
-        calls += [c for source in self.fallback_sources for c in source()]
-        for path, reason, n in sorted(calls):
-            lines.append(f"  fallback  {path or '<root>'}: {n} call(s) ran the original module: {reason}")
+        calls = [(p, r, n, "ran the original module") for (p, r), n in self.fallbacks.items()]
+        calls += [(p, r, n, "did not run the kernel") for source in self.fallback_sources for p, r, n in source()]
+        for path, reason, n, what in sorted(calls):
+            lines.append(f"  fallback  {path or '<root>'}: {n} call(s) {what}: {reason}")
         return "\n".join(lines)
 
     def __repr__(self):

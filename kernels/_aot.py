@@ -1,7 +1,9 @@
 """The contract between kernel files and the static report (``python -m fasttfm aot``).
 
 Every kernel module exposes ``aot_cases(cc: int) -> list[AotCase]``: one entry per kernel and
-per config it may launch on compute capability ``cc`` (80 or 90). The report compiles each with
+per config it may launch on compute capability ``cc`` (80 or 90). The attention kernels are
+collected by one module, ``attention_aot.py`` (forward, backward and decode list their own cases
+under other names, so none is compiled twice). The report compiles each with
 ``triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", cc, 32),
 options=dict(num_warps=..., num_stages=...))`` and reads registers, spills, shared memory and
 tensor-core instruction counts from the cubin. A test fails on any spill or any shared-memory

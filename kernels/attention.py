@@ -1,5 +1,6 @@
 """Flash attention forward in Triton: mask helpers, ``_attn_fwd``, the backward preprocess,
-launchers, per-architecture configs, the config heuristic and ``aot_cases``.
+launchers, per-architecture configs, the config heuristic and the forward's static-report cases
+(``aot_cases_fwd``; ``attention_aot.aot_cases`` collects forward, backward and decode).
 
 Tensors reach the kernels as *canonical views* (no copies): q/k/v/o are 4-D (B, H, N, D) views
 whose last dim has stride 1 -- SDPA's (B, H, N, D) as is, flash-attn's (B, N, H, D) permuted,
@@ -24,6 +25,14 @@ multiply, ``exp2``); fp32 statistics and accumulators; P is rounded to the input
 the P @ V product (fp16/bf16 tensor cores). fp32 inputs use IEEE fp32 dots (no TF32). Rows with
 no visible key give output 0 and LSE -inf.
 
+Per-sequence masks, constexpr-gated (KPAD, SEQUSED, SEGMENTS; dense problems, SEQUSED also varlen):
+SEQUSED replaces n_k by seqused_k[b] (so the shift above is seqused_k[b] - Nq); SEGMENTS intersects
+[lo(i), hi(i)] with the run [start(i), end(i)] of equal segment ids holding row i (both bounds stay
+monotone in i, so the tile ranges above still hold); KPAD clips a q tile's kv range to the
+sequence's first/last valid key (computed on the device by the op layer) and masks each loaded tile
+with the key_padding_mask row. The op layer computes run bounds and key bounds with torch ops (no
+host sync). Masked problems launch one checked config per kernel (``fwd_configs(masks=True)``).
+
 Score modifiers, constexpr-gated (SOFTCAP, ALIBI, DROPOUT all False compile the plain kernel):
 softcap s = cap * tanh(s / cap) and ALiBi bias -slope_h * |i + shift - j| (``_scores``, after the
 cap), dropout of P by Philox keyed on (batch, head, row, col) (``_dropout_keep``; the LSE stays that
@@ -31,28 +40,25 @@ of the full softmax, the output is sum(P o Z) V / (1 - p) / l). Modified problem
 tiles (``_MOD_FWD`` here, ``_MOD_DKDV``/``_MOD_DQ`` in the backward). Helpers live in
 ``kernels/attention_common.py``; KV-cache decoding in ``kernels/attention_decode.py``.
 """
-import dataclasses
-import itertools
 import os
-import time
-from collections import namedtuple
 
 import torch
 import triton
 import triton.language as tl
 
 from ._aot import AotCase
-from .attention_common import (BEFORE_38, TRITON_37, _alibi_slope, _col_bounds, _drop_rows, _dropout_keep,  # noqa: F401
-                               _dropout_mask, _floor_div, _launch, _load_rows, _row_bounds, _scores, _seq_info,
-                               _store_rows, _tile_ranges, dropout_args, dropout_mask, replace_configs, score_args)
+# Shared helpers live in attention_common; the names other code reads from this module
+# (AttnConfig, LOG2E, UNBOUNDED, canonical_strides, _arch, block_d, _AUTOTUNED, ...) stay importable here.
+from .attention_common import (BEFORE_38, LOG2E, TRITON_37, UNBOUNDED, AttnConfig, _alibi_slope,  # noqa: F401
+                               _arch, _autotuned, _AUTOTUNED, _bucket, _bucket_dim, _cc, _col_bounds, _DT,
+                               _drop_rows, _dropout_keep, _dropout_mask, _floor_div, _input_precision, _key_clip,
+                               _key_ok, _launch, _load_rows, _row_bounds, _scores, _seg_clip, _seq_info,
+                               _store_rows, _tile_ranges, _used_keys, aot_attrs, aot_signature, autotune_enabled,
+                               block_d, canonical_strides, dropout_args, dropout_mask, lse_strides, mask_args,
+                               replace_configs, score_args)
 
 __all__ = ["AttnConfig", "attn_fwd", "attn_bwd_preprocess", "fwd_configs", "pick_fwd_config",
-           "canonical_strides", "UNBOUNDED", "aot_cases", "SMOKE_FWD"]
-
-LOG2E = 1.4426950408889634
-UNBOUNDED = 1 << 30  # window side with no limit (kept < 2**31 after adding positions)
-
-AttnConfig = namedtuple("AttnConfig", "BLOCK_M BLOCK_N num_warps num_stages")
+           "canonical_strides", "UNBOUNDED", "aot_cases_fwd", "SMOKE_FWD"]
 
 # -- configs ---------------------------------------------------------------------------------
 # (max head-dim block, [configs]) per compute capability major; every entry must pass the
@@ -97,32 +103,24 @@ if BEFORE_38:  # Triton 3.6 and 3.7 (static report, fp16 and bf16): these spill 
         8: {256: {AttnConfig(64, 32, 4, 2): AttnConfig(64, 32, 8, 2)}}})   # 64-72 B -> 0 (sm_86's choice)
 if TRITON_37:  # sm_80 d256 128x64 w8 s2: 8 B on 3.7 (0 on 3.6 and 3.8) -> 128x32 (255 regs, 0)
     _FWD_CONFIGS = replace_configs(_FWD_CONFIGS, {8: {256: {AttnConfig(128, 64, 8, 2): AttnConfig(128, 32, 8, 2)}}})
+# Per-sequence masks (key padding / seqused_k / segments; +10-30 registers): one config per bucket,
+# the plain (or, with softcap/ALiBi/dropout, the _MOD_FWD) default, swapped where that one spills
+# with all three masks on (static report, Triton 3.8; ``attention_aot._masked`` compiles them):
+# {(arch, mods): {bucket: {default: replacement}}}
+_MASKED_FWD = {(8, False): {256: {AttnConfig(128, 64, 8, 2): AttnConfig(64, 64, 8, 2)}},   # 32 B -> 0 (192 regs)
+               (86, False): {256: {AttnConfig(64, 32, 4, 2): AttnConfig(64, 32, 8, 2)}},  # 16 B -> 0 (168 regs)
+               (9, True): {256: {AttnConfig(64, 32, 4, 2): AttnConfig(64, 32, 8, 2)}},    # 16 B -> 0 (173 regs)
+               (8, True): {256: {AttnConfig(64, 32, 4, 2): AttnConfig(64, 32, 8, 2)}}}    # 80 B -> 0 (244 regs)
 SMOKE_FWD = AttnConfig(32, 32, 4, 1)  # cheap config for interpreter tests
 
 
-def _arch(cc):
-    """Config table of compute capability ``cc``: 9 (sm_90/sm_100: up to 227 KiB of shared memory per
-    block), 86 (sm_86, sm_89, sm_12x: 99 KiB) or 8 (sm_80, sm_87: 163 KiB)."""
-    if cc in (86, 89) or cc >= 120:
-        return 86
-    return 9 if cc >= 90 else 8
-
-
-def block_d(head_dim):
-    return max(16, triton.next_power_of_2(head_dim))
-
-
-def _bucket(table, head_dim):
-    bd = block_d(head_dim)
-    for max_d, cfgs in table:
-        if bd <= max_d:
-            return cfgs
-    raise ValueError(f"head dim {head_dim} > 256 is not supported")
-
-
-def fwd_configs(cc, head_dim, dtype=torch.float16, mods=False):
+def fwd_configs(cc, head_dim, dtype=torch.float16, mods=False, masks=False):
     """The forward tuning list for compute capability ``cc`` (80, 86, 89, 90...) and head dim;
-    ``mods``: softcap, ALiBi or dropout active (smaller tiles, see _MOD_FWD)."""
+    ``mods``: softcap, ALiBi or dropout active (smaller tiles, see _MOD_FWD); ``masks``: key padding,
+    seqused_k or segments active (one config, see _MASKED_FWD)."""
+    if masks:
+        cfg = fwd_configs(cc, head_dim, dtype, mods)[0]
+        return [_MASKED_FWD.get((_arch(cc), bool(mods)), {}).get(_bucket_dim(head_dim), {}).get(cfg, cfg)]
     elt = torch.empty((), dtype=dtype).element_size()
     if elt == 4:  # fp32 (IEEE dots on CUDA cores): small tiles (64x32 spills 80 B on sm_80)
         return ([AttnConfig(64, 32, 4, 2)] if _arch(cc) == 9 and not mods else []) + [AttnConfig(32, 32, 4, 2)]
@@ -131,32 +129,24 @@ def fwd_configs(cc, head_dim, dtype=torch.float16, mods=False):
     return list(_bucket(_FWD_CONFIGS[_arch(cc)], head_dim))
 
 
-def _bucket_dim(head_dim):
-    bd = block_d(head_dim)
-    return 64 if bd <= 64 else 128 if bd <= 128 else 256
-
-
-def pick_fwd_config(cc, head_dim, dtype, seqlen_q, mods=False):
+def pick_fwd_config(cc, head_dim, dtype, seqlen_q, mods=False, masks=False):
     """Heuristic (autotuning off): first listed config, or the smallest BLOCK_M one for short q."""
-    cfgs = fwd_configs(cc, head_dim, dtype, mods)
+    cfgs = fwd_configs(cc, head_dim, dtype, mods, masks)
     if seqlen_q <= 64:
         return min(cfgs, key=lambda c: (c.BLOCK_M, -c.BLOCK_N))
     return cfgs[0]
-
-
-def autotune_enabled():
-    return os.environ.get("FASTTFM_AUTOTUNE", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 # -- forward ---------------------------------------------------------------------------------
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, offs_n, offs_d,
                     n_k, lo_row, hi_row, start, end, f0, f1, qk_scale, pos_q, softcap, slope,
-                    drop_rows, seed, dropout_p,
+                    drop_rows, seed, dropout_p, KM_base,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
-                    ALIBI: tl.constexpr, DROPOUT: tl.constexpr, TMA: tl.constexpr):
-    """K_base / V_base: row pointers, or with TMA tensor descriptors of the sequence's (n_k, HEAD_DIM)."""
+                    ALIBI: tl.constexpr, DROPOUT: tl.constexpr, TMA: tl.constexpr, KPAD: tl.constexpr):
+    """K_base / V_base: row pointers, or with TMA tensor descriptors of the sequence's (n_k, HEAD_DIM).
+    KPAD: every tile also hides the keys whose key_padding_mask (at KM_base) is False."""
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
         if TMA:
@@ -169,6 +159,8 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, offs
         if (start_n < f0) | (start_n >= f1):  # kv tile partly masked for this q tile
             visible = (cols[None, :] >= lo_row[:, None]) & (cols[None, :] <= hi_row[:, None])
             s = tl.where(visible, s, float("-inf"))
+        if KPAD:
+            s = tl.where(_key_ok(KM_base, cols, n_k)[None, :], s, float("-inf"))
         # -- update m_i and l_i
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
@@ -188,22 +180,28 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, offs
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, Out, Lse, CuSeqQ, CuSeqK, Alibi,
+def _attn_fwd(Q, K, V, Out, Lse, CuSeqQ, CuSeqK, Alibi, KeyMask, KBounds, SeqUsedK, SegBounds,
               stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
               stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
-              stride_lb, stride_lh, stride_ab,
+              stride_lb, stride_lh, stride_ab, stride_mb, stride_sb,
               seqlen_q, seqlen_k, group, qk_scale, softcap, win_left, win_right, chunk,
               seed, dropout_p, drop_nq, drop_nk,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, CHUNKED: tl.constexpr, VARLEN: tl.constexpr,
               INPUT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-              DROPOUT: tl.constexpr, TMA: tl.constexpr = False):
+              DROPOUT: tl.constexpr, TMA: tl.constexpr = False, KPAD: tl.constexpr = False,
+              SEQUSED: tl.constexpr = False, SEGMENTS: tl.constexpr = False):
     """One (BLOCK_M query tile, q head, sequence) per program; grid (cdiv(max Nq, BLOCK_M), Hq, B).
 
     Heaviest tiles (last rows, causal) are scheduled first. TMA (sm_90): K and V tiles come through
     tensor descriptors of the sequence's (n_k, HEAD_DIM) rows, so the hardware zero-fills rows past
     n_k and columns past HEAD_DIM (what the masked pointer loads do otherwise); the launcher checks
     the 16-byte alignment of base and row stride that TMA needs.
+
+    Per-sequence masks (dense only): SEQUSED: n_k = seqused_k[b] (alignment shift n_k - n_q);
+    SEGMENTS: row i's bounds intersected with its run [start, end] (SegBounds (B, 2, N)); KPAD: the
+    kv range clipped to the sequence's first/last valid key (KBounds (B, 2)) and each tile masked by
+    the key_padding_mask row (KeyMask int8 (B, Nk)).
     """
     start_m = tl.num_programs(0) - 1 - tl.program_id(0)
     off_h = tl.program_id(1)
@@ -211,7 +209,9 @@ def _attn_fwd(Q, K, V, Out, Lse, CuSeqQ, CuSeqK, Alibi,
     off_hk = off_h // group
     q_start, n_q = _seq_info(CuSeqQ, off_b, seqlen_q, VARLEN)
     k_start, n_k = _seq_info(CuSeqK, off_b, seqlen_k, VARLEN)
+    n_k = _used_keys(SeqUsedK, off_b, n_k, SEQUSED)
     shift = n_k - n_q
+    SegS = SegBounds + off_b.to(tl.int64) * stride_sb
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -226,9 +226,13 @@ def _attn_fwd(Q, K, V, Out, Lse, CuSeqQ, CuSeqK, Alibi,
     m_last = tl.minimum(m_first + BLOCK_M, n_q) - 1
     lo_first, hi_first = _row_bounds(m_first, shift, win_left, win_right, chunk, CHUNKED)
     lo_last, hi_last = _row_bounds(m_last, shift, win_left, win_right, chunk, CHUNKED)
+    lo_first, hi_first = _seg_clip(SegS, m_first, n_q, lo_first, hi_first, seqlen_q, SEGMENTS)
+    lo_last, hi_last = _seg_clip(SegS, m_last, n_q, lo_last, hi_last, seqlen_q, SEGMENTS)
     hi_last = tl.where(m_first < n_q, hi_last, -1)  # tile past the end of this sequence: no work
+    lo_first, hi_last = _key_clip(KBounds, off_b, lo_first, hi_last, KPAD)  # skip fully padded tiles
     begin, f0, f1, end = _tile_ranges(lo_first, hi_last, lo_last, hi_first, n_k, BLOCK_N)
     lo_row, hi_row = _row_bounds(offs_m, shift, win_left, win_right, chunk, CHUNKED)
+    lo_row, hi_row = _seg_clip(SegS, offs_m, n_q, lo_row, hi_row, seqlen_q, SEGMENTS)
     hi_row = tl.minimum(hi_row, n_k - 1)
 
     if TMA:  # (no key: n_k = 0 never loads, the descriptor just stays valid with one row)
@@ -249,7 +253,8 @@ def _attn_fwd(Q, K, V, Out, Lse, CuSeqQ, CuSeqK, Alibi,
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_ld, V_ld, stride_kn, stride_vn, offs_n,
                                     offs_d, n_k, lo_row, hi_row, begin, end, f0, f1, qk_scale,
                                     offs_m + shift, softcap, slope, drop_rows, seed, dropout_p,
-                                    HEAD_DIM, BLOCK_D, BLOCK_N, INPUT_PRECISION, SOFTCAP, ALIBI, DROPOUT, TMA)
+                                    KeyMask + off_b.to(tl.int64) * stride_mb,
+                                    HEAD_DIM, BLOCK_D, BLOCK_N, INPUT_PRECISION, SOFTCAP, ALIBI, DROPOUT, TMA, KPAD)
 
     # -- epilogue: rows with no visible key -> output 0, LSE -inf
     empty = l_i == 0.0
@@ -290,22 +295,6 @@ def _attn_bwd_preprocess(Out, DO, Delta, CuSeqQ,
 
 
 # -- launchers ---------------------------------------------------------------------------------
-def canonical_strides(t, varlen=False):
-    """(stride_b, stride_h, stride_n) of a canonical 4-D (B, H, N, D) view with unit last stride;
-    varlen (1, H, total, D) views get stride_b = 0 (sequences are located by cu_seqlens)."""
-    assert t.stride(-1) == 1 or t.shape[-1] == 1, "last dim must have stride 1"
-    return 0 if varlen else t.stride(0), t.stride(1), t.stride(2)
-
-
-def _input_precision(dtype):
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def lse_strides(lse, varlen):
-    """(stride_b, stride_h) of LSE/Delta: (B, H, Nq) dense, (H, total_q) varlen."""
-    return (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
-
-
 def tma_enabled():
     return os.environ.get("FASTTFM_TMA", "1").strip().lower() not in ("0", "false", "no", "off")
 
@@ -347,7 +336,8 @@ def ensure_tma_allocator():
 
 def attn_fwd(q, k, v, out, lse, *, batch, seqlen_q, seqlen_k, max_seqlen_q, cu_seqlens_q=None,
              cu_seqlens_k=None, qk_scale, win_left, win_right, chunk_size=None, softcap=0.0,
-             alibi_slopes=None, dropout_p=0.0, seed=0, config=None, interpret=False, tma=None):
+             alibi_slopes=None, dropout_p=0.0, seed=0, config=None, interpret=False, tma=None, key_mask=None,
+             key_bounds=None, seqused_k=None, segment_bounds=None):
     """Launch ``_attn_fwd`` on canonical 4-D views q (.., Hq, N, D), k/v (.., Hkv, N, D), out like q.
 
     win_left/win_right: window sizes with UNBOUNDED for -1 (causal already folded into right=0).
@@ -356,6 +346,7 @@ def attn_fwd(q, k, v, out, lse, *, batch, seqlen_q, seqlen_k, max_seqlen_q, cu_s
     last dim, bias -slope * |i + Nk - Nq - j| added after the cap (FlashAttention's order).
     dropout_p > 0: attention probabilities dropped by Philox(seed) (see ``_dropout_keep``).
     tma: K/V through tensor descriptors (None: ``use_tma`` decides; the interpreter runs them too).
+    key_mask / key_bounds / seqused_k / segment_bounds (dense only): see ``attention_common.mask_args``.
     """
     varlen = cu_seqlens_q is not None
     hq, hkv, d = q.shape[1], k.shape[1], q.shape[-1]
@@ -366,20 +357,23 @@ def attn_fwd(q, k, v, out, lse, *, batch, seqlen_q, seqlen_k, max_seqlen_q, cu_s
     cu_q = cu_seqlens_q if varlen else q  # dummy pointer when dense (never read)
     cu_k = cu_seqlens_k if varlen else q
     kscale, kcap, alibi, stride_ab, has_cap, has_alibi = score_args(qk_scale, softcap, alibi_slopes, lse)
-    args = (q, k, v, out, lse, cu_q, cu_k, alibi, *canonical_strides(q, varlen), *canonical_strides(k, varlen),
-            *canonical_strides(v, varlen), *canonical_strides(out, varlen), *lse_strides(lse, varlen), stride_ab,
+    mptrs, mstrides, mcx = mask_args(lse, key_mask, key_bounds, seqused_k, segment_bounds)
+    args = (q, k, v, out, lse, cu_q, cu_k, alibi, *mptrs, *canonical_strides(q, varlen),
+            *canonical_strides(k, varlen), *canonical_strides(v, varlen), *canonical_strides(out, varlen),
+            *lse_strides(lse, varlen), stride_ab, *mstrides,
             seqlen_q, seqlen_k, hq // hkv, kscale, kcap, win_left, win_right, chunk_size or 1,
             *dropout_args(q, k, varlen, dropout_p, seed))
     constexprs = dict(HEAD_DIM=d, BLOCK_D=bd, CHUNKED=chunk_size is not None, VARLEN=varlen,
                       INPUT_PRECISION=_input_precision(q.dtype), SOFTCAP=has_cap, ALIBI=has_alibi,
-                      DROPOUT=dropout_p > 0, TMA=bool(tma))
+                      DROPOUT=dropout_p > 0, TMA=bool(tma), **mcx)
     mods = bool(softcap) or alibi_slopes is not None or dropout_p > 0
+    masks = any(mcx.values())
     if config is None and autotune_enabled():
-        kernel = _autotuned(_attn_fwd, fwd_configs(_cc(q), d, q.dtype, mods), interpret)
+        kernel = _autotuned(_attn_fwd, fwd_configs(_cc(q), d, q.dtype, mods, masks), interpret)
         grid = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), hq, batch)  # noqa: E731
         return _launch(kernel, grid, args, constexprs, None, interpret, autotune_configs=True)
     if config is None:
-        config = SMOKE_FWD if interpret else pick_fwd_config(_cc(q), d, q.dtype, max_seqlen_q, mods)
+        config = SMOKE_FWD if interpret else pick_fwd_config(_cc(q), d, q.dtype, max_seqlen_q, mods, masks)
     grid = (triton.cdiv(max_seqlen_q, config.BLOCK_M), hq, batch)
     constexprs.update(BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N)
     _launch(_attn_fwd, grid, args, constexprs, config, interpret)
@@ -397,138 +391,35 @@ def attn_bwd_preprocess(out, do, delta, *, batch, seqlen_q, max_seqlen_q, cu_seq
     _launch(_attn_bwd_preprocess, grid, args, constexprs, AttnConfig(block_m, 0, 4, 1), interpret)
 
 
-def _cc(t):
-    """Compute capability whose tuning lists apply to ``t``'s device. CPU tensors (the interpreter)
-    have none: FASTTFM_EMULATE_ARCH (default 80) says whose lists autotuning under emulation uses."""
-    if t.device.type != "cuda":
-        return int(os.environ.get("FASTTFM_EMULATE_ARCH", "80"))
-    major, minor = torch.cuda.get_device_capability(t.device)
-    return major * 10 + minor
+# -- static report (collected by kernels/attention_aot.py) ---------------------------------------
+def _fwd_case(cc, d, dt, cfg, tma, **flags):
+    """AotCase of ``_attn_fwd`` for one config; ``flags``: constexpr overrides (CHUNKED, SOFTCAP, ...)."""
+    cx = dict(HEAD_DIM=d, BLOCK_D=block_d(d), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, CHUNKED=False,
+              VARLEN=False, INPUT_PRECISION="ieee" if dt == "fp32" else "tf32", SOFTCAP=False, ALIBI=False,
+              DROPOUT=False, TMA=tma, KPAD=False, SEQUSED=False, SEGMENTS=False)
+    cx.update(flags)
+    tags = "".join(f",{k.lower()}" for k, val in flags.items() if val is True)
+    sig = aot_signature(_attn_fwd, dt)
+    return AotCase(f"attn_fwd[{dt},d{d},bm{cfg.BLOCK_M},bn{cfg.BLOCK_N},w{cfg.num_warps},s{cfg.num_stages}"
+                   f"{tags}{',tma' if tma else ''}]", _attn_fwd, sig, cx, cfg.num_warps, cfg.num_stages,
+                   tensor_core=dt != "fp32", attrs=aot_attrs(_attn_fwd, sig), tma=tma)
 
 
-_AUTOTUNED = {}
-
-
-def _wall_clock_bench(fn, quantiles=None, **_):
-    """Autotuning under the interpreter: one wall-clock run of a config (CPU time, not GPU time;
-    the point is to execute every config through triton.autotune's own launch path)."""
-    t0 = time.perf_counter()
-    fn()
-    ms = (time.perf_counter() - t0) * 1e3
-    return [ms] * len(quantiles) if quantiles else ms
-
-
-def _autotuned(kernel, cfgs, interpret=False):
-    """triton.autotune wrapper of ``kernel`` over ``cfgs`` (FASTTFM_AUTOTUNE=1). ``interpret``: the
-    same wrapper around the kernel's interpreted twin, timed by the wall clock."""
-    key = (kernel, tuple(cfgs), interpret)
-    if key not in _AUTOTUNED:
-        tc = [triton.Config({"BLOCK_M": c.BLOCK_M, "BLOCK_N": c.BLOCK_N}, num_warps=c.num_warps,
-                            num_stages=c.num_stages) for c in cfgs]
-        fn = kernel
-        if interpret:
-            from ._interp import interpreted
-
-            fn = interpreted(kernel)
-        _AUTOTUNED[key] = triton.autotune(tc, key=["seqlen_q", "seqlen_k", "HEAD_DIM", "CHUNKED", "VARLEN",
-                                                   "win_left", "win_right", "SOFTCAP", "ALIBI", "DROPOUT"],
-                                          do_bench=_wall_clock_bench if interpret else None)(fn)
-    return _AUTOTUNED[key]
-
-
-# -- static report -----------------------------------------------------------------------------
-_DT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-
-
-_CONSTEXPRS = {"HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "CHUNKED", "VARLEN", "INPUT_PRECISION", "SOFTCAP",
-               "ALIBI", "DROPOUT", "SPLIT", "BLOCK_S", "GQA_ROWS", "TMA"}
-
-
-def aot_signature(kernel, dt):
-    """Triton signature of an attention kernel for data type ``dt`` ("fp16", "bf16", "fp32")."""
-    sig = {}
-    for name in kernel.arg_names:
-        if name in _CONSTEXPRS:
-            sig[name] = "constexpr"
-        elif name in ("Lse", "Delta", "Alibi") or name.startswith("Part"):
-            sig[name] = "*fp32"
-        elif name.startswith("CuSeq") or name == "SeqLens":
-            sig[name] = "*i32"
-        elif name[0].isupper():
-            sig[name] = f"*{dt}"
-        else:
-            sig[name] = "fp32" if name.endswith("scale") or name in ("softcap", "dropout_p") else \
-                "i64" if name == "seed" else "i32"
-    return sig
-
-
-_NO_DIV16 = ("stride_lb", "stride_lh", "stride_ab", "stride_pb", "stride_ph", "stride_pn", "stride_ps")
-
-
-def aot_attrs(kernel, signature):
-    """Divisibility-by-16 hints the JIT derives at launch: tensor pointers (torch allocations are
-    16-byte aligned) and q/k/v/o/grad strides (multiples of 16 for head dims that are)."""
-    return {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
-            if signature[n].startswith("*") or (n.startswith("stride_") and n not in _NO_DIV16)}
-
-
-def aot_cases(cc):
-    """Every forward/backward config this module may launch on ``cc`` (80 or 90), fp16 and bf16
-    at the head dims that fill each bucket (64, 128, 256), plus the fp32 configs at d64."""
-    from . import attention_bwd
-
+def aot_cases_fwd(cc):
+    """Every plain forward config this module may launch on ``cc`` (80, 86 or 90), fp16 and bf16 at
+    the head dims that fill each bucket (64, 128, 256), the fp32 configs at d64, and the Delta
+    preprocess. Modified/masked variants are listed by ``attention_aot.aot_cases``."""
     cases = []
     tma = _arch(cc) == 9  # fp16/bf16 forwards load K/V through TMA there (aligned inputs, see use_tma)
     for d in (64, 128, 256):
         for dtype in (torch.float16, torch.bfloat16):
-            dt = _DT[dtype]
             # on sm_90 also the pointer-load fallback (misaligned inputs, FASTTFM_TMA=0)
-            for cfg, t in itertools.product(fwd_configs(cc, d, dtype), (True, False) if tma else (False,)):
-                cx = dict(HEAD_DIM=d, BLOCK_D=block_d(d), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
-                          CHUNKED=False, VARLEN=False, INPUT_PRECISION="tf32", SOFTCAP=False, ALIBI=False,
-                          DROPOUT=False, TMA=t)
-                sig = aot_signature(_attn_fwd, dt)
-                cases.append(AotCase(f"attn_fwd[{dt},d{d},bm{cfg.BLOCK_M},bn{cfg.BLOCK_N},w{cfg.num_warps},"
-                                     f"s{cfg.num_stages}{',tma' if t else ''}]", _attn_fwd, sig, cx,
-                                     cfg.num_warps, cfg.num_stages, attrs=aot_attrs(_attn_fwd, sig), tma=t))
-            cases += attention_bwd.aot_cases_bwd(cc, d, dtype, dt)
-    cases += attention_bwd.aot_cases_bwd(cc, 64, torch.float32, "fp32")
+            for cfg in fwd_configs(cc, d, dtype):
+                cases += [_fwd_case(cc, d, _DT[dtype], cfg, t) for t in ((True, False) if tma else (False,))]
+    cases += [_fwd_case(cc, 64, "fp32", cfg, False) for cfg in fwd_configs(cc, 64, torch.float32)]
     for d in (64, 128, 256):  # the memory-bound Delta preprocess (no tensor cores)
         sig = aot_signature(_attn_bwd_preprocess, "bf16")
         cx = dict(HEAD_DIM=d, BLOCK_D=block_d(d), BLOCK_M=64 if d <= 128 else 32, VARLEN=False)
         cases.append(AotCase(f"attn_bwd_preprocess[bf16,d{d}]", _attn_bwd_preprocess, sig, cx, 4, 1,
                              tensor_core=False, attrs=aot_attrs(_attn_bwd_preprocess, sig)))
-    # chunked + varlen variants of each kernel's default config (d128 bf16): must compile too
-    for case in [c for c in cases if ",d128," in c.name and "bf16" in c.name]:
-        first = next(c for c in cases if c.kernel is case.kernel and ",d128," in c.name and "bf16" in c.name)
-        if case is first:
-            cases.append(dataclasses.replace(case, name=case.name.replace("]", ",chunked,varlen]"),
-                                             constexprs=dict(case.constexprs, CHUNKED=True, VARLEN=True)))
-    # softcap + ALiBi + dropout together (the heaviest score path) for the configs modified problems
-    # launch (fwd_configs/bwd_configs with mods=True): fp16 at every head-dim bucket, bf16 at d128
-    for d, dtype in ((64, torch.float16), (128, torch.float16), (256, torch.float16), (128, torch.bfloat16)):
-        dt = _DT[dtype]
-        bc = attention_bwd.bwd_configs(cc, d, dtype, mods=True)
-        for kernel, name, cfg in ((_attn_fwd, "attn_fwd", fwd_configs(cc, d, dtype, True)[0]),
-                                  (attention_bwd._attn_bwd_dkdv, "attn_bwd_dkdv", bc.dkdv[0]),
-                                  (attention_bwd._attn_bwd_dq, "attn_bwd_dq", bc.dq[0])):
-            cx = dict(HEAD_DIM=d, BLOCK_D=block_d(d), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, CHUNKED=False,
-                      VARLEN=False, INPUT_PRECISION="tf32", SOFTCAP=True, ALIBI=True, DROPOUT=True)
-            k_tma = tma and kernel is _attn_fwd
-            if kernel is _attn_fwd:
-                cx["TMA"] = k_tma
-            sig = aot_signature(kernel, dt)
-            cases.append(AotCase(f"{name}[{dt},d{d},bm{cfg.BLOCK_M},bn{cfg.BLOCK_N},w{cfg.num_warps},"
-                                 f"s{cfg.num_stages},softcap,alibi,dropout{',tma' if k_tma else ''}]", kernel, sig,
-                                 cx, cfg.num_warps, cfg.num_stages, attrs=aot_attrs(kernel, sig), tma=k_tma))
-    from . import attention_decode
-
-    cases += attention_decode.aot_cases_decode(cc)
-    for cfg in fwd_configs(cc, 64, torch.float32):
-        cx = dict(HEAD_DIM=64, BLOCK_D=64, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, CHUNKED=False,
-                  VARLEN=False, INPUT_PRECISION="ieee", SOFTCAP=False, ALIBI=False, DROPOUT=False, TMA=False)
-        sig = aot_signature(_attn_fwd, "fp32")
-        cases.append(AotCase(f"attn_fwd[fp32,d64,bm{cfg.BLOCK_M},bn{cfg.BLOCK_N},w{cfg.num_warps},s{cfg.num_stages}]",
-                             _attn_fwd, sig, cx, cfg.num_warps, cfg.num_stages, tensor_core=False,
-                             attrs=aot_attrs(_attn_fwd, sig)))
     return cases

@@ -11,6 +11,12 @@ the q tiles that can see the tile (the inverse of the forward's kv range), so GQ
 summed in registers in a fixed order. The dQ kernel owns one q tile and loops over the same kv
 range as the forward. Rows with LSE -inf (no visible key) and rows past the end use LSE +inf,
 so their P and gradients are exactly 0.
+
+Per-sequence masks (KPAD / SEQUSED / SEGMENTS, see ``_attn_fwd``): the dQ kernel masks like the
+forward. The dK/dV kernel inverts the segment-clipped row bounds through the run bounds of its first
+and last column; a kv tile outside the sequence's valid-key range (KPAD) or past seqused_k has no
+work. A padded key or a key past seqused_k is invisible to every query, and row j of dK/dV depends on
+row j of P^T only, so those rows are zeroed once at the end instead of masking P^T per q tile.
 """
 from collections import namedtuple
 
@@ -19,14 +25,13 @@ import triton
 import triton.language as tl
 
 from ._aot import AotCase
-from .attention_common import TRITON_36, replace_configs
-from .attention import (AttnConfig, _alibi_slope, _dropout_keep, _drop_rows, _scores, dropout_args, score_args, _autotuned, _cc, _col_bounds, _input_precision, _launch, _load_rows,
-                        _row_bounds, _seq_info, _store_rows, _tile_ranges, autotune_enabled, block_d,
-                        canonical_strides, lse_strides, _bucket, _bucket_dim, _arch, aot_signature, aot_attrs)
+from .attention_common import (LOG2E, TRITON_36, AttnConfig, _alibi_slope, _arch, _autotuned, _bucket,
+                               _bucket_dim, _cc, _col_bounds, _drop_rows, _dropout_keep, _input_precision, _key_clip,
+                               _key_ok, _launch, _load_rows, _row_bounds, _scores, _seg_clip, _seq_info, _store_rows,
+                               _tile_ranges, _used_keys, aot_attrs, aot_signature, autotune_enabled, block_d,
+                               canonical_strides, dropout_args, lse_strides, mask_args, replace_configs, score_args)
 
-__all__ = ["attn_bwd_dkdv", "attn_bwd_dq", "bwd_configs", "SMOKE_BWD"]
-
-LOG2E = 1.4426950408889634
+__all__ = ["attn_bwd_dkdv", "attn_bwd_dq", "bwd_configs", "SMOKE_BWD", "aot_cases_bwd"]
 
 BwdConfigs = namedtuple("BwdConfigs", "dkdv dq")
 # AttnConfig for dK/dV: BLOCK_M = q rows per step, BLOCK_N = kv rows owned; for dQ: BLOCK_M = q
@@ -104,9 +109,28 @@ if TRITON_36:  # Triton 3.6 (static report, fp16 and bf16): these spill there, 3
     _FP32_DKDV = AttnConfig(16, 32, 4, 2)  # 32x32: 432-512 B of spills on sm_80/86/90 -> 0 (108-143 regs)
 
 
-def bwd_configs(cc, head_dim, dtype=torch.float16, mods=False):
+# Per-sequence masks: one config per kernel and bucket, the default swapped where it spills with all
+# three masks on (static report, Triton 3.8), as kernels/attention.py's _MASKED_FWD. sm_90 dK/dV d128
+# keeps 64x64 w4 s2: 240 B with masks, within its MEASURED_SPILLS allowance (344 B without masks).
+_MASKED_DQ = {(9, False): {256: {AttnConfig(64, 64, 4, 2): AttnConfig(64, 32, 4, 2)}},    # 32 B -> 0 (255 regs)
+              (8, False): {64: {AttnConfig(128, 64, 8, 2): AttnConfig(64, 32, 4, 2)}},    # 80 B -> 0 (212 regs)
+              (86, False): {64: {AttnConfig(128, 64, 8, 2): AttnConfig(64, 32, 4, 2)}}}   # 40 B -> 0
+_MASKED_DKDV = {}
+
+
+def _masked(table, arch, mods, head_dim, cfg):
+    return table.get((arch, bool(mods)), {}).get(_bucket_dim(head_dim), {}).get(cfg, cfg)
+
+
+def bwd_configs(cc, head_dim, dtype=torch.float16, mods=False, masks=False):
     """(dK/dV tuning list, dQ tuning list) for compute capability ``cc`` and head dim; ``mods``:
-    softcap, ALiBi or dropout active."""
+    softcap, ALiBi or dropout active; ``masks``: key padding, seqused_k or segments active (one
+    config each, see _MASKED_DQ)."""
+    if masks:
+        bc = bwd_configs(cc, head_dim, dtype, mods)
+        arch = _arch(cc)
+        return BwdConfigs([_masked(_MASKED_DKDV, arch, mods, head_dim, bc.dkdv[0])],
+                          [_masked(_MASKED_DQ, arch, mods, head_dim, bc.dq[0])])
     elt = torch.empty((), dtype=dtype).element_size()
     if elt == 4:
         return BwdConfigs([_FP32_DKDV], [AttnConfig(32, 32, 4, 2)])
@@ -120,10 +144,11 @@ def bwd_configs(cc, head_dim, dtype=torch.float16, mods=False):
 @triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, stride_qn, stride_dn,
                          offs_m, offs_d, cols, n_q, shift, win_left, win_right, chunk, start, end, f0, f1, qk_scale,
-                         softcap, slope, drop_base, seed, dropout_p, drop_nk,
+                         softcap, slope, drop_base, seed, dropout_p, drop_nk, SegS, seg_n,
                          CHUNKED: tl.constexpr, HEAD_DIM: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                         SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr):
+                         SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
+                         SEGMENTS: tl.constexpr):
     for start_m in range(start, end, BLOCK_M):
         rows = start_m + offs_m
         q = _load_rows(Q_base, rows, stride_qn, offs_d, n_q, True, HEAD_DIM, BLOCK_D)
@@ -136,6 +161,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, stride_q
         p_t = tl.exp2(s_t - lse[None, :])
         if (start_m < f0) | (start_m >= f1):  # q tile partly masked for this kv tile
             lo_row, hi_row = _row_bounds(rows, shift, win_left, win_right, chunk, CHUNKED)
+            lo_row, hi_row = _seg_clip(SegS, rows, n_q, lo_row, hi_row, seg_n, SEGMENTS)
             visible = (cols[:, None] >= lo_row[None, :]) & (cols[:, None] <= hi_row[None, :]) \
                 & (rows[None, :] < n_q)
             p_t = tl.where(visible, p_t, 0.0)
@@ -158,24 +184,28 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, stride_q
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, Lse, Delta, CuSeqQ, CuSeqK, Alibi,
+def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, Lse, Delta, CuSeqQ, CuSeqK, Alibi, KeyMask, KBounds, SeqUsedK, SegBounds,
                    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn,
                    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-                   stride_lb, stride_lh, stride_ab,
+                   stride_lb, stride_lh, stride_ab, stride_mb, stride_sb,
                    seqlen_q, seqlen_k, group, qk_scale, softcap, sm_scale, win_left, win_right, chunk,
                    seed, dropout_p, drop_nq, drop_nk,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, CHUNKED: tl.constexpr, VARLEN: tl.constexpr,
                    INPUT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-                   DROPOUT: tl.constexpr):
+                   DROPOUT: tl.constexpr, KPAD: tl.constexpr = False, SEQUSED: tl.constexpr = False,
+                   SEGMENTS: tl.constexpr = False):
     """One (BLOCK_N kv tile, kv head, sequence) per program; grid (cdiv(max Nk, BLOCK_N), Hkv, B)."""
     start_n = tl.program_id(0)
     off_hk = tl.program_id(1)
     off_b = tl.program_id(2)
     q_start, n_q = _seq_info(CuSeqQ, off_b, seqlen_q, VARLEN)
     k_start, n_k = _seq_info(CuSeqK, off_b, seqlen_k, VARLEN)
+    n_rows_k = n_k  # dK/dV rows written (keys past seqused_k get zeros)
+    n_k = _used_keys(SeqUsedK, off_b, n_k, SEQUSED)
     shift = n_k - n_q
+    SegS = SegBounds + off_b.to(tl.int64) * stride_sb
     b64 = off_b.to(tl.int64)
     qs = q_start.to(tl.int64)
     ks = k_start.to(tl.int64)
@@ -193,6 +223,15 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, Lse, Delta, CuSeqQ, CuSeqK, Alibi,
     n_last = tl.minimum(n_first + BLOCK_N, n_k) - 1
     i_first, i_last = _col_bounds(n_first, n_last, shift, win_left, win_right, chunk, CHUNKED)
     f_first, f_last = _col_bounds(n_last, n_first, shift, win_left, win_right, chunk, CHUNKED)
+    if SEGMENTS:  # rows whose run reaches the tile: [start(n_first), end(n_last)]; whose run covers it:
+        ok = n_first < n_k  # [start(n_last), end(n_first)] (Nq == Nk: one run table for rows and keys)
+        i_first = tl.maximum(i_first, tl.load(SegS + n_first, mask=ok, other=0))
+        i_last = tl.minimum(i_last, tl.load(SegS + seqlen_q + n_last, mask=ok, other=-1))
+        f_first = tl.maximum(f_first, tl.load(SegS + n_last, mask=ok, other=0))
+        f_last = tl.minimum(f_last, tl.load(SegS + seqlen_q + n_first, mask=ok, other=-1))
+    if KPAD:  # tile outside the sequence's valid keys [first, last]: no work
+        k_lo, k_hi = _key_clip(KBounds, off_b, n_first, n_last, KPAD)
+        i_last = tl.where(k_lo <= k_hi, i_last, -1)
     i_last = tl.where(n_first < n_k, i_last, -1)  # tile past the end of this sequence: no work
     begin, f0, f1, end = _tile_ranges(i_first, i_last, f_first, f_last, n_q, BLOCK_M)
 
@@ -210,23 +249,30 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, Lse, Delta, CuSeqQ, CuSeqK, Alibi,
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, stride_qn, stride_dn,
                                       offs_m, offs_d, cols, n_q, shift, win_left, win_right, chunk,
                                       begin, end, f0, f1, qk_scale, softcap, slope, drop_base, seed, dropout_p,
-                                      drop_nk, CHUNKED, HEAD_DIM, BLOCK_D, BLOCK_M, INPUT_PRECISION, SOFTCAP,
-                                      ALIBI, DROPOUT)
+                                      drop_nk, SegS, seqlen_q, CHUNKED, HEAD_DIM, BLOCK_D, BLOCK_M, INPUT_PRECISION,
+                                      SOFTCAP, ALIBI, DROPOUT, SEGMENTS)
     dk = dk * sm_scale
+    if KPAD:  # padded keys: invisible to every query, their rows are exactly 0
+        kv_ok = _key_ok(KeyMask + b64 * stride_mb, cols, n_k)
+        dk = tl.where(kv_ok[:, None], dk, 0.0)
+        dv = tl.where(kv_ok[:, None], dv, 0.0)
+    if SEQUSED:  # keys past seqused_k: zeros, written (the op allocates dK/dV uninitialized)
+        dk = tl.where(cols[:, None] < n_k, dk, 0.0)
+        dv = tl.where(cols[:, None] < n_k, dv, 0.0)
     _store_rows(DK + b64 * stride_dkb + off_hk.to(tl.int64) * stride_dkh + ks * stride_dkn, cols, stride_dkn,
-                offs_d, n_k, dk, HEAD_DIM, BLOCK_D)
+                offs_d, n_rows_k, dk, HEAD_DIM, BLOCK_D)
     _store_rows(DV + b64 * stride_dvb + off_hk.to(tl.int64) * stride_dvh + ks * stride_dvn, cols, stride_dvn,
-                offs_d, n_k, dv, HEAD_DIM, BLOCK_D)
+                offs_d, n_rows_k, dv, HEAD_DIM, BLOCK_D)
 
 
 # -- dQ --------------------------------------------------------------------------------------
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_vn, offs_n, offs_d,
                        n_k, lo_row, hi_row, start, end, f0, f1, qk_scale, pos_q, softcap, slope,
-                       drop_rows, seed, dropout_p,
+                       drop_rows, seed, dropout_p, KM_base,
                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                        BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
-                       ALIBI: tl.constexpr, DROPOUT: tl.constexpr):
+                       ALIBI: tl.constexpr, DROPOUT: tl.constexpr, KPAD: tl.constexpr):
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
         k = _load_rows(K_base, cols, stride_kn, offs_d, n_k, True, HEAD_DIM, BLOCK_D)
@@ -237,6 +283,8 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_
         if (start_n < f0) | (start_n >= f1):  # kv tile partly masked for this q tile
             visible = (cols[None, :] >= lo_row[:, None]) & (cols[None, :] <= hi_row[:, None])
             p = tl.where(visible, p, 0.0)
+        if KPAD:
+            p = tl.where(_key_ok(KM_base, cols, n_k)[None, :], p, 0.0)
         # -- dS = P * (dO V^T - Delta) ; dQ += dS K
         dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
         if DROPOUT:
@@ -250,16 +298,17 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, DQ, Lse, Delta, CuSeqQ, CuSeqK, Alibi,
+def _attn_bwd_dq(Q, K, V, DO, DQ, Lse, Delta, CuSeqQ, CuSeqK, Alibi, KeyMask, KBounds, SeqUsedK, SegBounds,
                  stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                  stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn,
-                 stride_dqb, stride_dqh, stride_dqn, stride_lb, stride_lh, stride_ab,
+                 stride_dqb, stride_dqh, stride_dqn, stride_lb, stride_lh, stride_ab, stride_mb, stride_sb,
                  seqlen_q, seqlen_k, group, qk_scale, softcap, sm_scale, win_left, win_right, chunk,
                  seed, dropout_p, drop_nq, drop_nk,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, CHUNKED: tl.constexpr, VARLEN: tl.constexpr,
                  INPUT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-                 DROPOUT: tl.constexpr):
+                 DROPOUT: tl.constexpr, KPAD: tl.constexpr = False, SEQUSED: tl.constexpr = False,
+                 SEGMENTS: tl.constexpr = False):
     """One (BLOCK_M q tile, q head, sequence) per program; grid (cdiv(max Nq, BLOCK_M), Hq, B)."""
     start_m = tl.num_programs(0) - 1 - tl.program_id(0)
     off_h = tl.program_id(1)
@@ -267,7 +316,9 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, Lse, Delta, CuSeqQ, CuSeqK, Alibi,
     off_hk = off_h // group
     q_start, n_q = _seq_info(CuSeqQ, off_b, seqlen_q, VARLEN)
     k_start, n_k = _seq_info(CuSeqK, off_b, seqlen_k, VARLEN)
+    n_k = _used_keys(SeqUsedK, off_b, n_k, SEQUSED)
     shift = n_k - n_q
+    SegS = SegBounds + off_b.to(tl.int64) * stride_sb
     b64 = off_b.to(tl.int64)
     h64 = off_h.to(tl.int64)
     qs = q_start.to(tl.int64)
@@ -283,9 +334,13 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, Lse, Delta, CuSeqQ, CuSeqK, Alibi,
     m_last = tl.minimum(m_first + BLOCK_M, n_q) - 1
     lo_first, hi_first = _row_bounds(m_first, shift, win_left, win_right, chunk, CHUNKED)
     lo_last, hi_last = _row_bounds(m_last, shift, win_left, win_right, chunk, CHUNKED)
+    lo_first, hi_first = _seg_clip(SegS, m_first, n_q, lo_first, hi_first, seqlen_q, SEGMENTS)
+    lo_last, hi_last = _seg_clip(SegS, m_last, n_q, lo_last, hi_last, seqlen_q, SEGMENTS)
     hi_last = tl.where(m_first < n_q, hi_last, -1)
+    lo_first, hi_last = _key_clip(KBounds, off_b, lo_first, hi_last, KPAD)
     begin, f0, f1, end = _tile_ranges(lo_first, hi_last, lo_last, hi_first, n_k, BLOCK_N)
     lo_row, hi_row = _row_bounds(offs_m, shift, win_left, win_right, chunk, CHUNKED)
+    lo_row, hi_row = _seg_clip(SegS, offs_m, n_q, lo_row, hi_row, seqlen_q, SEGMENTS)
     hi_row = tl.minimum(hi_row, n_k - 1)
 
     q = _load_rows(Q + b64 * stride_qb + h64 * stride_qh + qs * stride_qn, offs_m, stride_qn, offs_d, n_q,
@@ -302,8 +357,8 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, Lse, Delta, CuSeqQ, CuSeqK, Alibi,
     drop_rows = _drop_rows(off_b, off_h, tl.num_programs(1), offs_m, q_start, k_start, drop_nq, drop_nk, VARLEN)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_vn, offs_n, offs_d,
                             n_k, lo_row, hi_row, begin, end, f0, f1, qk_scale, offs_m + shift, softcap, slope,
-                            drop_rows, seed, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_N, INPUT_PRECISION, SOFTCAP, ALIBI,
-                            DROPOUT)
+                            drop_rows, seed, dropout_p, KeyMask + b64 * stride_mb, HEAD_DIM, BLOCK_D, BLOCK_N,
+                            INPUT_PRECISION, SOFTCAP, ALIBI, DROPOUT, KPAD)
     dq = dq * sm_scale
     _store_rows(DQ + b64 * stride_dqb + h64 * stride_dqh + qs * stride_dqn, offs_m, stride_dqn, offs_d, n_q,
                 dq, HEAD_DIM, BLOCK_D)
@@ -314,25 +369,34 @@ def _mods(cx):
     return cx["SOFTCAP"] or cx["ALIBI"] or cx["DROPOUT"]
 
 
+def _masks(cx):
+    return cx["KPAD"] or cx["SEQUSED"] or cx["SEGMENTS"]
+
+
 def _common(q, k, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k, sm_scale, win_left, win_right, chunk_size,
-            softcap, alibi_slopes, lse, dropout_p=0.0, seed=0):
+            softcap, alibi_slopes, lse, dropout_p=0.0, seed=0, masks=None):
+    """Arguments shared by both backward kernels: (varlen, trailing scalars, constexprs, the pointer
+    arguments after Delta). masks: ``mask_args`` keywords (key_mask, key_bounds, ...)."""
     varlen = cu_seqlens_q is not None
     kscale, kcap, alibi, stride_ab, has_cap, has_alibi = score_args(sm_scale * LOG2E, softcap, alibi_slopes, lse)
-    tail = (stride_ab, seqlen_q, seqlen_k, q.shape[1] // k.shape[1], kscale, kcap, sm_scale, win_left, win_right,
-            chunk_size or 1, *dropout_args(q, k, varlen, dropout_p, seed))
+    mptrs, mstrides, mcx = mask_args(lse, **(masks or {}))
+    tail = (stride_ab, *mstrides, seqlen_q, seqlen_k, q.shape[1] // k.shape[1], kscale, kcap, sm_scale, win_left,
+            win_right, chunk_size or 1, *dropout_args(q, k, varlen, dropout_p, seed))
     cx = dict(HEAD_DIM=q.shape[-1], BLOCK_D=block_d(q.shape[-1]), CHUNKED=chunk_size is not None,
               VARLEN=varlen, INPUT_PRECISION=_input_precision(q.dtype), SOFTCAP=has_cap, ALIBI=has_alibi,
-              DROPOUT=dropout_p > 0)
+              DROPOUT=dropout_p > 0, **mcx)
     cus = (cu_seqlens_q, cu_seqlens_k, alibi) if varlen else (q, q, alibi)
-    return varlen, tail, cx, cus
+    return varlen, tail, cx, cus + mptrs
 
 
 def attn_bwd_dkdv(q, k, v, do, dk, dv, lse, delta, *, batch, seqlen_q, seqlen_k, max_seqlen_k,
                   cu_seqlens_q=None, cu_seqlens_k=None, sm_scale, win_left, win_right, chunk_size=None,
-                  softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=0, config=None, interpret=False):
-    """Launch ``_attn_bwd_dkdv`` on canonical 4-D views (see attn_fwd); dk/dv shaped like k/v."""
+                  softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=0, config=None, interpret=False, **masks):
+    """Launch ``_attn_bwd_dkdv`` on canonical 4-D views (see attn_fwd); dk/dv shaped like k/v.
+    masks: key_mask / key_bounds / seqused_k / segment_bounds (see ``attention_common.mask_args``)."""
     varlen, tail, cx, cus = _common(q, k, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k, sm_scale,
-                                    win_left, win_right, chunk_size, softcap, alibi_slopes, lse, dropout_p, seed)
+                                    win_left, win_right, chunk_size, softcap, alibi_slopes, lse, dropout_p, seed,
+                                    masks)
     args = (q, k, v, do, dk, dv, lse, delta, *cus, *canonical_strides(q, varlen), *canonical_strides(k, varlen),
             *canonical_strides(v, varlen), *canonical_strides(do, varlen), *canonical_strides(dk, varlen), *canonical_strides(dv, varlen),
             *lse_strides(lse, varlen), *tail)
@@ -341,10 +405,12 @@ def attn_bwd_dkdv(q, k, v, do, dk, dv, lse, delta, *, batch, seqlen_q, seqlen_k,
 
 def attn_bwd_dq(q, k, v, do, dq, lse, delta, *, batch, seqlen_q, seqlen_k, max_seqlen_q,
                 cu_seqlens_q=None, cu_seqlens_k=None, sm_scale, win_left, win_right, chunk_size=None,
-                softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=0, config=None, interpret=False):
-    """Launch ``_attn_bwd_dq`` on canonical 4-D views (see attn_fwd); dq shaped like q."""
+                softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=0, config=None, interpret=False, **masks):
+    """Launch ``_attn_bwd_dq`` on canonical 4-D views (see attn_fwd); dq shaped like q; masks as
+    ``attn_bwd_dkdv``."""
     varlen, tail, cx, cus = _common(q, k, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k, sm_scale,
-                                    win_left, win_right, chunk_size, softcap, alibi_slopes, lse, dropout_p, seed)
+                                    win_left, win_right, chunk_size, softcap, alibi_slopes, lse, dropout_p, seed,
+                                    masks)
     args = (q, k, v, do, dq, lse, delta, *cus, *canonical_strides(q, varlen), *canonical_strides(k, varlen),
             *canonical_strides(v, varlen), *canonical_strides(do, varlen), *canonical_strides(dq, varlen),
             *lse_strides(lse, varlen), *tail)
@@ -355,7 +421,7 @@ def _launch_bwd(kernel, which, q, args, cx, n_rows, block, heads, batch, config,
     """Config choice and launch shared by dK/dV (``which`` "dkdv": programs over kv rows, ``block``
     "BLOCK_N") and dQ ("dq": over q rows, "BLOCK_M"): explicit config, autotuning, or the heuristic."""
     def tuning_list():
-        return getattr(bwd_configs(_cc(q), q.shape[-1], q.dtype, _mods(cx)), which)
+        return getattr(bwd_configs(_cc(q), q.shape[-1], q.dtype, _mods(cx), _masks(cx)), which)
 
     if config is None and autotune_enabled():
         grid = lambda meta: (triton.cdiv(n_rows, meta[block]), heads, batch)  # noqa: E731
@@ -367,19 +433,30 @@ def _launch_bwd(kernel, which, q, args, cx, n_rows, block, heads, batch, config,
     _launch(kernel, (triton.cdiv(n_rows, getattr(config, block)), heads, batch), args, cx, config, interpret)
 
 
-# -- static report -----------------------------------------------------------------------------
+# -- static report (collected by kernels/attention_aot.py) ---------------------------------------
+def _bwd_case(cc, which, d, dt, cfg, **flags):
+    """AotCase of the dK/dV (``which`` "dkdv") or dQ ("dq") kernel for one config; ``flags``:
+    constexpr overrides (CHUNKED, SOFTCAP, ...), named in the case's tag list."""
+    kernel = _attn_bwd_dkdv if which == "dkdv" else _attn_bwd_dq
+    cx = dict(HEAD_DIM=d, BLOCK_D=block_d(d), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, CHUNKED=False,
+              VARLEN=False, INPUT_PRECISION="ieee" if dt == "fp32" else "tf32", SOFTCAP=False, ALIBI=False,
+              DROPOUT=False, KPAD=False, SEQUSED=False, SEGMENTS=False)
+    cx.update(flags)
+    tags = "".join(f",{k.lower()}" for k, val in flags.items() if val is True)
+    sig = aot_signature(kernel, dt)
+    return AotCase(f"attn_bwd_{which}[{dt},d{d},bm{cfg.BLOCK_M},bn{cfg.BLOCK_N},w{cfg.num_warps},"
+                   f"s{cfg.num_stages}{tags}]", kernel, sig, cx, cfg.num_warps, cfg.num_stages,
+                   tensor_core=dt != "fp32", attrs=aot_attrs(kernel, sig),
+                   spill_ok=MEASURED_SPILLS.get((_arch(cc), which, cfg), 0) if _plain_scores(flags) else 0)
+
+
+def _plain_scores(flags):
+    """Whether a case keeps the plain score path (no softcap/ALiBi/dropout): masks, chunks and varlen
+    only narrow ranges and mask elements, so a GPU-measured spill allowance carries over."""
+    return not any(flags.get(f) for f in ("SOFTCAP", "ALIBI", "DROPOUT"))
+
+
 def aot_cases_bwd(cc, d, dtype, dt):
-    cases = []
+    """The plain dK/dV and dQ configs of ``bwd_configs(cc, d, dtype)``, as static-report cases."""
     cfgs = bwd_configs(cc, d, dtype)
-    for kernel, name, lst in ((_attn_bwd_dkdv, "attn_bwd_dkdv", cfgs.dkdv), (_attn_bwd_dq, "attn_bwd_dq", cfgs.dq)):
-        for cfg in lst:
-            fp32 = dtype == torch.float32
-            cx = dict(HEAD_DIM=d, BLOCK_D=block_d(d), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
-                      CHUNKED=False, VARLEN=False, INPUT_PRECISION="ieee" if fp32 else "tf32", SOFTCAP=False,
-                      ALIBI=False, DROPOUT=False)
-            sig = aot_signature(kernel, dt)
-            cases.append(AotCase(f"{name}[{dt},d{d},bm{cfg.BLOCK_M},bn{cfg.BLOCK_N},w{cfg.num_warps},"
-                                 f"s{cfg.num_stages}]", kernel, sig, cx, cfg.num_warps, cfg.num_stages,
-                                 tensor_core=not fp32, attrs=aot_attrs(kernel, sig),
-                                 spill_ok=MEASURED_SPILLS.get((_arch(cc), name[9:], cfg), 0)))
-    return cases
+    return [_bwd_case(cc, which, d, dt, cfg) for which, lst in (("dkdv", cfgs.dkdv), ("dq", cfgs.dq)) for cfg in lst]

@@ -1,18 +1,29 @@
 """Helpers shared by the attention kernels (``attention.py``, ``attention_bwd.py``,
-``attention_decode.py``): mask bounds and tile ranges, row loads/stores, score modifiers
-(softcap, ALiBi), dropout's Philox counters and the debug dropout-mask kernel. The masking rules
-and numerics are described in ``kernels/attention.py``.
+``attention_decode.py``): config types and table helpers, architecture classes, canonical
+strides, launching and autotuning, the static report's signatures, mask bounds and tile ranges,
+row loads/stores, score modifiers (softcap, ALiBi), dropout's Philox counters and the debug
+dropout-mask kernel. The masking rules and numerics are described in ``kernels/attention.py``.
+
+This module imports no other attention module: forward, backward and decode import it, and the
+static report's case list (``attention_aot.py``) imports all of them.
 """
+import os
 import re
+import time
+from collections import namedtuple
 
 import torch
 import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+UNBOUNDED = 1 << 30  # window side with no limit (kept < 2**31 after adding positions)
 
 __all__ = ["score_args", "dropout_args", "dropout_mask", "TRITON_VERSION", "TRITON_36", "TRITON_37", "BEFORE_38",
-           "replace_configs"]
+           "replace_configs", "AttnConfig", "LOG2E", "UNBOUNDED", "block_d", "autotune_enabled",
+           "canonical_strides", "lse_strides", "aot_signature", "aot_attrs", "mask_args"]
+
+AttnConfig = namedtuple("AttnConfig", "BLOCK_M BLOCK_N num_warps num_stages")
 
 
 # -- configs per Triton version ----------------------------------------------------------------
@@ -60,6 +71,133 @@ def replace_configs(table, replacements):
                 new.append((max_d, [swaps.get(c, c) for c in cfgs]))
         out[arch] = new
     return out
+
+
+# -- architecture classes and config-table helpers ---------------------------------------------
+def _arch(cc):
+    """Config table of compute capability ``cc``: 9 (sm_90/sm_100: up to 227 KiB of shared memory per
+    block), 86 (sm_86, sm_89, sm_12x: 99 KiB) or 8 (sm_80, sm_87: 163 KiB)."""
+    if cc in (86, 89) or cc >= 120:
+        return 86
+    return 9 if cc >= 90 else 8
+
+
+def block_d(head_dim):
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _bucket(table, head_dim):
+    bd = block_d(head_dim)
+    for max_d, cfgs in table:
+        if bd <= max_d:
+            return cfgs
+    raise ValueError(f"head dim {head_dim} > 256 is not supported")
+
+
+def _bucket_dim(head_dim):
+    bd = block_d(head_dim)
+    return 64 if bd <= 64 else 128 if bd <= 128 else 256
+
+
+def autotune_enabled():
+    return os.environ.get("FASTTFM_AUTOTUNE", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+# -- canonical views and launching ----------------------------------------------------------------
+def canonical_strides(t, varlen=False):
+    """(stride_b, stride_h, stride_n) of a canonical 4-D (B, H, N, D) view with unit last stride;
+    varlen (1, H, total, D) views get stride_b = 0 (sequences are located by cu_seqlens)."""
+    assert t.stride(-1) == 1 or t.shape[-1] == 1, "last dim must have stride 1"
+    return 0 if varlen else t.stride(0), t.stride(1), t.stride(2)
+
+
+def _input_precision(dtype):
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def lse_strides(lse, varlen):
+    """(stride_b, stride_h) of LSE/Delta: (B, H, Nq) dense, (H, total_q) varlen."""
+    return (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
+
+
+def _cc(t):
+    """Compute capability whose tuning lists apply to ``t``'s device. CPU tensors (the interpreter)
+    have none: FASTTFM_EMULATE_ARCH (default 80) says whose lists autotuning under emulation uses."""
+    if t.device.type != "cuda":
+        return int(os.environ.get("FASTTFM_EMULATE_ARCH", "80"))
+    major, minor = torch.cuda.get_device_capability(t.device)
+    return major * 10 + minor
+
+
+_AUTOTUNED = {}
+
+
+def _wall_clock_bench(fn, quantiles=None, **_):
+    """Autotuning under the interpreter: one wall-clock run of a config (CPU time, not GPU time;
+    the point is to execute every config through triton.autotune's own launch path)."""
+    t0 = time.perf_counter()
+    fn()
+    ms = (time.perf_counter() - t0) * 1e3
+    return [ms] * len(quantiles) if quantiles else ms
+
+
+def _autotuned(kernel, cfgs, interpret=False):
+    """triton.autotune wrapper of ``kernel`` over ``cfgs`` (FASTTFM_AUTOTUNE=1). ``interpret``: the
+    same wrapper around the kernel's interpreted twin, timed by the wall clock."""
+    key = (kernel, tuple(cfgs), interpret)
+    if key not in _AUTOTUNED:
+        tc = [triton.Config({"BLOCK_M": c.BLOCK_M, "BLOCK_N": c.BLOCK_N}, num_warps=c.num_warps,
+                            num_stages=c.num_stages) for c in cfgs]
+        fn = kernel
+        if interpret:
+            from ._interp import interpreted
+
+            fn = interpreted(kernel)
+        _AUTOTUNED[key] = triton.autotune(tc, key=["seqlen_q", "seqlen_k", "HEAD_DIM", "CHUNKED", "VARLEN",
+                                                   "win_left", "win_right", "SOFTCAP", "ALIBI", "DROPOUT", "KPAD",
+                                                   "SEQUSED", "SEGMENTS"],
+                                          do_bench=_wall_clock_bench if interpret else None)(fn)
+    return _AUTOTUNED[key]
+
+
+# -- static report -----------------------------------------------------------------------------
+_DT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+_CONSTEXPRS = {"HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "CHUNKED", "VARLEN", "INPUT_PRECISION", "SOFTCAP",
+               "ALIBI", "DROPOUT", "SPLIT", "BLOCK_S", "GQA_ROWS", "TMA", "KPAD", "SEQUSED", "SEGMENTS"}
+_I32_PTRS = ("SeqLens", "SeqUsedK", "KBounds", "SegBounds")
+
+
+def aot_signature(kernel, dt):
+    """Triton signature of an attention kernel for data type ``dt`` ("fp16", "bf16", "fp32")."""
+    sig = {}
+    for name in kernel.arg_names:
+        if name in _CONSTEXPRS:
+            sig[name] = "constexpr"
+        elif name in ("Lse", "Delta", "Alibi") or name.startswith("Part"):
+            sig[name] = "*fp32"
+        elif name.startswith("CuSeq") or name in _I32_PTRS:
+            sig[name] = "*i32"
+        elif name == "KeyMask":
+            sig[name] = "*i8"
+        elif name[0].isupper():
+            sig[name] = f"*{dt}"
+        else:
+            sig[name] = "fp32" if name.endswith("scale") or name in ("softcap", "dropout_p") else \
+                "i64" if name == "seed" else "i32"
+    return sig
+
+
+_NO_DIV16 = ("stride_lb", "stride_lh", "stride_ab", "stride_pb", "stride_ph", "stride_pn", "stride_ps", "stride_mb",
+             "stride_sb")
+
+
+def aot_attrs(kernel, signature):
+    """Divisibility-by-16 hints the JIT derives at launch: tensor pointers (torch allocations are
+    16-byte aligned) and q/k/v/o/grad strides (multiples of 16 for head dims that are)."""
+    return {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
+            if signature[n].startswith("*") or (n.startswith("stride_") and n not in _NO_DIV16)}
 
 
 def _launch(kernel, grid, args, constexprs, cfg, interpret, autotune_configs=None):
@@ -132,6 +270,54 @@ def _seq_info(CuSeq, off_b, seqlen, VARLEN: tl.constexpr):
         start = off_b * 0
         n = seqlen + off_b * 0
     return start, n
+
+
+# -- per-sequence masks: key padding, seqused_k, segments (constexpr-gated) -------------------------
+def mask_args(dummy, key_mask=None, key_bounds=None, seqused_k=None, segment_bounds=None):
+    """Kernel arguments of the per-sequence masks: ((KeyMask, KBounds, SeqUsedK, SegBounds),
+    (stride_mb, stride_sb), constexprs KPAD/SEQUSED/SEGMENTS). key_mask int8 (B, Nk) view of the bool
+    mask (unit last stride, any batch stride, 0 for a broadcast one); key_bounds int32 (B, 2) first/last
+    valid key; seqused_k int32 (B,); segment_bounds int32 (B, 2, N) contiguous run start/end per token.
+    Absent ones pass ``dummy`` (never read)."""
+    ptrs = tuple(dummy if t is None else t for t in (key_mask, key_bounds, seqused_k, segment_bounds))
+    strides = (0 if key_mask is None else key_mask.stride(0), 0 if segment_bounds is None else segment_bounds.stride(0))
+    cx = dict(KPAD=key_mask is not None, SEQUSED=seqused_k is not None, SEGMENTS=segment_bounds is not None)
+    return ptrs, strides, cx
+
+
+@triton.jit
+def _used_keys(SeqUsedK, off_b, n_k, SEQUSED: tl.constexpr):
+    """Keys of sequence off_b: min(seqused_k[b], n_k) with SEQUSED, else n_k."""
+    if SEQUSED:
+        n_k = tl.minimum(tl.load(SeqUsedK + off_b), n_k)
+    return n_k
+
+
+@triton.jit
+def _seg_clip(SegS, idx, n, lo, hi, seg_n, SEGMENTS: tl.constexpr):
+    """[lo, hi] intersected with the run [start, end] holding index ``idx`` (scalar or vector;
+    SegS: the sequence's run starts, its run ends ``seg_n`` further). Run bounds are non-decreasing
+    along the row, so intersected row bounds stay monotone (the tile-range scheme holds)."""
+    if SEGMENTS:
+        ok = idx < n
+        lo = tl.maximum(lo, tl.load(SegS + idx, mask=ok, other=0))
+        hi = tl.minimum(hi, tl.load(SegS + seg_n + idx, mask=ok, other=-1))
+    return lo, hi
+
+
+@triton.jit
+def _key_clip(KBounds, off_b, lo, hi, KPAD: tl.constexpr):
+    """[lo, hi] intersected with [first, last] valid key of sequence off_b (from key_padding_mask)."""
+    if KPAD:
+        lo = tl.maximum(lo, tl.load(KBounds + off_b * 2))
+        hi = tl.minimum(hi, tl.load(KBounds + off_b * 2 + 1))
+    return lo, hi
+
+
+@triton.jit
+def _key_ok(KM_base, cols, n_k):
+    """Bool (len(cols),): key_padding_mask of the keys ``cols`` (False past n_k)."""
+    return tl.load(KM_base + cols, mask=cols < n_k, other=0) != 0
 
 
 @triton.jit
@@ -255,10 +441,5 @@ def dropout_mask(batch, hq, seqlen_q, seqlen_k, *, dropout_p, seed, device, inte
     mask = torch.empty(batch, hq, seqlen_q, seqlen_k, dtype=torch.int8, device=device)
     grid = (triton.cdiv(seqlen_q, 32), hq, batch)
     _launch(_dropout_mask, grid, (mask, int(seed), float(dropout_p), seqlen_q, seqlen_k),
-            dict(BLOCK_M=32, BLOCK_N=64), _Cfg(4, 1), interpret)
+            dict(BLOCK_M=32, BLOCK_N=64), AttnConfig(32, 64, 4, 1), interpret)
     return mask.bool()
-
-
-class _Cfg:
-    def __init__(self, num_warps, num_stages):
-        self.num_warps, self.num_stages = num_warps, num_stages

@@ -22,9 +22,8 @@ import triton
 import triton.language as tl
 
 from ._aot import AotCase
-from .attention_common import BEFORE_38
-from .attention import (LOG2E, _input_precision, _launch, _scores, aot_attrs, aot_signature,
-                        block_d, score_args)
+from .attention_common import (BEFORE_38, LOG2E, AttnConfig, _input_precision, _launch, _scores, aot_attrs,
+                               aot_signature, block_d, score_args)
 
 __all__ = ["attn_decode", "decode_config", "pick_num_splits", "aot_cases_decode"]
 
@@ -227,8 +226,6 @@ def attn_decode(q, k_cache, v_cache, seqlens, out, lse, *, softmax_scale, win_le
     cx = dict(HEAD_DIM=d, BLOCK_D=block_d(d), BLOCK_M=bm, BLOCK_N=bn, SOFTCAP=has_cap, ALIBI=has_alibi,
               INPUT_PRECISION=_input_precision(q.dtype), CACHE_IDX=cache_batch_idx is not None,
               LEFTPAD=cache_leftpad is not None, PAGED=paged)
-    from .attention import AttnConfig
-
     _launch(_decode_partial, (m_blocks * num_splits, hkv, b), args, cx, AttnConfig(bm, bn, warps, stages), interpret)
     if num_splits > 1:
         cargs = (part, plse, out, lse, *pstrides, *lstrides, out.stride(0), out.stride(1), out.stride(2),
@@ -238,7 +235,7 @@ def attn_decode(q, k_cache, v_cache, seqlens, out, lse, *, softmax_scale, win_le
     return num_splits
 
 
-# -- static report (collected by kernels/attention.py's aot_cases) ------------------------------
+# -- static report (collected by kernels/attention_aot.py's aot_cases) ------------------------------
 def _decode_signature(dt):
     sig = aot_signature(_decode_partial, dt)
     sig.update(CacheIdx="*i32", LeftPad="*i32", BlockTable="*i32", CACHE_IDX="constexpr", LEFTPAD="constexpr",

@@ -87,8 +87,8 @@ def test_logits_and_grads_match(kind, padded):
     assert len(norms) == 5, handle.report()
     with count_paths() as calls:
         logits = run(model, ids, mask)
-    # no padding: the flash kernel (causal, GQA, Mistral's window); padding: SDPA with HF's mask
-    assert calls == ({"kernel": 0, "masked": 2} if padded else {"kernel": 2, "masked": 0}), calls
+    # the flash kernel (causal, GQA, Mistral's window), padded or not (key_padding_mask)
+    assert calls == {"kernel": 2, "masked": 0}, calls
     ref_logits = run(ref, ids, mask)
     torch.testing.assert_close(logits, ref_logits)
     assert_grads_match(ref, model)
@@ -167,19 +167,25 @@ def _gemma2():
 
 @pytest.mark.parametrize("padded", [False, True], ids=["nopad", "pad"])
 def test_gemma2_softcap(padded):
-    """No mask: both layers on the kernel with its softcap (window 8 on layer 0). A padding mask:
-    softcap cannot take the masked SDPA path, so the model's own eager attention runs (it used to
-    go to HF's sdpa, which dropped the softcap: logits off by 0.7)."""
+    """Both layers on the kernel with its softcap (window 8 on layer 0), padded or not: the padding
+    is the kernel's key_padding_mask. (It used to take the model's eager attention with a padding
+    mask, and before that HF's sdpa, which dropped the softcap: logits off by 0.7.) Labels ignore
+    the padding and the position it predicts: eager's fully masked rows are uniform, not 0."""
     model = _gemma2()
     ref = copy.deepcopy(model)
     handle = fasttfm.patch(model)
     ids, mask = batch(padded)
+    labels = ids if mask is None else ids.masked_fill(torch.arange(SEQ) < 6, -100)  # row 1: 5 pads
     with count_paths() as calls:
-        logits = run(model, ids, mask)
-    assert calls == {"kernel": 0 if padded else 2, "masked": 0}, calls
-    torch.testing.assert_close(logits, run(ref, ids, mask))
+        logits = model(input_ids=ids, attention_mask=mask, labels=labels)
+        logits.loss.backward()
+    assert calls == {"kernel": 2, "masked": 0}, calls
+    ref_logits = ref(input_ids=ids, attention_mask=mask, labels=labels)
+    ref_logits.loss.backward()
+    keep = slice(None) if mask is None else mask.bool()
+    torch.testing.assert_close(logits.logits[keep], ref_logits.logits[keep])
     assert_grads_match(ref, model)
-    assert ("softcapping with a mask: the model's eager attention" in handle.report()) == padded
+    assert "fallback" not in handle.report()
     handle.undo()
 
 
@@ -194,16 +200,40 @@ def test_fallbacks_are_reported():
     handle.undo()
 
 
-@pytest.mark.parametrize("kind,padded", [("mistral", False), ("gpt2", True)])
+def graph_ops_backend(seen):
+    """A torch.compile backend that records every call target of the captured graphs, then runs
+    aot_eager (so the custom ops' fake and autograd registrations are exercised)."""
+    from torch._dynamo.backends.common import aot_autograd  # noqa: F401  (aot_eager below)
+    from torch._dynamo.backends.registry import lookup_backend
+
+    aot_eager = lookup_backend("aot_eager")
+
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return aot_eager(gm, example_inputs)
+
+    return backend
+
+
+def assert_kernel_graph(seen, layers):
+    attn = [t for t in seen if "fasttfm.attn_fwd" in t]
+    dense = [t for t in seen if "scaled_dot_product" in t or "softmax" in t]
+    assert len(attn) == layers and not dense, (attn, dense)
+
+
+@pytest.mark.parametrize("kind,padded", [("mistral", False), ("mistral", True), ("gpt2", True)])
 def test_compile_fullgraph_and_no_host_sync(kind, padded):
-    """Kernel path (Mistral: GQA + sliding window) and masked path (GPT-2 with padding)."""
+    """One graph (fullgraph) with one fasttfm::attn_fwd per layer and no SDPA, padded or not
+    (Mistral: GQA + sliding window + key padding; GPT-2: key padding); same logits and grads."""
     torch._dynamo.reset()
     model = make(kind)
     ref = copy.deepcopy(model)
     fasttfm.patch(model)
     ids, mask = batch(padded)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    seen = []
+    compiled = torch.compile(model, fullgraph=True, backend=graph_ops_backend(seen))
     logits = run(compiled, ids, mask)
+    assert_kernel_graph(seen, 2)
     torch.testing.assert_close(logits, run(ref, ids, mask))
     assert_grads_match(ref, model)
     torch._dynamo.reset()
@@ -212,23 +242,149 @@ def test_compile_fullgraph_and_no_host_sync(kind, padded):
         run(model, ids, batch(True)[1])  # a padding mask: no peeking at its values either
 
 
-def test_tiny_model_under_emulation():
-    """The GPU kernels' own source (Triton interpreter, SIMT emulator) inside a patched model."""
-    model = make("llama", layers=1, hidden=64, heads=4)
+def test_compile_fullgraph_packed():
+    """Packed sequences (position_ids restarting, no cache) compiled with fullgraph: HF's packing
+    detection always yields segment ids when tracing; one attn_fwd per layer, same logits/grads."""
+    torch._dynamo.reset()
+    model = make("mistral")
     ref = copy.deepcopy(model)
     fasttfm.patch(model)
-    ids = torch.randint(0, VOCAB, (1, 16))
+    ids = torch.randint(0, VOCAB, (2, SEQ))
+    pos = torch.cat([torch.arange(10), torch.arange(SEQ - 10)])[None].expand(2, -1)
+
+    def step(m):
+        out = m(input_ids=ids, position_ids=pos, labels=ids, use_cache=False)
+        out.loss.backward()
+        return out.logits
+
+    seen = []
+    logits = step(torch.compile(model, fullgraph=True, backend=graph_ops_backend(seen)))
+    assert_kernel_graph(seen, 2)
+    torch.testing.assert_close(logits, step(ref))
+    assert_grads_match(ref, model)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+def test_compile_fullgraph_decode(cache):
+    """A decode step (left-padded batch) compiled with fullgraph: one attn_fwd per layer, no SDPA,
+    no host sync in eager either; StaticCache's offset is a device tensor (seqused_k), a
+    DynamicCache's a Python int (plain bottom-right alignment). Same logits as the unpatched model."""
+    torch._dynamo.reset()
+    model = make("mistral").eval()
+    ref = copy.deepcopy(model)
+    fasttfm.patch(model)
+    ids, mask = batch(True)
+    step = torch.randint(0, VOCAB, (2, 1))
+    mask2 = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
+
+    def prefill(m):
+        if cache == "static":
+            past = transformers.StaticCache(config=m.config, max_cache_len=40)
+        else:
+            past = transformers.DynamicCache(config=m.config)
+        with torch.no_grad():
+            m(input_ids=ids, attention_mask=mask, past_key_values=past, use_cache=True)
+        return past
+
+    def decode(m, past):
+        pos = torch.tensor([SEQ])
+        with torch.no_grad():
+            return m(input_ids=step, attention_mask=mask2, past_key_values=past, cache_position=pos,
+                     position_ids=mask2.cumsum(-1)[:, -1:] - 1, use_cache=True).logits
+
+    ref_logits = decode(ref, prefill(ref))
+    seen = []
+    compiled = torch.compile(model, fullgraph=True, backend=graph_ops_backend(seen))
+    logits = decode(compiled, prefill(model))
+    assert_kernel_graph(seen, 2)
+    torch.testing.assert_close(logits, ref_logits)
+    torch._dynamo.reset()
+    past = prefill(model)
+    with NoHostSync():
+        logits = decode(model, past)
+    torch.testing.assert_close(logits, ref_logits)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_compile_fullgraph_with_generate_prepared_masks(family):
+    """generate() with a StaticCache builds the masks before the (on CUDA auto-compiled) forward
+    and calls .contiguous() on them: the Routes (a dict of them for Gemma 3's hybrid layers) enter
+    the compiled graph as inputs; still one attn_fwd per layer, no SDPA, same logits."""
+    from transformers.masking_utils import create_masks_for_generate
+
+    from tests.hf_zoo import CAUSAL_LMS
+
+    torch._dynamo.reset()
+    model = CAUSAL_LMS[family]().eval()
+    ref = copy.deepcopy(model)
+    fasttfm.patch(model)
+    ids = torch.randint(3, VOCAB, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    mask2 = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+    pos = mask2.cumsum(-1)[:, -1:] - 1
+
+    def decode(m, forward):
+        past = transformers.StaticCache(config=m.config, max_cache_len=16)
+        with torch.no_grad():
+            m(input_ids=ids, attention_mask=mask, past_key_values=past)
+            masks = create_masks_for_generate(config=m.config, inputs_embeds=torch.empty((2, 1, 0)),
+                                              attention_mask=mask2, past_key_values=past, position_ids=pos)
+            masks = {k: v.contiguous() for k, v in masks.items()} if isinstance(masks, dict) else masks.contiguous()
+            return forward(input_ids=ids[:, -1:], attention_mask=masks, past_key_values=past, position_ids=pos,
+                           cache_position=torch.tensor([10])).logits
+
+    seen = []
+    logits = decode(model, torch.compile(model, fullgraph=True, backend=graph_ops_backend(seen)))
+    assert_kernel_graph(seen, 2)
+    torch.testing.assert_close(logits, decode(ref, ref))
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("kind", ["plain", "padded", "packed", "static-decode"])
+def test_tiny_model_under_emulation(kind):
+    """The GPU kernels' own source (Triton interpreter, SIMT emulator) inside a patched model, in
+    each routing: no mask, key padding (left-padded row), packed sequences (segment ids), and a
+    StaticCache decode step (seqused_k from the cache's device offset, plus key padding)."""
+    model = make("mistral" if kind == "static-decode" else "llama", layers=1, hidden=64, heads=4)
+    ref = copy.deepcopy(model)
+    fasttfm.patch(model)
+    ids = torch.randint(0, VOCAB, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :3] = 0
+    if kind == "static-decode":
+        model.eval(), ref.eval()
+
+        def forward(m):
+            past = transformers.StaticCache(config=m.config, max_cache_len=16)
+            with torch.no_grad():
+                m(input_ids=ids[:, :11], attention_mask=mask[:, :11], past_key_values=past)
+                return m(input_ids=ids[:, 11:], attention_mask=mask, past_key_values=past,
+                         cache_position=torch.tensor([11]), position_ids=mask.cumsum(-1)[:, -1:] - 1).logits
+    elif kind == "packed":
+        pos = torch.cat([torch.arange(5), torch.arange(7)])[None].expand(2, -1)
+
+        def forward(m):
+            out = m(input_ids=ids, position_ids=pos, labels=ids, use_cache=False)
+            out.loss.backward()
+            return out.logits
+    else:
+        def forward(m):
+            return run(m, ids, mask if kind == "padded" else None)
     launches = []
     real_launch = attn_ops._kf.attn_fwd
     attn_ops._kf.attn_fwd = lambda *a, **k: launches.append(k.get("interpret")) or real_launch(*a, **k)
     try:
         with fasttfm.emulate(True), count_paths() as calls:
-            logits = run(model, ids, None)
+            logits = forward(model)
     finally:
         attn_ops._kf.attn_fwd = real_launch
-    assert calls["kernel"] == 1 and launches == [True]  # the Triton kernel, interpreted
-    torch.testing.assert_close(logits, run(ref, ids, None), rtol=1e-4, atol=1e-4)
-    assert_grads_match(ref, model)
+    n = 2 if kind == "static-decode" else 1  # prefill + decode step
+    assert calls == {"kernel": n, "masked": 0} and launches == [True] * n  # the Triton kernel, interpreted
+    torch.testing.assert_close(logits, forward(ref), rtol=1e-4, atol=1e-4)
+    if kind != "static-decode":
+        assert_grads_match(ref, model)
 
 
 def _hf_norm(fam, cls_name, hidden):

@@ -45,12 +45,15 @@ def _unit_last(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
-def _sequences(cu_q, cu_k, q4, k4):
-    """[(b, q0, q1, k0, k1)] of the problem: one dense entry, or one per packed sequence."""
+def _sequences(cu_q, cu_k, q4, k4, seqused=None):
+    """[(b, q0, q1, k0, k1)] of the problem: one dense entry, or one per packed sequence (varlen with
+    seqused_k: keys k0 .. k0 + min(seqused_k[i], k1 - k0), a host read of the CPU path)."""
     if cu_q is None:
         return [(slice(None), 0, q4.shape[2], 0, k4.shape[2])]
     cq, ck = cu_q.tolist(), cu_k.tolist()
-    return [(slice(0, 1), cq[i], cq[i + 1], ck[i], ck[i + 1]) for i in range(len(cq) - 1)]
+    used = [None] * (len(cq) - 1) if seqused is None else seqused.tolist()
+    ends = [ck[i + 1] if used[i] is None else ck[i] + min(used[i], ck[i + 1] - ck[i]) for i in range(len(cq) - 1)]
+    return [(slice(0, 1), cq[i], cq[i + 1], ck[i], ends[i]) for i in range(len(cq) - 1)]
 
 
 def _visible(nq, nk, left, right, chunk, device):
@@ -61,6 +64,67 @@ def _visible(nq, nk, left, right, chunk, device):
     if chunk:
         vis &= torch.div(i, chunk, rounding_mode="floor") == torch.div(j, chunk, rounding_mode="floor")
     return vis
+
+
+def _runs(segment_ids):
+    """int64 (B, N) index of the maximal run of equal ids each token belongs to (0, 1, ... per row)."""
+    change = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return torch.nn.functional.pad(change.cumsum(-1), (1, 0))
+
+
+def _visible_batched(nq, nk, left, right, chunk, kpm, seqused, seg, device):
+    """(B, 1, 1, nq, nk) bool mask of the CPU path with per-sequence masks: the window/chunk mask
+    bottom-right aligned to seqused_k[b] (else nk), keys >= seqused_k[b] and keys with
+    key_padding_mask False hidden, and (segment_ids) query/key in the same run."""
+    used = torch.full((1,), nk, device=device, dtype=torch.int64) if seqused is None else seqused.long()
+    used = used.clamp(0, nk)
+    i = torch.arange(nq, device=device)[None, :, None] + (used[:, None, None] - nq)
+    j = torch.arange(nk, device=device)[None, None, :]
+    vis = (j >= i - left) & (j <= i + right) & (j < used[:, None, None])
+    if chunk:
+        vis &= torch.div(i, chunk, rounding_mode="floor") == torch.div(j, chunk, rounding_mode="floor")
+    if kpm is not None:
+        vis = vis & kpm[:, None, :]
+    if seg is not None:
+        r = _runs(seg)
+        vis = vis & (r[:, :, None] == r[:, None, :])
+    return vis[:, None, None], used - nq
+
+
+def segment_bounds(segment_ids: Tensor) -> Tensor:
+    """int32 (B, 2, N): first and last index of the run of equal ids holding each token, computed
+    on the device with cummax/cummin (no host sync)."""
+    b, n = segment_ids.shape
+    idx = torch.arange(n, device=segment_ids.device).expand(b, n)
+    change = segment_ids[:, 1:] != segment_ids[:, :-1]
+    starts = torch.nn.functional.pad(change, (1, 0), value=True)  # token i opens a run
+    ends = torch.nn.functional.pad(change, (0, 1), value=True)  # token i closes a run
+    first = torch.where(starts, idx, 0).cummax(-1).values
+    last = torch.where(ends, idx, n - 1).flip(-1).cummin(-1).values.flip(-1)
+    return torch.stack((first, last), 1).to(torch.int32)
+
+
+def key_bounds(key_padding_mask: Tensor) -> Tensor:
+    """int32 (B, 2): first and last key with key_padding_mask True per sequence (Nk and -1 when
+    none), computed on the device (no host sync); the kernels skip kv tiles outside them."""
+    b, nk = key_padding_mask.shape
+    idx = torch.arange(nk, device=key_padding_mask.device).expand(b, nk)
+    first = torch.where(key_padding_mask, idx, nk).amin(-1)
+    last = torch.where(key_padding_mask, idx, -1).amax(-1)
+    return torch.stack((first, last), 1).to(torch.int32)
+
+
+def _kernel_masks(kpm, seqused, seg):
+    """Launcher keyword arguments of the per-sequence masks (the kernels' KPAD/SEQUSED/SEGMENTS)."""
+    kw = {}
+    if kpm is not None:
+        km = kpm if kpm.stride(-1) == 1 else kpm.contiguous()
+        kw.update(key_mask=km.view(torch.int8), key_bounds=key_bounds(kpm))
+    if seqused is not None:
+        kw.update(seqused_k=seqused)
+    if seg is not None:
+        kw.update(segment_bounds=segment_bounds(seg))
+    return kw
 
 
 def _aten_causal(n, m, left, right, chunk, softcap, slopes, dropout_p):
@@ -76,10 +140,11 @@ def _aten_causal(n, m, left, right, chunk, softcap, slopes, dropout_p):
     return True if right == 0 and n == m else None
 
 
-def _cpu_probs(q, k, lse, vis, scale, g, softcap=0.0, slopes=None, t_out=None):
+def _cpu_probs(q, k, lse, vis, scale, g, softcap=0.0, slopes=None, t_out=None, shift=None):
     """Scores and probabilities (fp32) of one problem; q (B, Hq, n, D), k (B, Hkv, m, D).
-    softcap: s = cap * tanh(s / cap) (tanh stored in t_out[0] for the gradient); slopes: fp32
-    (B or 1, Hq) ALiBi slopes, bias -slope * |i + m - n - j| added after the cap."""
+    vis: bool mask broadcastable to (B, Hkv, g, n, m). softcap: s = cap * tanh(s / cap) (tanh
+    stored in t_out[0] for the gradient); slopes: fp32 (B or 1, Hq) ALiBi slopes, bias
+    -slope * |i + shift - j| added after the cap (shift: m - n, or a (B, 1, 1, 1, 1) tensor)."""
     b, hq, n, d = q.shape
     m = k.shape[2]
     qg = q.float().reshape(b, hq // g, g, n, d)
@@ -90,7 +155,8 @@ def _cpu_probs(q, k, lse, vis, scale, g, softcap=0.0, slopes=None, t_out=None):
             t_out.append(t)
         s = t * softcap
     if slopes is not None:
-        dist = (torch.arange(n, device=q.device)[:, None] + (m - n) - torch.arange(m, device=q.device)[None, :]).abs()
+        shift = m - n if shift is None else shift
+        dist = (torch.arange(n, device=q.device)[:, None] + shift - torch.arange(m, device=q.device)[None, :]).abs()
         s = s - slopes.float().reshape(slopes.shape[0], hq // g, g, 1, 1) * dist
     s = s.masked_fill(~vis, float("-inf"))
     if lse is None:
@@ -140,13 +206,17 @@ def _keep_mask(seed, p, b_idx, hq, q0, n, k0, m, nq_tot, nk_tot, varlen, device)
 def attn_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
              max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, window_left: int, window_right: int,
              chunk_size: int, layout: str, softcap: float = 0.0,
-             alibi_slopes: Optional[Tensor] = None, dropout_p: float = 0.0, seed: int = 0) -> tuple[Tensor, Tensor]:
+             alibi_slopes: Optional[Tensor] = None, dropout_p: float = 0.0, seed: int = 0,
+             key_padding_mask: Optional[Tensor] = None, seqused_k: Optional[Tensor] = None,
+             segment_ids: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """(out, lse). Window sides are UNBOUNDED (2**30) for no limit and may be negative (any
     integer offset); chunk_size 0 = no chunking. out: q's shape, contiguous; lse fp32.
     softcap 0 = off; alibi_slopes fp32 (Hq,) or (B, Hq); dropout_p with Philox ``seed`` (the LSE is
-    that of the undropped softmax)."""
+    that of the undropped softmax). Dense layouts only: key_padding_mask bool (B, Nk) (True =
+    attend), seqused_k int32 (B,), segment_ids integer (B, N) (see ``attention``)."""
     return _fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                     window_left, window_right, chunk_size, layout, softcap, alibi_slopes, dropout_p, seed)
+                     window_left, window_right, chunk_size, layout, softcap, alibi_slopes, dropout_p, seed,
+                     key_padding_mask, seqused_k, segment_ids)
 
 
 def _slopes_of(slopes, b, varlen_index=None):
@@ -167,7 +237,7 @@ def _seq_keep(seed, p, b, idx, q4, k4, q0, q1, k0, k1, varlen, g):
 
 
 def _fwd_impl(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, chunk, layout, softcap=0.0, slopes=None,
-              dropout_p=0.0, seed=0):
+              dropout_p=0.0, seed=0, kpm=None, seqused=None, seg=None):
     # varlen: rows past cu_seqlens_q[-1] belong to no sequence and keep 0 / -inf
     new = torch.zeros if cu_q is not None else torch.empty
     out = new(q.shape, dtype=q.dtype, device=q.device)
@@ -185,11 +255,15 @@ def _fwd_impl(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, chunk, layo
                          max_seqlen_q=max_q, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
                          qk_scale=scale * _kf.LOG2E, win_left=left, win_right=right,
                          chunk_size=chunk or None, softcap=softcap, alibi_slopes=slopes, dropout_p=dropout_p,
-                         seed=seed, interpret=not q.is_cuda)
+                         seed=seed, interpret=not q.is_cuda, **_kernel_masks(kpm, seqused, seg))
         return out, lse
     lse4 = lse.unsqueeze(0) if layout == "thd" else lse
     g = q4.shape[1] // k4.shape[1]
-    for idx, (b, q0, q1, k0, k1) in enumerate(_sequences(cu_q, cu_k, q4, k4)):
+    if cu_q is None and (kpm is not None or seqused is not None or seg is not None):
+        _cpu_fwd_masked(q4, k4, v4, o4, lse4, scale, left, right, chunk, softcap, slopes, dropout_p, seed,
+                        kpm, seqused, seg)
+        return out, lse
+    for idx, (b, q0, q1, k0, k1) in enumerate(_sequences(cu_q, cu_k, q4, k4, seqused)):
         causal = _aten_causal(q1 - q0, k1 - k0, left, right, chunk, softcap, slopes, dropout_p)
         if causal is not None:
             o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -209,17 +283,47 @@ def _fwd_impl(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, chunk, layo
     return out, lse
 
 
+def _mask_bias(vis):
+    """fp32 (B, 1, n, m) additive bias (0 / -inf) of a (B, 1, 1, n, m) visibility mask, for aten's kernel."""
+    return torch.zeros(vis.shape[0], 1, *vis.shape[3:], device=vis.device).masked_fill(~vis[:, 0], float("-inf"))
+
+
+def _cpu_fwd_masked(q4, k4, v4, o4, lse4, scale, left, right, chunk, softcap, slopes, dropout_p, seed, kpm,
+                    seqused, seg):
+    """CPU forward with per-sequence masks (dense layouts), fp32 math: aten's CPU flash kernel with the
+    mask as an additive bias when there are no score modifiers, else the dense reference math."""
+    g = q4.shape[1] // k4.shape[1]
+    n, m = q4.shape[2], k4.shape[2]
+    vis, shift = _visible_batched(n, m, left, right, chunk, kpm, seqused, seg, q4.device)
+    if not softcap and slopes is None and dropout_p == 0:
+        o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q4.float(), k4.float(), v4.float(), 0.0, False, attn_mask=_mask_bias(vis), scale=scale)
+        o4.copy_(o.to(o4.dtype))
+        lse4.copy_(torch.where(vis[:, 0, 0].any(-1)[:, None], l, float("-inf")))  # rows seeing nothing: -inf
+        return
+    _, p, l = _cpu_probs(q4, k4, None, vis, scale, g, softcap, _slopes_of(slopes, slice(None)), None,
+                         shift.reshape(-1, 1, 1, 1, 1))
+    if dropout_p > 0:
+        p = p * _seq_keep(seed, dropout_p, slice(None), 0, q4, k4, 0, n, 0, m, False, g) / (1 - dropout_p)
+    o = torch.einsum("bhgnm,bhmd->bhgnd", p, v4.float())
+    o4.copy_(o.flatten(1, 2).to(o4.dtype))
+    lse4.copy_(l.flatten(1, 2))
+
+
 @attn_fwd.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
-      window_right, chunk_size, layout, softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=0):
+      window_right, chunk_size, layout, softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=0,
+      key_padding_mask=None, seqused_k=None, segment_ids=None):
     return q.new_empty(q.shape), q.new_empty(_lse_shape(q, layout), dtype=torch.float32)
 
 
 @attn_fwd.register_kernel("cuda")
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
-      window_right, chunk_size, layout, softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=0):
+      window_right, chunk_size, layout, softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=0,
+      key_padding_mask=None, seqused_k=None, segment_ids=None):
     return _fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                     window_left, window_right, chunk_size, layout, softcap, alibi_slopes, dropout_p, seed)
+                     window_left, window_right, chunk_size, layout, softcap, alibi_slopes, dropout_p, seed,
+                     key_padding_mask, seqused_k, segment_ids)
 
 
 @torch.library.custom_op("fasttfm::attn_bwd", mutates_args=(), device_types="cpu")
@@ -227,15 +331,17 @@ def attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Te
              cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int,
              max_seqlen_k: int, softmax_scale: float, window_left: int, window_right: int, chunk_size: int,
              layout: str, softcap: float = 0.0,
-             alibi_slopes: Optional[Tensor] = None, dropout_p: float = 0.0, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+             alibi_slopes: Optional[Tensor] = None, dropout_p: float = 0.0, seed: int = 0,
+             key_padding_mask: Optional[Tensor] = None, seqused_k: Optional[Tensor] = None,
+             segment_ids: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) shaped like q, k, v (contiguous). dlse: optional gradient of the LSE output."""
     return _bwd_impl(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                      softmax_scale, window_left, window_right, chunk_size, layout, softcap, alibi_slopes, dropout_p,
-                     seed)
+                     seed, key_padding_mask, seqused_k, segment_ids)
 
 
 def _bwd_impl(dout, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, left, right, chunk, layout,
-              softcap=0.0, slopes=None, dropout_p=0.0, seed=0):
+              softcap=0.0, slopes=None, dropout_p=0.0, seed=0, kpm=None, seqused=None, seg=None):
     new = torch.zeros if cu_q is not None else torch.empty  # varlen: rows of no sequence get 0
     dq = new(q.shape, dtype=q.dtype, device=q.device)
     dk = new(k.shape, dtype=k.dtype, device=k.device)
@@ -250,7 +356,7 @@ def _bwd_impl(dout, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, le
                   cu_seqlens_q=cu_q, interpret=not q.is_cuda)
         kw2 = dict(kw, seqlen_k=0 if varlen else k4.shape[2], cu_seqlens_k=cu_k, sm_scale=scale,
                    win_left=left, win_right=right, chunk_size=chunk or None, softcap=softcap, alibi_slopes=slopes,
-                   dropout_p=dropout_p, seed=seed)
+                   dropout_p=dropout_p, seed=seed, **_kernel_masks(kpm, seqused, seg))
         with torch.cuda.device(q.device) if q.is_cuda else _nullctx():
             delta = torch.empty_like(lse)
             _kf.attn_bwd_preprocess(o4, do4, delta, max_seqlen_q=max_q, **kw)
@@ -262,7 +368,20 @@ def _bwd_impl(dout, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, le
     lse4 = lse.unsqueeze(0) if layout == "thd" else lse
     dlse4 = None if dlse is None else (dlse.unsqueeze(0) if layout == "thd" else dlse)
     g = q4.shape[1] // k4.shape[1]
-    for idx, (b, q0, q1, k0, k1) in enumerate(_sequences(cu_q, cu_k, q4, k4)):
+    if cu_q is None and (kpm is not None or seqused is not None or seg is not None):
+        vis, shift = _visible_batched(q4.shape[2], k4.shape[2], left, right, chunk, kpm, seqused, seg, q.device)
+        if not softcap and slopes is None and dropout_p == 0 and dlse4 is None:  # aten's kernel (no LSE grad)
+            gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                do4.float(), q4.float(), k4.float(), v4.float(), o4.float(),
+                torch.where(torch.isinf(lse4), 0.0, lse4).contiguous(), 0.0, False, attn_mask=_mask_bias(vis),
+                scale=scale)
+            dq4.copy_(gq), dk4.copy_(gk), dv4.copy_(gv)
+            return dq, dk, dv
+        _cpu_bwd_one(slice(None), 0, (q4, k4, v4, o4, do4, dq4, dk4, dv4), lse4, dlse4, vis, scale, g, softcap,
+                     _slopes_of(slopes, slice(None)), dropout_p, seed, (0, q4.shape[2], 0, k4.shape[2]), False,
+                     shift.reshape(-1, 1, 1, 1, 1))
+        return dq, dk, dv
+    for idx, (b, q0, q1, k0, k1) in enumerate(_sequences(cu_q, cu_k, q4, k4, seqused)):
         qs, ks, vs, os_, dos = q4[b, :, q0:q1], k4[b, :, k0:k1], v4[b, :, k0:k1], o4[b, :, q0:q1], do4[b, :, q0:q1]
         causal = _aten_causal(q1 - q0, k1 - k0, left, right, chunk, softcap, slopes, dropout_p)
         if causal is not None and dlse4 is None:  # aten's backward has no LSE gradient input
@@ -272,61 +391,75 @@ def _bwd_impl(dout, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, le
             dq4[b, :, q0:q1], dk4[b, :, k0:k1], dv4[b, :, k0:k1] = gq, gk, gv
             continue
         vis = _visible(q1 - q0, k1 - k0, left, right, chunk, q.device)
-        tanh = []
-        qg, p, _ = _cpu_probs(qs, ks, lse4[b, :, q0:q1], vis, scale, g, softcap,
-                              _slopes_of(slopes, b, idx if cu_q is not None else None), tanh)
-        bb, hq, n, d = qs.shape
-        dog = dos.float().reshape(bb, hq // g, g, n, d)
-        delta = (dog * os_.float().reshape(bb, hq // g, g, n, d)).sum(-1)
-        if dlse4 is not None:
-            delta = delta - dlse4[b, :, q0:q1].reshape(bb, hq // g, g, n)
-        dp = torch.einsum("bhgnd,bhmd->bhgnm", dog, vs.float())
-        if dropout_p > 0:
-            z = _seq_keep(seed, dropout_p, b, idx, q4, k4, q0, q1, k0, k1, cu_q is not None, g) / (1 - dropout_p)
-            dv4[b, :, k0:k1] = torch.einsum("bhgnm,bhgnd->bhmd", p * z, dog).to(v.dtype)
-            dp = dp * z
-        else:
-            dv4[b, :, k0:k1] = torch.einsum("bhgnm,bhgnd->bhmd", p, dog).to(v.dtype)
-        ds = p * (dp - delta[..., None])
-        if softcap:
-            ds = ds * (1.0 - tanh[0] ** 2)
-        dq4[b, :, q0:q1] = (torch.einsum("bhgnm,bhmd->bhgnd", ds, ks.float()) * scale).flatten(1, 2).to(q.dtype)
-        dk4[b, :, k0:k1] = (torch.einsum("bhgnm,bhgnd->bhmd", ds, qg) * scale).to(k.dtype)
+        _cpu_bwd_one(b, idx, (q4, k4, v4, o4, do4, dq4, dk4, dv4), lse4, dlse4, vis, scale, g, softcap,
+                     _slopes_of(slopes, b, idx if cu_q is not None else None), dropout_p, seed, (q0, q1, k0, k1),
+                     cu_q is not None)
     return dq, dk, dv
+
+
+def _cpu_bwd_one(b, idx, tensors, lse4, dlse4, vis, scale, g, softcap, slopes, dropout_p, seed, span, varlen,
+                 shift=None):
+    """CPU backward of one problem (batch slice ``b``, rows q0:q1, keys k0:k1 of the canonical views),
+    the dense reference math in fp32, written into dq4/dk4/dv4."""
+    q4, k4, v4, o4, do4, dq4, dk4, dv4 = tensors
+    q0, q1, k0, k1 = span
+    qs, ks, vs, os_, dos = q4[b, :, q0:q1], k4[b, :, k0:k1], v4[b, :, k0:k1], o4[b, :, q0:q1], do4[b, :, q0:q1]
+    tanh = []
+    qg, p, _ = _cpu_probs(qs, ks, lse4[b, :, q0:q1], vis, scale, g, softcap, slopes, tanh, shift)
+    bb, hq, n, d = qs.shape
+    dog = dos.float().reshape(bb, hq // g, g, n, d)
+    delta = (dog * os_.float().reshape(bb, hq // g, g, n, d)).sum(-1)
+    if dlse4 is not None:
+        delta = delta - dlse4[b, :, q0:q1].reshape(bb, hq // g, g, n)
+    dp = torch.einsum("bhgnd,bhmd->bhgnm", dog, vs.float())
+    if dropout_p > 0:
+        z = _seq_keep(seed, dropout_p, b, idx, q4, k4, q0, q1, k0, k1, varlen, g) / (1 - dropout_p)
+        dv4[b, :, k0:k1] = torch.einsum("bhgnm,bhgnd->bhmd", p * z, dog).to(dv4.dtype)
+        dp = dp * z
+    else:
+        dv4[b, :, k0:k1] = torch.einsum("bhgnm,bhgnd->bhmd", p, dog).to(dv4.dtype)
+    ds = p * (dp - delta[..., None])
+    if softcap:
+        ds = ds * (1.0 - tanh[0] ** 2)
+    dq4[b, :, q0:q1] = (torch.einsum("bhgnm,bhmd->bhgnd", ds, ks.float()) * scale).flatten(1, 2).to(dq4.dtype)
+    dk4[b, :, k0:k1] = (torch.einsum("bhgnm,bhgnd->bhmd", ds, qg) * scale).to(dk4.dtype)
 
 
 @attn_bwd.register_fake
 def _(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-      window_left, window_right, chunk_size, layout, softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=0):
+      window_left, window_right, chunk_size, layout, softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=0,
+      key_padding_mask=None, seqused_k=None, segment_ids=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 @attn_bwd.register_kernel("cuda")
 def _(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-      window_left, window_right, chunk_size, layout, softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=0):
+      window_left, window_right, chunk_size, layout, softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=0,
+      key_padding_mask=None, seqused_k=None, segment_ids=None):
     return _bwd_impl(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                      softmax_scale, window_left, window_right, chunk_size, layout, softcap, alibi_slopes, dropout_p,
-                     seed)
+                     seed, key_padding_mask, seqused_k, segment_ids)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, cu_q, cu_k, *params = inputs
     softcap = params[7] if len(params) > 7 else 0.0
     slopes = params[8] if len(params) > 8 else None
+    masks = [params[i] if len(params) > i else None for i in (11, 12, 13)]  # kpm, seqused_k, segment_ids
     out, lse = output
     ctx.set_materialize_grads(False)  # an unused LSE output leaves dlse None (not a tensor of zeros)
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, slopes)
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, slopes, *masks)
     ctx.params = (*params[:7], softcap)
     ctx.drop = (params[9] if len(params) > 9 else 0.0, params[10] if len(params) > 10 else 0)
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, cu_q, cu_k, slopes = ctx.saved_tensors
+    q, k, v, out, lse, cu_q, cu_k, slopes, kpm, seqused, seg = ctx.saved_tensors
     if dout is None:  # only the LSE was used
         dout = torch.zeros_like(out)
     dq, dk, dv = torch.ops.fasttfm.attn_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, *ctx.params, slopes,
-                                            *ctx.drop)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None, None
+                                            *ctx.drop, kpm, seqused, seg)
+    return (dq, dk, dv) + (None,) * 16
 
 
 attn_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -408,9 +541,50 @@ def _check_slopes(slopes, hq, batch, device):
         raise ValueError(f"attention: alibi_slopes must be on {device}, got {slopes.device}")
 
 
+def _desc(t):
+    return f"{t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+
+
+def _check_masks(kpm, seqused, seg, b, nq, nk, device, varlen):
+    """Argument checks of key_padding_mask (bool (B, Nk)), seqused_k (int32 (B,)) and segment_ids
+    (integer (B, N), Nq == Nk). Values are checked only for CPU tensors outside torch.compile
+    (no host sync on device tensors)."""
+    given = [n for n, t in (("key_padding_mask", kpm), ("segment_ids", seg)) if t is not None]
+    if given and varlen:
+        raise ValueError(f"attention: {', '.join(given)} need the dense layouts 'bhnd'/'bnhd' "
+                         f"(with cu_seqlens, pack only the valid tokens instead)")
+    if kpm is not None:
+        if not isinstance(kpm, Tensor) or kpm.dtype != torch.bool or tuple(kpm.shape) != (b, nk):
+            raise ValueError(f"attention: key_padding_mask must be a torch.bool tensor of shape (B, Nk) = "
+                             f"({b}, {nk}) (True = attend), got {_desc(kpm)}")
+        if kpm.device != device:
+            raise ValueError(f"attention: key_padding_mask must be on {device}, got {kpm.device}")
+    if seqused is not None:
+        if not isinstance(seqused, Tensor) or seqused.dtype != torch.int32 or tuple(seqused.shape) != (b,):
+            raise ValueError(f"attention: seqused_k must be a torch.int32 tensor of shape (B,) = ({b},) "
+                             f"(varlen: one entry per sequence), got {_desc(seqused)}")
+        if seqused.device != device:
+            raise ValueError(f"attention: seqused_k must be on {device}, got {seqused.device}")
+        if seqused.device.type == "cpu" and not torch.compiler.is_compiling():
+            if bool(((seqused < 0) | (seqused > nk)).any()):
+                raise ValueError(f"attention: seqused_k values must be in 0..Nk = 0..{nk}, got {seqused.tolist()}")
+    if seg is not None:
+        ok_dtype = isinstance(seg, Tensor) and not seg.is_floating_point() and not seg.is_complex() \
+            and seg.dtype != torch.bool
+        if not ok_dtype or tuple(seg.shape) != (b, nq):
+            raise ValueError(f"attention: segment_ids must be an integer tensor of shape (B, N) = ({b}, {nq}), "
+                             f"got {_desc(seg)}")
+        if nq != nk:
+            raise ValueError(f"attention: segment_ids need Nq == Nk (packed sequences in one row), got Nq={nq}, "
+                             f"Nk={nk}")
+        if seg.device != device:
+            raise ValueError(f"attention: segment_ids must be on {device}, got {seg.device}")
+
+
 def attention(q, k, v, *, causal=False, window=(-1, -1), chunk_size=None, softmax_scale=None, layout="bhnd",
               cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, return_lse=False,
-              softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=None, return_dropout_mask=False):
+              softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=None, return_dropout_mask=False,
+              key_padding_mask=None, seqused_k=None, segment_ids=None):
     """Flash attention: softmax(scale * q k^T + mask) v, fused, forward and backward.
 
     Shapes (``layout``): "bhnd" (B, H, N, D) as SDPA; "bnhd" (B, N, H, D) as flash-attn; with
@@ -439,6 +613,20 @@ def attention(q, k, v, *, causal=False, window=(-1, -1), chunk_size=None, softma
     torch's default CPU generator (so ``torch.manual_seed`` makes runs reproducible; it is a host
     value, so under torch.compile pass an explicit int). ``return_dropout_mask`` (debug, dense
     only) also returns the bool keep mask (B, Hq, Nq, Nk) the kernels used.
+
+    Per-sequence masks (dense layouts "bhnd"/"bnhd"; seqused_k also varlen; combinable with each other and with
+    causal/window/chunk/softcap/ALiBi/dropout/GQA), applied inside the kernels, no host sync:
+      * ``key_padding_mask`` bool (B, Nk), True = attend (HF's 2-D attention_mask convention; any
+        pattern: left/right padding, holes). Keys with False are invisible to every query of that
+        batch row; kv tiles before the first / after the last valid key are skipped.
+      * ``seqused_k`` int32 (B,), 0 <= seqused_k[b] <= Nk: keys j >= seqused_k[b] are invisible and
+        the causal/window/chunk/ALiBi alignment of sequence b is bottom-right relative to
+        seqused_k[b] (shift seqused_k[b] - Nq, FlashAttention-3's ``seqused_k``). Also with
+        cu_seqlens (varlen, one entry per sequence, <= that sequence's key count).
+      * ``segment_ids`` integer (B, N) with Nq == Nk (packed sequences in one row): query i sees key
+        j only if both lie in the same maximal run of equal ids along N. Causal/window apply on the
+        row's positions (inside a run they equal in-sequence positions).
+    Rows that see no key give output 0, LSE -inf and zero gradients.
 
     Returns out (q's shape and layout; contiguous), and with ``return_lse`` also the fp32
     log-sum-exp of the scaled scores, (B, H, Nq) or (Hq, total_q) for varlen (differentiable).
@@ -486,6 +674,9 @@ def attention(q, k, v, *, causal=False, window=(-1, -1), chunk_size=None, softma
             max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max())
     else:
         max_seqlen_q, max_seqlen_k = q4.shape[2], k4.shape[2]
+    nk_max = max_seqlen_k if varlen else k4.shape[2]
+    _check_masks(key_padding_mask, seqused_k, segment_ids, cu_seqlens_q.numel() - 1 if varlen else q4.shape[0],
+                 q4.shape[2], nk_max, q.device, varlen)
     if alibi_slopes is not None:
         nb = cu_seqlens_q.numel() - 1 if varlen else q4.shape[0]
         _check_slopes(alibi_slopes, q4.shape[1], nb, q.device)
@@ -494,7 +685,7 @@ def attention(q, k, v, *, causal=False, window=(-1, -1), chunk_size=None, softma
     out, lse = torch.ops.fasttfm.attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
                                           int(max_seqlen_k), float(softmax_scale), left, right,
                                           int(chunk_size or 0), layout, float(softcap), alibi_slopes,
-                                          float(dropout_p), seed)
+                                          float(dropout_p), seed, key_padding_mask, seqused_k, segment_ids)
     res = (out,) + ((lse,) if return_lse else ())
     if return_dropout_mask:
         res += (_dropout_mask_of(q4.shape[0], q4.shape[1], q4.shape[2], k4.shape[2], dropout_p, seed, q.device),)
@@ -511,14 +702,49 @@ def _dropout_mask_of(b, hq, nq, nk, p, seed, device):
     return _keep_mask(seed, p, list(range(b)), hq, 0, nq, 0, nk, nq, nk, False, device)
 
 
+def _sdpa_key_padding(attn_mask, lead, S, device):
+    """The (B, S) bool key padding mask (True = attend) equal to an SDPA boolean ``attn_mask`` that
+    broadcasts to (*lead, H, L, S) as a per-key mask -- size 1 along L and H, any batch dims of size 1
+    or equal to ``lead`` (e.g. (B, 1, 1, S), (1, 1, 1, S), (1, S)) -- decided from the shape only
+    (no value inspection, no host sync); None for any other mask."""
+    if not isinstance(attn_mask, Tensor) or attn_mask.dtype != torch.bool or attn_mask.device != device:
+        return None
+    nd = len(lead) + 3
+    if not 1 <= attn_mask.dim() <= nd:
+        return None
+    m = attn_mask.reshape((1,) * (nd - attn_mask.dim()) + tuple(attn_mask.shape))
+    if m.shape[-1] not in (1, S) or m.shape[-2] != 1 or m.shape[-3] != 1:
+        return None
+    if any(a not in (1, b) for a, b in zip(m.shape[:-3], lead)):
+        return None
+    return m.expand(*lead, 1, 1, S).reshape(-1, S)
+
+
+def flash_sdpa(q, k, v, *, scale, is_causal=False, dropout_p=0.0, key_padding_mask=None):
+    """fasttfm's kernels on (B, H, L, E) / (B, Hkv, S, E) views with SDPA's conventions: top-left
+    ``is_causal`` (query i sees keys j <= i, any L and S), a Philox seed drawn from torch's default
+    CPU generator when dropout_p > 0, key_padding_mask bool (B, S) True = attend. Returns out (B, H, L, E)."""
+    L, S = q.shape[2], k.shape[2]
+    # top-left causal: j <= i  <=>  j <= i + (S - L) + right with right = L - S (any sign, inside the op)
+    right = (L - S) if is_causal else UNBOUNDED
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0 else 0
+    out, _ = torch.ops.fasttfm.attn_fwd(q, k, v, None, None, L, S, float(scale), UNBOUNDED, right, 0, "bhnd", 0.0,
+                                        None, float(dropout_p), seed, key_padding_mask, None, None)
+    return out
+
+
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                  enable_gqa=False):
     """Drop-in ``torch.nn.functional.scaled_dot_product_attention`` (same arguments and semantics).
 
     query (N, ..., Hq, L, E), key/value (N, ..., Hkv, S, E); ``is_causal`` is top-left aligned as
-    SDPA defines it (query i sees keys j <= i). Without ``attn_mask`` and with E == Ev in 16..256
-    and fp16/bf16/fp32, it runs fasttfm's flash kernels; with a boolean/float ``attn_mask`` (or any
-    other shape/dtype) it runs PyTorch's own SDPA, which is exact for arbitrary masks.
+    SDPA defines it (query i sees keys j <= i). With E == Ev in 16..256 and fp16/bf16/fp32 it runs
+    fasttfm's flash kernels when ``attn_mask`` is None or a boolean per-key (padding) mask --
+    broadcastable with size 1 along L and H, e.g. (N, 1, 1, S) or (1, 1, 1, S), True = attend,
+    detected from its shape only -- which the kernels apply per kv tile (a query row that sees no
+    key gives 0, as torch's SDPA does). Any other ``attn_mask`` (float, per-query, per-head) runs
+    PyTorch's own SDPA, which is exact for arbitrary masks.
     dropout_p > 0 drops attention probabilities as SDPA does (always, whatever the module mode): in
     the kernels with a Philox seed drawn from torch's default CPU generator (see ``attention``), on
     the fallback path with PyTorch's own dropout.
@@ -532,11 +758,15 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         raise RuntimeError(f"fasttfm.scaled_dot_product_attention: query has {hq} heads and key/value {hkv}; "
                            f"pass enable_gqa=True for grouped-query attention")
     e = query.shape[-1]
-    fast = (attn_mask is None and query.dim() >= 3 and query.dim() == key.dim() == value.dim()
+    fast = (query.dim() >= 3 and query.dim() == key.dim() == value.dim()
             and value.shape[-1] == e == key.shape[-1] and 16 <= e <= 256
             and query.dtype in _DTYPES and key.dtype in _DTYPES and value.dtype in _DTYPES
             and autocast_dtype(query) == autocast_dtype(key) == autocast_dtype(value)
             and (hkv > 0 and hq % hkv == 0))
+    kpm = None
+    if fast and attn_mask is not None:
+        kpm = _sdpa_key_padding(attn_mask, query.shape[:-3], key.shape[-2], query.device)
+        fast = kpm is not None
     if not fast:
         return torch.nn.functional.scaled_dot_product_attention(
             query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
@@ -545,13 +775,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     q, k, v = (t.reshape(-1, *t.shape[-3:]) if t.dim() != 4 else t for t in (query, key, value))
     if q.shape[0] != k.shape[0]:
         k, v = k.expand(q.shape[0], *k.shape[1:]), v.expand(q.shape[0], *v.shape[1:])
-    L, S = q.shape[2], k.shape[2]
-    # top-left causal: j <= i  <=>  j <= i + (S - L) + right with right = L - S (any sign, inside the op)
-    right = (L - S) if is_causal else UNBOUNDED
-    if scale is None:
-        scale = e ** -0.5
-    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-    seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0 else 0
-    out, _ = torch.ops.fasttfm.attn_fwd(q, k, v, None, None, L, S, float(scale), UNBOUNDED, right, 0, "bhnd", 0.0,
-                                        None, float(dropout_p), seed)
+    if kpm is not None and kpm.shape[0] != q.shape[0]:  # a 3-D query: one batch row
+        kpm = kpm.expand(q.shape[0], -1)
+    out = flash_sdpa(q, k, v, scale=e ** -0.5 if scale is None else scale, is_causal=is_causal, dropout_p=dropout_p,
+                     key_padding_mask=kpm)
     return out.reshape(*lead, *out.shape[-3:]) if len(lead) != 1 else out

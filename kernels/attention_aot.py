@@ -1,0 +1,77 @@
+"""The attention kernels' static-report cases: ``aot_cases(cc)`` collects the forward
+(``attention.aot_cases_fwd``), backward (``attention_bwd.aot_cases_bwd``) and decode
+(``attention_decode.aot_cases_decode``) lists plus the variants that combine constexpr flags
+(chunked + varlen, softcap + ALiBi + dropout, key padding + seqused_k + segments). It is the only module importing all three, so
+none of them imports another (see ``kernels/_aot.py`` for the contract).
+"""
+import dataclasses
+
+import torch
+
+from . import attention as _fwd, attention_bwd as _bwd, attention_decode as _dec
+from .attention_common import _DT, _arch
+
+__all__ = ["aot_cases"]
+
+
+def _chunked_varlen(cases):
+    """CHUNKED + VARLEN variants of each kernel's first bf16 d128 case (the default config)."""
+    out, seen = [], set()
+    for case in cases:
+        if ",d128," in case.name and "bf16" in case.name and case.kernel not in seen:
+            seen.add(case.kernel)
+            out.append(dataclasses.replace(case, name=case.name.replace("]", ",chunked,varlen]"),
+                                           constexprs=dict(case.constexprs, CHUNKED=True, VARLEN=True)))
+    return out
+
+
+def _modified(cc):
+    """softcap + ALiBi + dropout together (the heaviest score path) for the configs modified problems
+    launch (fwd_configs/bwd_configs with mods=True): fp16 at every head-dim bucket, bf16 at d128."""
+    cases = []
+    tma = _arch(cc) == 9
+    mods = dict(SOFTCAP=True, ALIBI=True, DROPOUT=True)
+    for d, dtype in ((64, torch.float16), (128, torch.float16), (256, torch.float16), (128, torch.bfloat16)):
+        dt = _DT[dtype]
+        bc = _bwd.bwd_configs(cc, d, dtype, mods=True)
+        cases.append(_fwd._fwd_case(cc, d, dt, _fwd.fwd_configs(cc, d, dtype, True)[0], tma, **mods))
+        cases.append(_bwd._bwd_case(cc, "dkdv", d, dt, bc.dkdv[0], **mods))
+        cases.append(_bwd._bwd_case(cc, "dq", d, dt, bc.dq[0], **mods))
+    return cases
+
+
+def _masked(cc):
+    """Key padding + seqused_k + segments together (KPAD, SEQUSED, SEGMENTS: the heaviest mask path)
+    for the one config per kernel a masked problem launches (fwd_configs/bwd_configs masks=True):
+    bf16 at every head-dim bucket, fp16 with softcap + ALiBi + dropout on top, fp32 at d64."""
+    cases = []
+    masks = dict(KPAD=True, SEQUSED=True, SEGMENTS=True)
+    mod = dict(SOFTCAP=True, ALIBI=True, DROPOUT=True)
+    for d, dtype, mods in [(d, dt, m) for d in (64, 128, 256) for dt, m in ((torch.bfloat16, {}), (torch.float16, mod))] \
+            + [(64, torch.float32, {})]:
+        dt = _DT[dtype]
+        bc = _bwd.bwd_configs(cc, d, dtype, bool(mods), masks=True)
+        fc = _fwd.fwd_configs(cc, d, dtype, bool(mods), masks=True)[0]
+        cases.append(_fwd._fwd_case(cc, d, dt, fc, _arch(cc) == 9 and dt != "fp32", **mods, **masks))
+        cases.append(_bwd._bwd_case(cc, "dkdv", d, dt, bc.dkdv[0], **mods, **masks))
+        cases.append(_bwd._bwd_case(cc, "dq", d, dt, bc.dq[0], **mods, **masks))
+    # varlen + seqused_k (FlashAttention-3 style), the masked default configs at bf16 d128
+    vs = [dataclasses.replace(c, name=c.name.replace(",kpad,seqused,segments", ",varlen,seqused"),
+                              constexprs=dict(c.constexprs, VARLEN=True, KPAD=False, SEGMENTS=False))
+          for c in cases if "bf16,d128," in c.name]
+    return cases + vs
+
+
+def aot_cases(cc):
+    """Every attention config fasttfm may launch on ``cc`` (80, 86 or 90): forward, backward (fp16
+    and bf16 at d64/128/256, fp32 at d64), the flag combinations above, and decode."""
+    cases = _fwd.aot_cases_fwd(cc)
+    for d in (64, 128, 256):
+        for dtype in (torch.float16, torch.bfloat16):
+            cases += _bwd.aot_cases_bwd(cc, d, dtype, _DT[dtype])
+    cases += _bwd.aot_cases_bwd(cc, 64, torch.float32, "fp32")
+    cases += _chunked_varlen(cases)
+    cases += _modified(cc)
+    cases += _masked(cc)
+    cases += _dec.aot_cases_decode(cc)
+    return cases
