@@ -54,16 +54,30 @@ def attn_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tens
                 v_new: Optional[Tensor], softmax_scale: float, window_left: int, window_right: int,
                 softcap: float, alibi_slopes: Optional[Tensor], num_splits: int,
                 cache_batch_idx: Optional[Tensor] = None, cache_leftpad: Optional[Tensor] = None,
-                block_table: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                block_table: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None
+                ) -> tuple[Tensor, Tensor]:
     """(out (B, Sq, Hq, D), lse (B, Hq, Sq) fp32); appends k_new/v_new into the caches in place.
     Window sides UNBOUNDED (2**30) for no limit; softcap 0 = off; num_splits 0 = heuristic.
-    cache_batch_idx / cache_leftpad int32 (B,), block_table int32 (B, pages): see attention_with_kvcache."""
+    cache_batch_idx / cache_leftpad int32 (B,), block_table int32 (B, pages), key_padding_mask bool
+    (B, S_max): see attention_with_kvcache."""
     return _decode_impl(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, window_left,
-                        window_right, softcap, alibi_slopes, num_splits, cache_batch_idx, cache_leftpad, block_table)
+                        window_right, softcap, alibi_slopes, num_splits, cache_batch_idx, cache_leftpad, block_table,
+                        key_padding_mask)
+
+
+def _key_bounds(mask):
+    """int32 (B, 2): [first, last + 1) positions where the bool mask (B, S) is True, (0, 0) when none;
+    device ops only (no host sync)."""
+    s = mask.shape[1]
+    any_ = mask.any(1)
+    m8 = mask.to(torch.uint8)
+    first = m8.argmax(1)
+    last = s - m8.flip(1).argmax(1)
+    return torch.stack([first, last], 1).masked_fill(~any_[:, None], 0).to(torch.int32)
 
 
 def _decode_impl(q, k_cache, v_cache, seqlens, k_new, v_new, scale, left, right, softcap, slopes, num_splits,
-                 cache_batch_idx=None, cache_leftpad=None, block_table=None):
+                 cache_batch_idx=None, cache_leftpad=None, block_table=None, key_padding_mask=None):
     _append_(k_cache, v_cache, seqlens, k_new, v_new, cache_batch_idx, block_table)
     n_new = 0 if k_new is None else k_new.shape[1]
     total = (seqlens + n_new).to(torch.int32)
@@ -77,7 +91,9 @@ def _decode_impl(q, k_cache, v_cache, seqlens, k_new, v_new, scale, left, right,
             _kd.attn_decode(q, k_cache, v_cache, total, out, lse, softmax_scale=scale, win_left=left,
                             win_right=right, softcap=softcap, alibi_slopes=slopes, num_splits=num_splits or None,
                             interpret=not q.is_cuda, cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
-                            block_table=block_table)
+                            block_table=block_table,
+                            key_mask=None if key_padding_mask is None else key_padding_mask.view(torch.uint8),
+                            key_bounds=None if key_padding_mask is None else _key_bounds(key_padding_mask))
         return out, lse
     hkv = k_cache.shape[2]
     g = hq // hkv
@@ -89,6 +105,9 @@ def _decode_impl(q, k_cache, v_cache, seqlens, k_new, v_new, scale, left, right,
         n = pos.shape[1]
         kk = k_cache[rows[0], offs[0]].float().transpose(0, 1)  # (Hkv, n, D)
         vv = v_cache[rows[0], offs[0]].float().transpose(0, 1)
+        keep = None if key_padding_mask is None else key_padding_mask[i, pos[0]]
+        if keep is not None:  # masked rows may hold NaN: never let them into the products
+            kk, vv = kk.masked_fill(~keep[None, :, None], 0.0), vv.masked_fill(~keep[None, :, None], 0.0)
         qq = q[i].float().transpose(0, 1).reshape(hkv, g, sq, d)
         s = torch.einsum("hgqd,hkd->hgqk", qq, kk) * scale
         if softcap:
@@ -99,6 +118,8 @@ def _decode_impl(q, k_cache, v_cache, seqlens, k_new, v_new, scale, left, right,
             sl = (slopes[i] if slopes.dim() == 2 else slopes).float().reshape(hkv, g, 1, 1)
             s = s - sl * (p_ - j).abs()
         vis = (j >= p_ - left) & (j <= p_ + right)
+        if keep is not None:
+            vis = vis & keep[None, :]
         s = s.masked_fill(~vis, float("-inf"))
         l_ = torch.logsumexp(s, -1)
         p = torch.exp(s - torch.where(torch.isinf(l_), 0.0, l_)[..., None])
@@ -110,16 +131,17 @@ def _decode_impl(q, k_cache, v_cache, seqlens, k_new, v_new, scale, left, right,
 
 @attn_decode.register_fake
 def _(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, window_left, window_right, softcap,
-      alibi_slopes, num_splits, cache_batch_idx=None, cache_leftpad=None, block_table=None):
+      alibi_slopes, num_splits, cache_batch_idx=None, cache_leftpad=None, block_table=None, key_padding_mask=None):
     b, sq, hq, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((b, hq, sq), dtype=torch.float32)
 
 
 @attn_decode.register_kernel("cuda")
 def _(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, window_left, window_right, softcap,
-      alibi_slopes, num_splits, cache_batch_idx=None, cache_leftpad=None, block_table=None):
+      alibi_slopes, num_splits, cache_batch_idx=None, cache_leftpad=None, block_table=None, key_padding_mask=None):
     return _decode_impl(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, window_left,
-                        window_right, softcap, alibi_slopes, num_splits, cache_batch_idx, cache_leftpad, block_table)
+                        window_right, softcap, alibi_slopes, num_splits, cache_batch_idx, cache_leftpad, block_table,
+                        key_padding_mask)
 
 
 # Autocast: no cast (the op writes into the caches, which must keep their dtype, and q/k_new/v_new
@@ -162,7 +184,7 @@ def _check_indices(seqlens, n_new, n_rows, page_size, cache_batch_idx, cache_lef
 def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new=None, *, causal=False,
                            window=(-1, -1), softmax_scale=None, softcap=0.0, alibi_slopes=None, num_splits=0,
                            check_seqlens=True, return_lse=False, cache_batch_idx=None, cache_leftpad=None,
-                           block_table=None):
+                           block_table=None, key_padding_mask=None):
     """Decode step (flash-attn's ``flash_attn_with_kvcache``): append, then attend over the cache.
 
     q (B, Sq, Hq, D) -- usually Sq = 1; k_cache/v_cache (B, S_max, Hkv, D) preallocated, any strides
@@ -187,6 +209,12 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new
     block_table[b, t // page_size] (appends go there too); S_max = P * page_size. check_seqlens also
     checks cache_leftpad (0 <= leftpad <= cache_seqlens), cache_batch_idx and the block table entries
     in use (0 <= page < num_pages).
+
+    key_padding_mask bool (B, S_max), True = attend (HF's 2-D attention mask over the cache): batch
+    entry b never sees a key at cache position t with key_padding_mask[b, t] False (any pattern; the
+    new tokens' positions included). It only removes keys: positions, windows and ALiBi distances are
+    unchanged. Fully masked leading/trailing kv tiles are skipped (bounds computed on the device); a
+    query that sees no key gives 0 (LSE -inf).
     """
     tensors = [("q", q), ("k_cache", k_cache), ("v_cache", v_cache)]
     if (k_new is None) != (v_new is None):
@@ -261,6 +289,15 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new
                        + (" (cache too small)" if hi + n_new > s_max else ""))
     if check_seqlens and not torch.compiler.is_compiling():
         _check_indices(cache_seqlens, n_new, bc, k_cache.shape[1], cache_batch_idx, cache_leftpad, block_table)
+    if key_padding_mask is not None and (not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype !=
+                                         torch.bool or tuple(key_padding_mask.shape) != (b, s_max)
+                                         or key_padding_mask.device != q.device):
+        desc = f"{key_padding_mask.dtype} tensor of shape {tuple(key_padding_mask.shape)} on {key_padding_mask.device}" \
+            if isinstance(key_padding_mask, Tensor) else type(key_padding_mask).__name__
+        raise _err(f"key_padding_mask must be a torch.bool tensor of shape (B={b}, S_max={s_max}) on {q.device} "
+                   f"(True = attend), got {desc}")
+    if key_padding_mask is not None and key_padding_mask.stride(-1) != 1:
+        key_padding_mask = key_padding_mask.contiguous()
     ok = isinstance(window, (tuple, list)) and len(window) == 2 and all(isinstance(w, int) and w >= -1 for w in window)
     if not ok:
         raise _err(f"window must be a pair (left, right) of ints >= -1 (-1 = unbounded), got {window!r}")
@@ -279,5 +316,5 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new
         softmax_scale = d ** -0.5
     out, lse = torch.ops.fasttfm.attn_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, float(softmax_scale),
                                              left, right, float(softcap), alibi_slopes, int(num_splits),
-                                             cache_batch_idx, cache_leftpad, block_table)
+                                             cache_batch_idx, cache_leftpad, block_table, key_padding_mask)
     return (out, lse) if return_lse else out
