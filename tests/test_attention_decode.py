@@ -140,6 +140,33 @@ def test_decode_key_padding_mask(mode, case):
                                                 0.0, None, pads, kmask)[1], floor=1e-4, name="lse")
 
 
+@pytest.mark.parametrize("mode", ["emu", "cpu", "cuda"])
+@pytest.mark.parametrize("dtype,d,dv,splits", [(BF16, 48, 32, 3), (F16, 24, 40, 1), (F32, 40, 24, 2)])
+def test_decode_v_head_dim_differs(mode, dtype, d, dv, splits):
+    """q/k head dim != v head dim (DeepSeek MLA: 192/128): out (B, Sq, Hq, Dv), GQA, split-K and one split,
+    causal new tokens, head dims that are not powers of two (padded blocks)."""
+    dev = device_of(mode)
+    b, hq, hkv, sq, s_max, lens, n_new = 2, 4, 2, 2, 90, [50, 13], 2
+    scale = d ** -0.5
+    kc, vc = torch.randn(b, s_max, hkv, d).to(dtype), torch.randn(b, s_max, hkv, dv).to(dtype)
+    q = torch.randn(b, sq, hq, d).to(dtype)
+    k_new, v_new = torch.randn(b, n_new, hkv, d).to(dtype), torch.randn(b, n_new, hkv, dv).to(dtype)
+    kx, vx = kc.clone(), vc.clone()
+    for i, n in enumerate(lens):
+        kx[i, n:n + n_new], vx[i, n:n + n_new] = k_new[i], v_new[i]
+    total = [n + n_new for n in lens]
+    r64 = decode_ref(q.double(), kx.double(), vx.double(), total, scale, True, (-1, -1), 0.0, None)
+    rlp = decode_ref(q, kx, vx, total, scale, True, (-1, -1), 0.0, None)
+    with torch.no_grad(), mode_ctx(mode, dtype):
+        out, lse = AD.attention_with_kvcache(q.to(dev), kc.to(dev), vc.to(dev),
+                                             torch.tensor(lens, dtype=torch.int32, device=dev), k_new.to(dev),
+                                             v_new.to(dev), causal=True, num_splits=splits, return_lse=True)
+    assert out.shape == (b, sq, hq, dv)
+    assert_close_oracle(out, r64[0], rlp[0], name="out")
+    assert_close_oracle(lse, r64[1], decode_ref(q.float(), kx.float(), vx.float(), total, scale, True, (-1, -1),
+                                                0.0, None)[1], floor=1e-4, name="lse")
+
+
 def test_decode_key_padding_mask_opcheck_and_compile():
     """Schema/fake tensor with the mask; torch.compile(fullgraph) runs it with no graph break."""
     q, kc, vc = torch.randn(2, 1, 4, 32), torch.randn(2, 40, 2, 32), torch.randn(2, 40, 2, 32)

@@ -82,7 +82,8 @@ def _decode_impl(q, k_cache, v_cache, seqlens, k_new, v_new, scale, left, right,
     n_new = 0 if k_new is None else k_new.shape[1]
     total = (seqlens + n_new).to(torch.int32)
     b, sq, hq, d = q.shape
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dv = v_cache.shape[-1]
+    out = torch.empty((b, sq, hq, dv), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
@@ -123,7 +124,7 @@ def _decode_impl(q, k_cache, v_cache, seqlens, k_new, v_new, scale, left, right,
         s = s.masked_fill(~vis, float("-inf"))
         l_ = torch.logsumexp(s, -1)
         p = torch.exp(s - torch.where(torch.isinf(l_), 0.0, l_)[..., None])
-        o = torch.einsum("hgqk,hkd->hgqd", p, vv).reshape(hq, sq, d)
+        o = torch.einsum("hgqk,hkd->hgqd", p, vv).reshape(hq, sq, dv)
         out[i] = o.transpose(0, 1).to(q.dtype)
         lse[i] = l_.reshape(hq, sq)
     return out, lse
@@ -133,7 +134,7 @@ def _decode_impl(q, k_cache, v_cache, seqlens, k_new, v_new, scale, left, right,
 def _(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, window_left, window_right, softcap,
       alibi_slopes, num_splits, cache_batch_idx=None, cache_leftpad=None, block_table=None, key_padding_mask=None):
     b, sq, hq, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((b, hq, sq), dtype=torch.float32)
+    return q.new_empty((b, sq, hq, v_cache.shape[-1])), q.new_empty((b, hq, sq), dtype=torch.float32)
 
 
 @attn_decode.register_kernel("cuda")
@@ -187,9 +188,10 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new
                            block_table=None, key_padding_mask=None):
     """Decode step (flash-attn's ``flash_attn_with_kvcache``): append, then attend over the cache.
 
-    q (B, Sq, Hq, D) -- usually Sq = 1; k_cache/v_cache (B, S_max, Hkv, D) preallocated, any strides
+    q (B, Sq, Hq, D) -- usually Sq = 1; k_cache (B, S_max, Hkv, D) and v_cache (B, S_max, Hkv, Dv)
+    preallocated (Dv may differ from D, as DeepSeek's MLA 192/128; out is (B, Sq, Hq, Dv)), any strides
     with a unit last dim, Hq % Hkv == 0 (GQA/MQA); cache_seqlens int32 (B,) valid lengths *before*
-    this call; k_new/v_new (B, Snew, Hkv, D) or None, written in place at positions
+    this call; k_new (B, Snew, Hkv, D) / v_new (B, Snew, Hkv, Dv) or None, written in place at positions
     cache_seqlens[b] .. + Snew - 1 (the caller advances cache_seqlens by Snew afterwards). Query i
     sees key j of the L_b = cache_seqlens[b] + Snew valid keys iff
     i + L_b - Sq - left <= j <= i + L_b - Sq + right (window=(left, right), -1 unbounded; causal sets
@@ -238,8 +240,10 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new
                            "which autograd may still need): call it under torch.no_grad() or torch.inference_mode()")
     b, sq, hq, d = q.shape
     bc, s_max, hkv, dc = k_cache.shape
-    if v_cache.shape != k_cache.shape:
-        raise _err(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    dv = v_cache.shape[-1]
+    if v_cache.shape[:3] != k_cache.shape[:3]:
+        raise _err(f"k_cache and v_cache must agree in all but the head dim (B, S_max, Hkv), got "
+                   f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
     for name, t in (("cache_batch_idx", cache_batch_idx), ("cache_leftpad", cache_leftpad)):
         if t is not None and (not isinstance(t, Tensor) or t.dtype != torch.int32 or tuple(t.shape) != (b,)
                               or t.device != q.device):
@@ -262,15 +266,16 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new
         raise _err(f"k_cache must be (B={b}, S_max, Hkv, D={d}), got {tuple(k_cache.shape)}")
     if dc != d:
         raise _err(f"k_cache must be (B={b}, S_max, Hkv, D={d}), got {tuple(k_cache.shape)}")
-    if not 16 <= d <= 256:
-        raise _err(f"head dim must be in 16..256, got {d}")
+    if not 16 <= d <= 256 or not 16 <= dv <= 256:
+        raise _err(f"head dims must be in 16..256, got {d} (q/k) and {dv} (v)")
     if hkv == 0 or hq % hkv:
         raise _err(f"number of q heads ({hq}) must be a multiple of the number of k/v heads ({hkv})")
     n_new = 0
     if k_new is not None:
-        if k_new.shape != v_new.shape or k_new.shape[0] != b or k_new.shape[2:] != (hkv, d):
-            raise _err(f"k_new/v_new must be (B={b}, Snew, Hkv={hkv}, D={d}), got {tuple(k_new.shape)} and "
-                       f"{tuple(v_new.shape)}")
+        if k_new.shape[:3] != v_new.shape[:3] or k_new.shape[0] != b or k_new.shape[2:] != (hkv, d) or \
+                v_new.shape[3] != dv:
+            raise _err(f"k_new/v_new must be (B={b}, Snew, Hkv={hkv}, D={d}) and (B={b}, Snew, Hkv={hkv}, Dv={dv}), "
+                       f"got {tuple(k_new.shape)} and {tuple(v_new.shape)}")
         n_new = k_new.shape[1]
         if n_new > s_max:
             raise _err(f"cache too small: {n_new} new tokens do not fit a cache of {s_max} positions")
