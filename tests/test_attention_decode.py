@@ -13,9 +13,10 @@ from tests.oracle import assert_close_oracle
 from tests.test_attention import BF16, F16, F32, alibi_bias, dense_mask, device_of, mode_ctx, ref_attention
 
 
-def decode_ref(q, kc, vc, lens, scale, causal, window, softcap, slopes, pads=None):
+def decode_ref(q, kc, vc, lens, scale, causal, window, softcap, slopes, pads=None, kmask=None):
     """Per batch: (B, Sq, Hq, D) out and (B, Hq, Sq) lse over cache[pads[b]:lens[b]] (pads: left padding,
-    default none) in q's dtype."""
+    default none) in q's dtype; kmask bool (B, S_max): keys at cache positions where it is False are
+    removed from the visible set (positions unchanged)."""
     outs, lses = [], []
     for i, end in enumerate(lens):
         lp = pads[i] if pads is not None else 0
@@ -23,6 +24,8 @@ def decode_ref(q, kc, vc, lens, scale, causal, window, softcap, slopes, pads=Non
         qq = q[i:i + 1].transpose(1, 2)
         kk, vv = (t[i:i + 1, lp:end].transpose(1, 2) for t in (kc, vc))
         mask = dense_mask(q.shape[1], n, causal, window)
+        if kmask is not None:
+            mask = mask & kmask[i, lp:end][None, :]
         bias = None if slopes is None else alibi_bias(slopes[i:i + 1] if slopes.dim() == 2 else slopes, q.shape[1], n)
         o, l_ = ref_attention(qq, kk, vv, mask, scale, softcap, bias)
         outs.append(o.transpose(1, 2))
@@ -81,6 +84,116 @@ def test_decode_matches_reference(mode, case):
     assert_close_oracle(out, r64[0], rlp[0], name="out")
     assert_close_oracle(lse, r64[1], decode_ref(q.float(), kx.float(), vx.float(), total, scale, causal, window,
                                                 cap, slopes)[1], floor=1e-4, name="lse")
+
+
+# (dtype, B, Hq, Hkv, Sq, S_max, lens (before append), Snew, causal, window, num_splits, leftpad, paged)
+KPM_CASES = [
+    (F16, 3, 4, 2, 1, 200, [150, 0, 90], 1, False, (-1, -1), 3, None, False),   # GQA decode, split-K
+    (BF16, 2, 4, 4, 3, 160, [100, 40], 3, True, (-1, -1), 1, None, False),     # 3 new tokens, causal
+    (F32, 2, 2, 1, 2, 130, [120, 77], 2, True, (30, -1), 2, [5, 0], False),     # window + left padding
+    (BF16, 2, 4, 2, 1, 128, [100, 64], 1, False, (-1, -1), 2, None, True),      # paged cache (page 16)
+]
+
+
+@pytest.mark.parametrize("mode", ["emu", "cpu", "cuda"])
+@pytest.mark.parametrize("case", KPM_CASES, ids=lambda c: "-".join(str(x).replace("torch.", "").replace(" ", "")
+                                                                     for x in c))
+def test_decode_key_padding_mask(mode, case):
+    """key_padding_mask removes keys at masked cache positions (holes, a masked prefix as from HF's
+    left padding, a fully masked batch entry: output 0 / LSE -inf), positions unchanged; the masked
+    keys are poisoned with NaN so a read of a masked key that is not discarded shows."""
+    dtype, b, hq, hkv, sq, s_max, lens, n_new, causal, window, splits, pads, paged = case
+    dev = device_of(mode)
+    d, scale = 32, 32 ** -0.5
+    total = [n + n_new for n in lens]
+    kmask = torch.rand(b, s_max) > 0.3
+    kmask[0, :37] = False                                    # a masked prefix (more than one kv tile)
+    kmask[-1] = False if b > 2 else kmask[-1]                # a batch entry that sees nothing
+    kc, vc = torch.randn(b, s_max, hkv, d).to(dtype), torch.randn(b, s_max, hkv, d).to(dtype)
+    q = torch.randn(b, sq, hq, d).to(dtype)
+    k_new, v_new = torch.randn(b, n_new, hkv, d).to(dtype), torch.randn(b, n_new, hkv, d).to(dtype)
+    kx, vx = kc.clone(), vc.clone()
+    for i, n in enumerate(lens):
+        kx[i, n:n + n_new], vx[i, n:n + n_new] = k_new[i], v_new[i]
+    r64 = decode_ref(q.double(), kx.double(), vx.double(), total, scale, causal, window, 0.0, None, pads, kmask)
+    rlp = decode_ref(q, kx, vx, total, scale, causal, window, 0.0, None, pads, kmask)
+    poison = ~kmask[:, :, None, None]
+    kc, vc = kc.masked_fill(poison, float("nan")), vc.masked_fill(poison, float("nan"))  # appended rows stay finite
+    block_table = None
+    if paged:  # pages of 16 positions in a shuffled pool
+        ps, npg = 16, s_max // 16
+        perm = torch.randperm(b * npg)
+        block_table = perm.reshape(b, npg).to(torch.int32)
+        pool_k, pool_v = torch.empty(b * npg, ps, hkv, d, dtype=dtype), torch.empty(b * npg, ps, hkv, d, dtype=dtype)
+        pool_k[perm] = kc.reshape(b * npg, ps, hkv, d)
+        pool_v[perm] = vc.reshape(b * npg, ps, hkv, d)
+        kc, vc = pool_k, pool_v
+    with torch.no_grad(), mode_ctx(mode, dtype):
+        out, lse = AD.attention_with_kvcache(
+            q.to(dev), kc.to(dev), vc.to(dev), torch.tensor(lens, dtype=torch.int32, device=dev), k_new.to(dev),
+            v_new.to(dev), causal=causal, window=window, num_splits=splits, return_lse=True,
+            cache_leftpad=None if pads is None else torch.tensor(pads, dtype=torch.int32, device=dev),
+            block_table=None if block_table is None else block_table.to(dev), key_padding_mask=kmask.to(dev))
+    assert torch.isfinite(out).all()
+    assert_close_oracle(out, r64[0].nan_to_num(0.0), rlp[0].nan_to_num(0.0), name="out")
+    assert_close_oracle(lse, r64[1], decode_ref(q.float(), kx.float(), vx.float(), total, scale, causal, window,
+                                                0.0, None, pads, kmask)[1], floor=1e-4, name="lse")
+
+
+@pytest.mark.parametrize("mode", ["emu", "cpu", "cuda"])
+@pytest.mark.parametrize("dtype,d,dv,splits", [(BF16, 48, 32, 3), (F16, 24, 40, 1), (F32, 40, 24, 2)])
+def test_decode_v_head_dim_differs(mode, dtype, d, dv, splits):
+    """q/k head dim != v head dim (DeepSeek MLA: 192/128): out (B, Sq, Hq, Dv), GQA, split-K and one split,
+    causal new tokens, head dims that are not powers of two (padded blocks)."""
+    dev = device_of(mode)
+    b, hq, hkv, sq, s_max, lens, n_new = 2, 4, 2, 2, 90, [50, 13], 2
+    scale = d ** -0.5
+    kc, vc = torch.randn(b, s_max, hkv, d).to(dtype), torch.randn(b, s_max, hkv, dv).to(dtype)
+    q = torch.randn(b, sq, hq, d).to(dtype)
+    k_new, v_new = torch.randn(b, n_new, hkv, d).to(dtype), torch.randn(b, n_new, hkv, dv).to(dtype)
+    kx, vx = kc.clone(), vc.clone()
+    for i, n in enumerate(lens):
+        kx[i, n:n + n_new], vx[i, n:n + n_new] = k_new[i], v_new[i]
+    total = [n + n_new for n in lens]
+    r64 = decode_ref(q.double(), kx.double(), vx.double(), total, scale, True, (-1, -1), 0.0, None)
+    rlp = decode_ref(q, kx, vx, total, scale, True, (-1, -1), 0.0, None)
+    with torch.no_grad(), mode_ctx(mode, dtype):
+        out, lse = AD.attention_with_kvcache(q.to(dev), kc.to(dev), vc.to(dev),
+                                             torch.tensor(lens, dtype=torch.int32, device=dev), k_new.to(dev),
+                                             v_new.to(dev), causal=True, num_splits=splits, return_lse=True)
+    assert out.shape == (b, sq, hq, dv)
+    assert_close_oracle(out, r64[0], rlp[0], name="out")
+    assert_close_oracle(lse, r64[1], decode_ref(q.float(), kx.float(), vx.float(), total, scale, True, (-1, -1),
+                                                0.0, None)[1], floor=1e-4, name="lse")
+
+
+def test_decode_key_padding_mask_opcheck_and_compile():
+    """Schema/fake tensor with the mask; torch.compile(fullgraph) runs it with no graph break."""
+    q, kc, vc = torch.randn(2, 1, 4, 32), torch.randn(2, 40, 2, 32), torch.randn(2, 40, 2, 32)
+    seq = torch.tensor([20, 33], dtype=torch.int32)
+    kpm = torch.rand(2, 40) > 0.4
+    torch.library.opcheck(torch.ops.fasttfm.attn_decode.default,
+                          (q, kc, vc, seq, None, None, 0.2, 1 << 30, 1 << 30, 0.0, None, 0, None, None, None, kpm),
+                          test_utils=("test_schema", "test_faketensor"))
+
+    def step(q, kc, vc, seq, kpm):
+        return AD.attention_with_kvcache(q, kc, vc, seq, check_seqlens=False, key_padding_mask=kpm)
+
+    with torch.no_grad():
+        ref = step(q, kc, vc, seq, kpm)
+        got = torch.compile(step, fullgraph=True, backend="aot_eager")(q, kc, vc, seq, kpm)
+    torch.testing.assert_close(got, ref)
+    unmasked = step(q, kc, vc, seq, None)
+    assert not torch.allclose(ref, unmasked)  # the mask changed the result
+
+
+def test_decode_key_padding_mask_checked():
+    q, kc = _t(2, 1, 2, 32), _t(2, 8, 2, 32)
+    seq = torch.tensor([3, 3], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"key_padding_mask must be a torch.bool tensor of shape \(B=2, S_max=8\)"):
+        AD.attention_with_kvcache(q, kc, kc, seq, key_padding_mask=torch.ones(2, 7, dtype=torch.bool))
+    with pytest.raises(ValueError, match="key_padding_mask must be a torch.bool"):
+        AD.attention_with_kvcache(q, kc, kc, seq, key_padding_mask=torch.ones(2, 8))
 
 
 def test_split_counts_agree_emu():

@@ -54,21 +54,36 @@ def attn_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tens
                 v_new: Optional[Tensor], softmax_scale: float, window_left: int, window_right: int,
                 softcap: float, alibi_slopes: Optional[Tensor], num_splits: int,
                 cache_batch_idx: Optional[Tensor] = None, cache_leftpad: Optional[Tensor] = None,
-                block_table: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                block_table: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None
+                ) -> tuple[Tensor, Tensor]:
     """(out (B, Sq, Hq, D), lse (B, Hq, Sq) fp32); appends k_new/v_new into the caches in place.
     Window sides UNBOUNDED (2**30) for no limit; softcap 0 = off; num_splits 0 = heuristic.
-    cache_batch_idx / cache_leftpad int32 (B,), block_table int32 (B, pages): see attention_with_kvcache."""
+    cache_batch_idx / cache_leftpad int32 (B,), block_table int32 (B, pages), key_padding_mask bool
+    (B, S_max): see attention_with_kvcache."""
     return _decode_impl(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, window_left,
-                        window_right, softcap, alibi_slopes, num_splits, cache_batch_idx, cache_leftpad, block_table)
+                        window_right, softcap, alibi_slopes, num_splits, cache_batch_idx, cache_leftpad, block_table,
+                        key_padding_mask)
+
+
+def _key_bounds(mask):
+    """int32 (B, 2): [first, last + 1) positions where the bool mask (B, S) is True, (0, 0) when none;
+    device ops only (no host sync)."""
+    s = mask.shape[1]
+    any_ = mask.any(1)
+    m8 = mask.to(torch.uint8)
+    first = m8.argmax(1)
+    last = s - m8.flip(1).argmax(1)
+    return torch.stack([first, last], 1).masked_fill(~any_[:, None], 0).to(torch.int32)
 
 
 def _decode_impl(q, k_cache, v_cache, seqlens, k_new, v_new, scale, left, right, softcap, slopes, num_splits,
-                 cache_batch_idx=None, cache_leftpad=None, block_table=None):
+                 cache_batch_idx=None, cache_leftpad=None, block_table=None, key_padding_mask=None):
     _append_(k_cache, v_cache, seqlens, k_new, v_new, cache_batch_idx, block_table)
     n_new = 0 if k_new is None else k_new.shape[1]
     total = (seqlens + n_new).to(torch.int32)
     b, sq, hq, d = q.shape
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dv = v_cache.shape[-1]
+    out = torch.empty((b, sq, hq, dv), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
@@ -77,7 +92,9 @@ def _decode_impl(q, k_cache, v_cache, seqlens, k_new, v_new, scale, left, right,
             _kd.attn_decode(q, k_cache, v_cache, total, out, lse, softmax_scale=scale, win_left=left,
                             win_right=right, softcap=softcap, alibi_slopes=slopes, num_splits=num_splits or None,
                             interpret=not q.is_cuda, cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
-                            block_table=block_table)
+                            block_table=block_table,
+                            key_mask=None if key_padding_mask is None else key_padding_mask.view(torch.uint8),
+                            key_bounds=None if key_padding_mask is None else _key_bounds(key_padding_mask))
         return out, lse
     hkv = k_cache.shape[2]
     g = hq // hkv
@@ -89,6 +106,9 @@ def _decode_impl(q, k_cache, v_cache, seqlens, k_new, v_new, scale, left, right,
         n = pos.shape[1]
         kk = k_cache[rows[0], offs[0]].float().transpose(0, 1)  # (Hkv, n, D)
         vv = v_cache[rows[0], offs[0]].float().transpose(0, 1)
+        keep = None if key_padding_mask is None else key_padding_mask[i, pos[0]]
+        if keep is not None:  # masked rows may hold NaN: never let them into the products
+            kk, vv = kk.masked_fill(~keep[None, :, None], 0.0), vv.masked_fill(~keep[None, :, None], 0.0)
         qq = q[i].float().transpose(0, 1).reshape(hkv, g, sq, d)
         s = torch.einsum("hgqd,hkd->hgqk", qq, kk) * scale
         if softcap:
@@ -99,10 +119,12 @@ def _decode_impl(q, k_cache, v_cache, seqlens, k_new, v_new, scale, left, right,
             sl = (slopes[i] if slopes.dim() == 2 else slopes).float().reshape(hkv, g, 1, 1)
             s = s - sl * (p_ - j).abs()
         vis = (j >= p_ - left) & (j <= p_ + right)
+        if keep is not None:
+            vis = vis & keep[None, :]
         s = s.masked_fill(~vis, float("-inf"))
         l_ = torch.logsumexp(s, -1)
         p = torch.exp(s - torch.where(torch.isinf(l_), 0.0, l_)[..., None])
-        o = torch.einsum("hgqk,hkd->hgqd", p, vv).reshape(hq, sq, d)
+        o = torch.einsum("hgqk,hkd->hgqd", p, vv).reshape(hq, sq, dv)
         out[i] = o.transpose(0, 1).to(q.dtype)
         lse[i] = l_.reshape(hq, sq)
     return out, lse
@@ -110,16 +132,17 @@ def _decode_impl(q, k_cache, v_cache, seqlens, k_new, v_new, scale, left, right,
 
 @attn_decode.register_fake
 def _(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, window_left, window_right, softcap,
-      alibi_slopes, num_splits, cache_batch_idx=None, cache_leftpad=None, block_table=None):
+      alibi_slopes, num_splits, cache_batch_idx=None, cache_leftpad=None, block_table=None, key_padding_mask=None):
     b, sq, hq, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((b, hq, sq), dtype=torch.float32)
+    return q.new_empty((b, sq, hq, v_cache.shape[-1])), q.new_empty((b, hq, sq), dtype=torch.float32)
 
 
 @attn_decode.register_kernel("cuda")
 def _(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, window_left, window_right, softcap,
-      alibi_slopes, num_splits, cache_batch_idx=None, cache_leftpad=None, block_table=None):
+      alibi_slopes, num_splits, cache_batch_idx=None, cache_leftpad=None, block_table=None, key_padding_mask=None):
     return _decode_impl(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, window_left,
-                        window_right, softcap, alibi_slopes, num_splits, cache_batch_idx, cache_leftpad, block_table)
+                        window_right, softcap, alibi_slopes, num_splits, cache_batch_idx, cache_leftpad, block_table,
+                        key_padding_mask)
 
 
 # Autocast: no cast (the op writes into the caches, which must keep their dtype, and q/k_new/v_new
@@ -162,12 +185,13 @@ def _check_indices(seqlens, n_new, n_rows, page_size, cache_batch_idx, cache_lef
 def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new=None, *, causal=False,
                            window=(-1, -1), softmax_scale=None, softcap=0.0, alibi_slopes=None, num_splits=0,
                            check_seqlens=True, return_lse=False, cache_batch_idx=None, cache_leftpad=None,
-                           block_table=None):
+                           block_table=None, key_padding_mask=None):
     """Decode step (flash-attn's ``flash_attn_with_kvcache``): append, then attend over the cache.
 
-    q (B, Sq, Hq, D) -- usually Sq = 1; k_cache/v_cache (B, S_max, Hkv, D) preallocated, any strides
+    q (B, Sq, Hq, D) -- usually Sq = 1; k_cache (B, S_max, Hkv, D) and v_cache (B, S_max, Hkv, Dv)
+    preallocated (Dv may differ from D, as DeepSeek's MLA 192/128; out is (B, Sq, Hq, Dv)), any strides
     with a unit last dim, Hq % Hkv == 0 (GQA/MQA); cache_seqlens int32 (B,) valid lengths *before*
-    this call; k_new/v_new (B, Snew, Hkv, D) or None, written in place at positions
+    this call; k_new (B, Snew, Hkv, D) / v_new (B, Snew, Hkv, Dv) or None, written in place at positions
     cache_seqlens[b] .. + Snew - 1 (the caller advances cache_seqlens by Snew afterwards). Query i
     sees key j of the L_b = cache_seqlens[b] + Snew valid keys iff
     i + L_b - Sq - left <= j <= i + L_b - Sq + right (window=(left, right), -1 unbounded; causal sets
@@ -187,6 +211,12 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new
     block_table[b, t // page_size] (appends go there too); S_max = P * page_size. check_seqlens also
     checks cache_leftpad (0 <= leftpad <= cache_seqlens), cache_batch_idx and the block table entries
     in use (0 <= page < num_pages).
+
+    key_padding_mask bool (B, S_max), True = attend (HF's 2-D attention mask over the cache): batch
+    entry b never sees a key at cache position t with key_padding_mask[b, t] False (any pattern; the
+    new tokens' positions included). It only removes keys: positions, windows and ALiBi distances are
+    unchanged. Fully masked leading/trailing kv tiles are skipped (bounds computed on the device); a
+    query that sees no key gives 0 (LSE -inf).
     """
     tensors = [("q", q), ("k_cache", k_cache), ("v_cache", v_cache)]
     if (k_new is None) != (v_new is None):
@@ -210,8 +240,10 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new
                            "which autograd may still need): call it under torch.no_grad() or torch.inference_mode()")
     b, sq, hq, d = q.shape
     bc, s_max, hkv, dc = k_cache.shape
-    if v_cache.shape != k_cache.shape:
-        raise _err(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    dv = v_cache.shape[-1]
+    if v_cache.shape[:3] != k_cache.shape[:3]:
+        raise _err(f"k_cache and v_cache must agree in all but the head dim (B, S_max, Hkv), got "
+                   f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
     for name, t in (("cache_batch_idx", cache_batch_idx), ("cache_leftpad", cache_leftpad)):
         if t is not None and (not isinstance(t, Tensor) or t.dtype != torch.int32 or tuple(t.shape) != (b,)
                               or t.device != q.device):
@@ -234,15 +266,16 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new
         raise _err(f"k_cache must be (B={b}, S_max, Hkv, D={d}), got {tuple(k_cache.shape)}")
     if dc != d:
         raise _err(f"k_cache must be (B={b}, S_max, Hkv, D={d}), got {tuple(k_cache.shape)}")
-    if not 16 <= d <= 256:
-        raise _err(f"head dim must be in 16..256, got {d}")
+    if not 16 <= d <= 256 or not 16 <= dv <= 256:
+        raise _err(f"head dims must be in 16..256, got {d} (q/k) and {dv} (v)")
     if hkv == 0 or hq % hkv:
         raise _err(f"number of q heads ({hq}) must be a multiple of the number of k/v heads ({hkv})")
     n_new = 0
     if k_new is not None:
-        if k_new.shape != v_new.shape or k_new.shape[0] != b or k_new.shape[2:] != (hkv, d):
-            raise _err(f"k_new/v_new must be (B={b}, Snew, Hkv={hkv}, D={d}), got {tuple(k_new.shape)} and "
-                       f"{tuple(v_new.shape)}")
+        if k_new.shape[:3] != v_new.shape[:3] or k_new.shape[0] != b or k_new.shape[2:] != (hkv, d) or \
+                v_new.shape[3] != dv:
+            raise _err(f"k_new/v_new must be (B={b}, Snew, Hkv={hkv}, D={d}) and (B={b}, Snew, Hkv={hkv}, Dv={dv}), "
+                       f"got {tuple(k_new.shape)} and {tuple(v_new.shape)}")
         n_new = k_new.shape[1]
         if n_new > s_max:
             raise _err(f"cache too small: {n_new} new tokens do not fit a cache of {s_max} positions")
@@ -261,6 +294,15 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new
                        + (" (cache too small)" if hi + n_new > s_max else ""))
     if check_seqlens and not torch.compiler.is_compiling():
         _check_indices(cache_seqlens, n_new, bc, k_cache.shape[1], cache_batch_idx, cache_leftpad, block_table)
+    if key_padding_mask is not None and (not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype !=
+                                         torch.bool or tuple(key_padding_mask.shape) != (b, s_max)
+                                         or key_padding_mask.device != q.device):
+        desc = f"{key_padding_mask.dtype} tensor of shape {tuple(key_padding_mask.shape)} on {key_padding_mask.device}" \
+            if isinstance(key_padding_mask, Tensor) else type(key_padding_mask).__name__
+        raise _err(f"key_padding_mask must be a torch.bool tensor of shape (B={b}, S_max={s_max}) on {q.device} "
+                   f"(True = attend), got {desc}")
+    if key_padding_mask is not None and key_padding_mask.stride(-1) != 1:
+        key_padding_mask = key_padding_mask.contiguous()
     ok = isinstance(window, (tuple, list)) and len(window) == 2 and all(isinstance(w, int) and w >= -1 for w in window)
     if not ok:
         raise _err(f"window must be a pair (left, right) of ints >= -1 (-1 = unbounded), got {window!r}")
@@ -279,5 +321,5 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new
         softmax_scale = d ** -0.5
     out, lse = torch.ops.fasttfm.attn_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, float(softmax_scale),
                                              left, right, float(softcap), alibi_slopes, int(num_splits),
-                                             cache_batch_idx, cache_leftpad, block_table)
+                                             cache_batch_idx, cache_leftpad, block_table, key_padding_mask)
     return (out, lse) if return_lse else out
