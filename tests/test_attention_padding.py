@@ -483,3 +483,26 @@ def test_varlen_seqused_k(mode, dtype):
                                 factor=2.0 if j == 0 else 3.0, name=f"{name}[{i}]",
                                 floor=None if j == 0 else grad_floor(dtype, refs["64"][1:]))
         assert (got[2][int(cu_k[i]) + used[i]:int(cu_k[i + 1])].cpu() == 0).all()
+
+
+@pytest.mark.parametrize("mode", ["cpu", "emu"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_bench_padded_rows_compute_the_same(mode, causal):
+    """bench_attention's padded-batch providers (kernel with key_padding_mask, varlen on packed tokens,
+    SDPA with a boolean mask) give the same outputs on the valid query rows: the rows compare like
+    with like."""
+    from bench import bench_attention as BA
+
+    b, h, n, d = 3, 2, 40, 32
+    lens = BA.pad_lengths(b, n)
+    assert lens == [n - (n // 2) * (i + 1) // b for i in range(b)] and min(lens) == n // 2
+    q, k, v = (torch.randn(b, h, n, d) for _ in range(3))
+    provs = BA.padded_providers(causal, lens, [])
+    with mode_ctx(mode, F32):
+        outs = {name: fn(q, k, v) for name, fn in provs.items()}
+    packed = outs.pop("fasttfm_unpadded")
+    starts = [sum(lens[:i]) for i in range(b)]
+    for i, m in enumerate(lens):
+        want = packed[starts[i]:starts[i] + m].transpose(0, 1)
+        for name, o in outs.items():
+            torch.testing.assert_close(o[i, :, :m], want, atol=1e-5, rtol=1e-4, msg=name)
