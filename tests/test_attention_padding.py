@@ -139,8 +139,8 @@ def check_masked(mode, dtype, b, hq, hkv, nq, nk, d, causal=False, window=(-1, -
                  segment_ids=None if seg is None else seg.to(dev))
     with mode_ctx(mode, dtype):
         out, lse = A.attention(qd, kd, vd, causal=causal, window=window, chunk_size=chunk, layout=layout,
-                               return_lse=True, softcap=softcap, alibi_slopes=None if slopes is None else slopes.to(dev),
-                               **extra)
+                               return_lse=True, softcap=softcap,
+                               alibi_slopes=None if slopes is None else slopes.to(dev), **extra)
         dq, dk, dv = torch.autograd.grad(out, (qd, kd, vd), put(do))
     assert_close_oracle(back(out), refs["64"][0], refs["lowp"][0], name="out")
     assert_close_oracle(lse, refs["64"][1], lse32, floor=1e-4, name="lse")
@@ -281,7 +281,8 @@ def test_segment_and_key_bounds_helpers():
 
 
 @pytest.mark.parametrize("kw,match", [
-    (dict(key_padding_mask=torch.ones(2, 9, dtype=torch.bool)), r"key_padding_mask must be a torch.bool tensor of shape \(B, Nk\) = \(2, 12\)"),
+    (dict(key_padding_mask=torch.ones(2, 9, dtype=torch.bool)),
+     r"key_padding_mask must be a torch.bool tensor of shape \(B, Nk\) = \(2, 12\)"),
     (dict(key_padding_mask=torch.ones(2, 12)), "key_padding_mask must be a torch.bool"),
     (dict(seqused_k=torch.ones(2, dtype=torch.int64)), r"seqused_k must be a torch.int32 tensor of shape \(B,\)"),
     (dict(seqused_k=torch.tensor([3, 13], dtype=torch.int32)), r"seqused_k values must be in 0..Nk = 0..12"),
