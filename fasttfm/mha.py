@@ -6,7 +6,7 @@ signature and results. The fused path runs when the call needs no attention weig
 (``dropout`` > 0, training mode only; a no-op in eval mode as in torch) runs inside the kernels:
   * no masks                                -> fasttfm.attention (no mask);
   * ``is_causal=True`` hint (attn_mask promised causal) -> fasttfm causal kernel (top-left, as
-    torch's SDPA), with a boolean ``key_padding_mask`` applied in the kernel too;
+    torch's SDPA), with a boolean ``key_padding_mask`` applied in the kernel too (L == S);
   * boolean ``key_padding_mask`` (True = ignore, torch's convention), no ``attn_mask`` -> the kernel
     with its inverse as key padding mask (padded kv tiles skipped, no dense mask built);
   * float ``key_padding_mask`` or any other ``attn_mask`` -> masks merged exactly as torch does,
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fasttfm.ops.attention import attention, flash_sdpa, scaled_dot_product_attention
+from fasttfm.ops.attention import attention, scaled_dot_product_attention
 
 __all__ = ["MultiheadAttention"]
 
@@ -62,11 +62,12 @@ class MultiheadAttention(nn.MultiheadAttention):
         v = F.linear(value, w_v, b_v).view(n, src_len, h, dh)
 
         bool_kpm = key_padding_mask is not None and key_padding_mask.dtype == torch.bool
-        if is_causal and (key_padding_mask is None or bool_kpm):
+        if is_causal and key_padding_mask is None:
             # torch uses the hint as SDPA's is_causal (top-left): right = L - S in bottom-right terms
-            kpm = ~key_padding_mask if bool_kpm else None
-            out = flash_sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=dh ** -0.5,
-                             is_causal=True, dropout_p=dropout, key_padding_mask=kpm).transpose(1, 2)
+            out = scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               is_causal=True, dropout_p=dropout).transpose(1, 2)
+        elif is_causal and bool_kpm and tgt_len == src_len:  # top-left == bottom-right causal when L == S
+            out = attention(q, k, v, layout="bnhd", causal=True, dropout_p=dropout, key_padding_mask=~key_padding_mask)
         elif attn_mask is None and (key_padding_mask is None or bool_kpm):
             kpm = ~key_padding_mask if bool_kpm else None
             out = attention(q, k, v, layout="bnhd", dropout_p=dropout, key_padding_mask=kpm)

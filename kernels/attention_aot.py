@@ -1,8 +1,8 @@
 """The attention kernels' static-report cases: ``aot_cases(cc)`` collects the forward
 (``attention.aot_cases_fwd``), backward (``attention_bwd.aot_cases_bwd``) and decode
 (``attention_decode.aot_cases_decode``) lists plus the variants that combine constexpr flags
-(chunked + varlen, softcap + ALiBi + dropout, key padding + seqused_k + segments). It is the only module importing all three, so
-none of them imports another (see ``kernels/_aot.py`` for the contract).
+(chunked + varlen, softcap + ALiBi + dropout, key padding + seqused_k + segments). It is the only
+module importing all three, so none of them imports another (see ``kernels/_aot.py``).
 """
 import dataclasses
 
@@ -47,8 +47,8 @@ def _masked(cc):
     cases = []
     masks = dict(KPAD=True, SEQUSED=True, SEGMENTS=True)
     mod = dict(SOFTCAP=True, ALIBI=True, DROPOUT=True)
-    for d, dtype, mods in [(d, dt, m) for d in (64, 128, 256) for dt, m in ((torch.bfloat16, {}), (torch.float16, mod))] \
-            + [(64, torch.float32, {})]:
+    combos = [(d, dt, m) for d in (64, 128, 256) for dt, m in ((torch.bfloat16, {}), (torch.float16, mod))]
+    for d, dtype, mods in combos + [(64, torch.float32, {})]:
         dt = _DT[dtype]
         bc = _bwd.bwd_configs(cc, d, dtype, bool(mods), masks=True)
         fc = _fwd.fwd_configs(cc, d, dtype, bool(mods), masks=True)[0]

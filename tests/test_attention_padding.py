@@ -139,8 +139,8 @@ def check_masked(mode, dtype, b, hq, hkv, nq, nk, d, causal=False, window=(-1, -
                  segment_ids=None if seg is None else seg.to(dev))
     with mode_ctx(mode, dtype):
         out, lse = A.attention(qd, kd, vd, causal=causal, window=window, chunk_size=chunk, layout=layout,
-                               return_lse=True, softcap=softcap, alibi_slopes=None if slopes is None else slopes.to(dev),
-                               **extra)
+                               return_lse=True, softcap=softcap,
+                               alibi_slopes=None if slopes is None else slopes.to(dev), **extra)
         dq, dk, dv = torch.autograd.grad(out, (qd, kd, vd), put(do))
     assert_close_oracle(back(out), refs["64"][0], refs["lowp"][0], name="out")
     assert_close_oracle(lse, refs["64"][1], lse32, floor=1e-4, name="lse")
@@ -281,7 +281,8 @@ def test_segment_and_key_bounds_helpers():
 
 
 @pytest.mark.parametrize("kw,match", [
-    (dict(key_padding_mask=torch.ones(2, 9, dtype=torch.bool)), r"key_padding_mask must be a torch.bool tensor of shape \(B, Nk\) = \(2, 12\)"),
+    (dict(key_padding_mask=torch.ones(2, 9, dtype=torch.bool)),
+     r"key_padding_mask must be a torch.bool tensor of shape \(B, Nk\) = \(2, 12\)"),
     (dict(key_padding_mask=torch.ones(2, 12)), "key_padding_mask must be a torch.bool"),
     (dict(seqused_k=torch.ones(2, dtype=torch.int64)), r"seqused_k must be a torch.int32 tensor of shape \(B,\)"),
     (dict(seqused_k=torch.tensor([3, 13], dtype=torch.int32)), r"seqused_k values must be in 0..Nk = 0..12"),
@@ -483,3 +484,26 @@ def test_varlen_seqused_k(mode, dtype):
                                 factor=2.0 if j == 0 else 3.0, name=f"{name}[{i}]",
                                 floor=None if j == 0 else grad_floor(dtype, refs["64"][1:]))
         assert (got[2][int(cu_k[i]) + used[i]:int(cu_k[i + 1])].cpu() == 0).all()
+
+
+@pytest.mark.parametrize("mode", ["cpu", "emu"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_bench_padded_rows_compute_the_same(mode, causal):
+    """bench_attention's padded-batch providers (kernel with key_padding_mask, varlen on packed tokens,
+    SDPA with a boolean mask) give the same outputs on the valid query rows: the rows compare like
+    with like."""
+    from bench import bench_attention as BA
+
+    b, h, n, d = 3, 2, 40, 32
+    lens = BA.pad_lengths(b, n)
+    assert lens == [n - (n // 2) * (i + 1) // b for i in range(b)] and min(lens) == n // 2
+    q, k, v = (torch.randn(b, h, n, d) for _ in range(3))
+    provs = BA.padded_providers(causal, lens, [])
+    with mode_ctx(mode, F32):
+        outs = {name: fn(q, k, v) for name, fn in provs.items()}
+    packed = outs.pop("fasttfm_unpadded")
+    starts = [sum(lens[:i]) for i in range(b)]
+    for i, m in enumerate(lens):
+        want = packed[starts[i]:starts[i] + m].transpose(0, 1)
+        for name, o in outs.items():
+            torch.testing.assert_close(o[i, :, :m], want, atol=1e-5, rtol=1e-4, msg=name)
