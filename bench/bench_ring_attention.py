@@ -42,13 +42,13 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _time(fn, device, warmup, iters):
-    """(median, 20%, 80%) ms over `iters` calls; ranks barrier before each call (lock-step)."""
+def _time(fn, device, warmup, iters, lockstep=True):
+    """(median, 20%, 80%) ms over `iters` calls; with ``lockstep`` ranks barrier before each call."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(iters):
-        if dist.is_initialized():
+        if lockstep and dist.is_initialized():
             dist.barrier()
         if device == "cuda":
             torch.cuda.synchronize()
@@ -114,28 +114,12 @@ def _worker(rank, world, port, device, cases, warmup, iters, out_path):
         dist.barrier()
         if rank == 0:  # the single-process baseline, alone on the machine
             for name, fn in zip(("fwd", "fwd+bwd"), one):
-                res[f"one {name}"] = _time_local(fn, device, warmup, iters)
+                res[f"one {name}"] = _time(fn, device, warmup, iters, lockstep=False)
         dist.barrier()
         results.append(res)
     if rank == 0:
         torch.save(results, out_path)
     dist.destroy_process_group()
-
-
-def _time_local(fn, device, warmup, iters):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
-    return statistics.median(times), q[0], q[3]
 
 
 def run(args):

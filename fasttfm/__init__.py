@@ -5,6 +5,7 @@ drop-in replacement for the PyTorch op or module it replaces. CUDA tensors run t
 CPU tensors run a correct CPU path, or the GPU kernels' own source through Triton's interpreter
 and a SIMT emulator when ``FASTTFM_EMULATE=1`` (or ``with fasttfm.emulate(): ...``).
 """
+import importlib as _importlib
 import importlib.util as _ilu
 import os as _os
 import sys as _sys
@@ -39,6 +40,13 @@ from .patch import patch, sdpa_patched  # noqa: E402
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    # fasttfm.distributed (ring attention on torch.distributed) loads on first use, not with `import fasttfm`
+    if name == "distributed":
+        return _importlib.import_module(f"{__name__}.distributed")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
     "__version__",
     "nn",
@@ -57,4 +65,5 @@ __all__ = [
     "linear_cross_entropy",
     "patch",
     "sdpa_patched",
+    "distributed",
 ]

@@ -86,6 +86,14 @@ def test_decode_matches_reference(mode, case):
                                                 cap, slopes)[1], floor=1e-4, name="lse")
 
 
+def appended(kc, vc, lens, k_new, v_new):
+    """Copies of the caches with k_new/v_new written at lens[b] .. lens[b] + Snew - 1 (the expected append)."""
+    kx, vx = kc.clone(), vc.clone()
+    for i, n in enumerate(lens):
+        kx[i, n:n + k_new.shape[1]], vx[i, n:n + v_new.shape[1]] = k_new[i], v_new[i]
+    return kx, vx
+
+
 # (dtype, B, Hq, Hkv, Sq, S_max, lens (before append), Snew, causal, window, num_splits, leftpad, paged)
 KPM_CASES = [
     (F16, 3, 4, 2, 1, 200, [150, 0, 90], 1, False, (-1, -1), 3, None, False),   # GQA decode, split-K
@@ -112,9 +120,7 @@ def test_decode_key_padding_mask(mode, case):
     kc, vc = torch.randn(b, s_max, hkv, d).to(dtype), torch.randn(b, s_max, hkv, d).to(dtype)
     q = torch.randn(b, sq, hq, d).to(dtype)
     k_new, v_new = torch.randn(b, n_new, hkv, d).to(dtype), torch.randn(b, n_new, hkv, d).to(dtype)
-    kx, vx = kc.clone(), vc.clone()
-    for i, n in enumerate(lens):
-        kx[i, n:n + n_new], vx[i, n:n + n_new] = k_new[i], v_new[i]
+    kx, vx = appended(kc, vc, lens, k_new, v_new)
     r64 = decode_ref(q.double(), kx.double(), vx.double(), total, scale, causal, window, 0.0, None, pads, kmask)
     rlp = decode_ref(q, kx, vx, total, scale, causal, window, 0.0, None, pads, kmask)
     poison = ~kmask[:, :, None, None]
@@ -151,9 +157,7 @@ def test_decode_v_head_dim_differs(mode, dtype, d, dv, splits):
     kc, vc = torch.randn(b, s_max, hkv, d).to(dtype), torch.randn(b, s_max, hkv, dv).to(dtype)
     q = torch.randn(b, sq, hq, d).to(dtype)
     k_new, v_new = torch.randn(b, n_new, hkv, d).to(dtype), torch.randn(b, n_new, hkv, dv).to(dtype)
-    kx, vx = kc.clone(), vc.clone()
-    for i, n in enumerate(lens):
-        kx[i, n:n + n_new], vx[i, n:n + n_new] = k_new[i], v_new[i]
+    kx, vx = appended(kc, vc, lens, k_new, v_new)
     total = [n + n_new for n in lens]
     r64 = decode_ref(q.double(), kx.double(), vx.double(), total, scale, True, (-1, -1), 0.0, None)
     rlp = decode_ref(q, kx, vx, total, scale, True, (-1, -1), 0.0, None)
