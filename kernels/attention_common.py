@@ -153,7 +153,7 @@ def _autotuned(kernel, cfgs, interpret=False):
             from ._interp import interpreted
 
             fn = interpreted(kernel)
-        _AUTOTUNED[key] = triton.autotune(tc, key=["seqlen_q", "seqlen_k", "HEAD_DIM", "CHUNKED", "VARLEN",
+        _AUTOTUNED[key] = triton.autotune(tc, key=["seqlen_q", "seqlen_k", "HEAD_DIM", "HEAD_DIM_V", "CHUNKED", "VARLEN",
                                                    "win_left", "win_right", "SOFTCAP", "ALIBI", "DROPOUT", "KPAD",
                                                    "SEQUSED", "SEGMENTS"],
                                           do_bench=_wall_clock_bench if interpret else None)(fn)
@@ -164,7 +164,7 @@ def _autotuned(kernel, cfgs, interpret=False):
 _DT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
-_CONSTEXPRS = {"HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "CHUNKED", "VARLEN", "INPUT_PRECISION", "SOFTCAP",
+_CONSTEXPRS = {"HEAD_DIM", "BLOCK_D", "HEAD_DIM_V", "BLOCK_DV", "BLOCK_M", "BLOCK_N", "CHUNKED", "VARLEN", "INPUT_PRECISION", "SOFTCAP",
                "ALIBI", "DROPOUT", "SPLIT", "BLOCK_S", "GQA_ROWS", "TMA", "KPAD", "SEQUSED", "SEGMENTS"}
 _I32_PTRS = ("SeqLens", "SeqUsedK", "KBounds", "SegBounds")
 
