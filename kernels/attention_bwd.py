@@ -122,10 +122,26 @@ def _masked(table, arch, mods, head_dim, cfg):
     return table.get((arch, bool(mods)), {}).get(_bucket_dim(head_dim), {}).get(cfg, cfg)
 
 
-def bwd_configs(cc, head_dim, dtype=torch.float16, mods=False, masks=False):
+# v head dim != q/k head dim (bucket of max(D, Dv)): configs that spill there, dropped from the list
+# (static report, Triton 3.8, D=192/Dv=128 fp16 and bf16). sm_90 dQ 64x64 w4 s2: 16 B (255 regs; 0 at
+# D = Dv = 256) -> the list's next one, 64x32 w4 s2 (255 regs, 0 B).
+_HDIMV_DROP = {(9, "dq", 256): {AttnConfig(64, 64, 4, 2)}}
+
+
+def _hdimv_list(arch, which, head_dim, cfgs):
+    keep = [c for c in cfgs if c not in _HDIMV_DROP.get((arch, which, _bucket_dim(head_dim)), ())]
+    return keep or cfgs
+
+
+def bwd_configs(cc, head_dim, dtype=torch.float16, mods=False, masks=False, head_dim_v=None):
     """(dK/dV tuning list, dQ tuning list) for compute capability ``cc`` and head dim; ``mods``:
     softcap, ALiBi or dropout active; ``masks``: key padding, seqused_k or segments active (one
-    config each, see _MASKED_DQ)."""
+    config each, see _MASKED_DQ); ``head_dim_v``: v's head dim when it differs (the lists of the
+    max(head_dim, head_dim_v) bucket less the configs that spill there, see _HDIMV_DROP)."""
+    if head_dim_v is not None and head_dim_v != head_dim:
+        hd = max(head_dim, head_dim_v)
+        bc = bwd_configs(cc, hd, dtype, mods, masks)
+        return BwdConfigs(_hdimv_list(_arch(cc), "dkdv", hd, bc.dkdv), _hdimv_list(_arch(cc), "dq", hd, bc.dq))
     if masks:
         bc = bwd_configs(cc, head_dim, dtype, mods)
         arch = _arch(cc)
@@ -403,7 +419,7 @@ def attn_bwd_dkdv(q, k, v, do, dk, dv, lse, delta, *, batch, seqlen_q, seqlen_k,
                   cu_seqlens_q=None, cu_seqlens_k=None, sm_scale, win_left, win_right, chunk_size=None,
                   softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=0, config=None, interpret=False, **masks):
     """Launch ``_attn_bwd_dkdv`` on canonical 4-D views (see attn_fwd; v/do/dv may have a head dim
-    Dv != D, configs by max(D, Dv)); dk/dv shaped like k/v.
+    Dv != D, configs: ``bwd_configs(.., head_dim_v=Dv)``); dk/dv shaped like k/v.
     masks: key_mask / key_bounds / seqused_k / segment_bounds (see ``attention_common.mask_args``)."""
     varlen, tail, cx, cus = _common(q, k, v, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k, sm_scale,
                                     win_left, win_right, chunk_size, softcap, alibi_slopes, lse, dropout_p, seed,
@@ -432,8 +448,7 @@ def _launch_bwd(kernel, which, q, args, cx, n_rows, block, heads, batch, config,
     """Config choice and launch shared by dK/dV (``which`` "dkdv": programs over kv rows, ``block``
     "BLOCK_N") and dQ ("dq": over q rows, "BLOCK_M"): explicit config, autotuning, or the heuristic."""
     def tuning_list():
-        head_dim = max(cx["HEAD_DIM"], cx["HEAD_DIM_V"])
-        return getattr(bwd_configs(_cc(q), head_dim, q.dtype, _mods(cx), _masks(cx)), which)
+        return getattr(bwd_configs(_cc(q), cx["HEAD_DIM"], q.dtype, _mods(cx), _masks(cx), cx["HEAD_DIM_V"]), which)
 
     if config is None and autotune_enabled():
         grid = lambda meta: (triton.cdiv(n_rows, meta[block]), heads, batch)  # noqa: E731
