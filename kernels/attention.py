@@ -52,7 +52,7 @@ from ._aot import AotCase
 from .attention_common import (BEFORE_38, LOG2E, TRITON_37, UNBOUNDED, AttnConfig, _alibi_slope,  # noqa: F401
                                _arch, _autotuned, _AUTOTUNED, _bucket, _bucket_dim, _cc, _col_bounds, _DT,
                                _drop_rows, _dropout_keep, _dropout_mask, _floor_div, _input_precision, _key_clip,
-                               _key_ok, _launch, _load_rows, _row_bounds, _scores, _seg_clip, _seq_info,
+                               _key_ok, _launch, _load_rows, _offs_dv, _row_bounds, _scores, _seg_clip, _seq_info,
                                _store_rows, _tile_ranges, _used_keys, aot_attrs, aot_signature, autotune_enabled,
                                block_d, canonical_strides, dropout_args, dropout_mask, lse_strides, mask_args,
                                replace_configs, score_args)
@@ -220,7 +220,7 @@ def _attn_fwd(Q, K, V, Out, Lse, CuSeqQ, CuSeqK, Alibi, KeyMask, KBounds, SeqUse
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_dv = _offs_dv(offs_d, BLOCK_D, BLOCK_DV)
     b64 = off_b.to(tl.int64)
     Q_base = Q + b64 * stride_qb + off_h.to(tl.int64) * stride_qh + q_start.to(tl.int64) * stride_qn
     K_base = K + b64 * stride_kb + off_hk.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_kn
@@ -371,7 +371,8 @@ def attn_fwd(q, k, v, out, lse, *, batch, seqlen_q, seqlen_k, max_seqlen_q, cu_s
             *lse_strides(lse, varlen), stride_ab, *mstrides,
             seqlen_q, seqlen_k, hq // hkv, kscale, kcap, win_left, win_right, chunk_size or 1,
             *dropout_args(q, k, varlen, dropout_p, seed))
-    constexprs = dict(HEAD_DIM=d, BLOCK_D=bd, HEAD_DIM_V=dv, BLOCK_DV=block_d(dv), CHUNKED=chunk_size is not None, VARLEN=varlen,
+    constexprs = dict(HEAD_DIM=d, BLOCK_D=bd, HEAD_DIM_V=dv, BLOCK_DV=block_d(dv), CHUNKED=chunk_size is not None,
+                      VARLEN=varlen,
                       INPUT_PRECISION=_input_precision(q.dtype), SOFTCAP=has_cap, ALIBI=has_alibi,
                       DROPOUT=dropout_p > 0, TMA=bool(tma), **mcx)
     mods = bool(softcap) or alibi_slopes is not None or dropout_p > 0
@@ -406,13 +407,15 @@ def _fwd_case(cc, d, dt, cfg, tma, dv=None, **flags):
     """AotCase of ``_attn_fwd`` for one config; ``dv``: v head dim (None: d; named "d{d}v{dv}" when it
     differs); ``flags``: constexpr overrides (CHUNKED, SOFTCAP, ...)."""
     dv = d if dv is None else dv
-    cx = dict(HEAD_DIM=d, BLOCK_D=block_d(d), HEAD_DIM_V=dv, BLOCK_DV=block_d(dv), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, CHUNKED=False,
+    cx = dict(HEAD_DIM=d, BLOCK_D=block_d(d), HEAD_DIM_V=dv, BLOCK_DV=block_d(dv), BLOCK_M=cfg.BLOCK_M,
+              BLOCK_N=cfg.BLOCK_N, CHUNKED=False,
               VARLEN=False, INPUT_PRECISION="ieee" if dt == "fp32" else "tf32", SOFTCAP=False, ALIBI=False,
               DROPOUT=False, TMA=tma, KPAD=False, SEQUSED=False, SEGMENTS=False)
     cx.update(flags)
     tags = "".join(f",{k.lower()}" for k, val in flags.items() if val is True)
     sig = aot_signature(_attn_fwd, dt)
-    return AotCase(f"attn_fwd[{dt},d{d}{'' if dv == d else f'v{dv}'},bm{cfg.BLOCK_M},bn{cfg.BLOCK_N},w{cfg.num_warps},s{cfg.num_stages}"
+    dims = f"d{d}" if dv == d else f"d{d}v{dv}"
+    return AotCase(f"attn_fwd[{dt},{dims},bm{cfg.BLOCK_M},bn{cfg.BLOCK_N},w{cfg.num_warps},s{cfg.num_stages}"
                    f"{tags}{',tma' if tma else ''}]", _attn_fwd, sig, cx, cfg.num_warps, cfg.num_stages,
                    tensor_core=dt != "fp32", attrs=aot_attrs(_attn_fwd, sig), tma=tma)
 

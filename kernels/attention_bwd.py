@@ -27,9 +27,9 @@ import triton.language as tl
 from ._aot import AotCase
 from .attention_common import (LOG2E, TRITON_36, AttnConfig, _alibi_slope, _arch, _autotuned, _bucket,
                                _bucket_dim, _cc, _col_bounds, _drop_rows, _dropout_keep, _input_precision, _key_clip,
-                               _key_ok, _launch, _load_rows, _row_bounds, _scores, _seg_clip, _seq_info, _store_rows,
-                               _tile_ranges, _used_keys, aot_attrs, aot_signature, autotune_enabled, block_d,
-                               canonical_strides, dropout_args, lse_strides, mask_args, replace_configs, score_args)
+                               _key_ok, _launch, _load_rows, _offs_dv, _row_bounds, _scores, _seg_clip, _seq_info,
+                               _store_rows, _tile_ranges, _used_keys, aot_attrs, aot_signature, autotune_enabled,
+                               block_d, canonical_strides, dropout_args, lse_strides, mask_args, replace_configs, score_args)
 
 __all__ = ["attn_bwd_dkdv", "attn_bwd_dq", "bwd_configs", "SMOKE_BWD", "aot_cases_bwd"]
 
@@ -159,7 +159,8 @@ def bwd_configs(cc, head_dim, dtype=torch.float16, mods=False, masks=False, head
 # -- dK / dV ---------------------------------------------------------------------------------
 @triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, stride_qn, stride_dn,
-                         offs_m, offs_d, offs_dv, cols, n_q, shift, win_left, win_right, chunk, start, end, f0, f1, qk_scale,
+                         offs_m, offs_d, offs_dv, cols, n_q, shift, win_left, win_right, chunk, start, end, f0, f1,
+                         qk_scale,
                          softcap, slope, drop_base, seed, dropout_p, drop_nk, SegS, seg_n,
                          CHUNKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                          HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -231,7 +232,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, Lse, Delta, CuSeqQ, CuSeqK, Alibi, KeyMa
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_dv = _offs_dv(offs_d, BLOCK_D, BLOCK_DV)
     cols = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     K_base = K + b64 * stride_kb + off_hk.to(tl.int64) * stride_kh + ks * stride_kn
     V_base = V + b64 * stride_vb + off_hk.to(tl.int64) * stride_vh + ks * stride_vn
@@ -350,7 +351,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, Lse, Delta, CuSeqQ, CuSeqK, Alibi, KeyMask, KB
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_dv = _offs_dv(offs_d, BLOCK_D, BLOCK_DV)
     K_base = K + b64 * stride_kb + off_hk.to(tl.int64) * stride_kh + ks * stride_kn
     V_base = V + b64 * stride_vb + off_hk.to(tl.int64) * stride_vh + ks * stride_vn
 
@@ -467,13 +468,15 @@ def _bwd_case(cc, which, d, dt, cfg, dv=None, **flags):
     named in the case's tag list."""
     kernel = _attn_bwd_dkdv if which == "dkdv" else _attn_bwd_dq
     dv = d if dv is None else dv
-    cx = dict(HEAD_DIM=d, BLOCK_D=block_d(d), HEAD_DIM_V=dv, BLOCK_DV=block_d(dv), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, CHUNKED=False,
+    cx = dict(HEAD_DIM=d, BLOCK_D=block_d(d), HEAD_DIM_V=dv, BLOCK_DV=block_d(dv), BLOCK_M=cfg.BLOCK_M,
+              BLOCK_N=cfg.BLOCK_N, CHUNKED=False,
               VARLEN=False, INPUT_PRECISION="ieee" if dt == "fp32" else "tf32", SOFTCAP=False, ALIBI=False,
               DROPOUT=False, KPAD=False, SEQUSED=False, SEGMENTS=False)
     cx.update(flags)
     tags = "".join(f",{k.lower()}" for k, val in flags.items() if val is True)
     sig = aot_signature(kernel, dt)
-    return AotCase(f"attn_bwd_{which}[{dt},d{d}{'' if dv == d else f'v{dv}'},bm{cfg.BLOCK_M},bn{cfg.BLOCK_N},w{cfg.num_warps},"
+    dims = f"d{d}" if dv == d else f"d{d}v{dv}"
+    return AotCase(f"attn_bwd_{which}[{dt},{dims},bm{cfg.BLOCK_M},bn{cfg.BLOCK_N},w{cfg.num_warps},"
                    f"s{cfg.num_stages}{tags}]", kernel, sig, cx, cfg.num_warps, cfg.num_stages,
                    tensor_core=dt != "fp32", attrs=aot_attrs(kernel, sig),
                    spill_ok=MEASURED_SPILLS.get((_arch(cc), which, cfg), 0) if _plain_scores(flags) else 0)

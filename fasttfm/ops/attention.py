@@ -377,7 +377,7 @@ def _bwd_impl(dout, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, le
     same_d = q4.shape[-1] == v4.shape[-1]  # aten's CPU flash kernel needs one head dim
     if cu_q is None and (kpm is not None or seqused is not None or seg is not None):
         vis, shift = _visible_batched(q4.shape[2], k4.shape[2], left, right, chunk, kpm, seqused, seg, q.device)
-        if not softcap and slopes is None and dropout_p == 0 and dlse4 is None and same_d:  # aten's kernel (no LSE grad)
+        if not softcap and slopes is None and dropout_p == 0 and dlse4 is None and same_d:  # aten's (no LSE grad)
             gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 do4.float(), q4.float(), k4.float(), v4.float(), o4.float(),
                 torch.where(torch.isinf(lse4), 0.0, lse4).contiguous(), 0.0, False, attn_mask=_mask_bias(vis),
