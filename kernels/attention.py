@@ -4,7 +4,8 @@ launchers, per-architecture configs, the config heuristic and the forward's stat
 
 Tensors reach the kernels as *canonical views* (no copies): q/k/v/o are 4-D (B, H, N, D) views
 whose last dim has stride 1 -- SDPA's (B, H, N, D) as is, flash-attn's (B, N, H, D) permuted,
-and varlen's packed (total, H, D) as (1, H, total, D) plus ``cu_seqlens``. LSE/Delta are fp32
+and varlen's packed (total, H, D) as (1, H, total, D) plus ``cu_seqlens``. v/o/dO/dV may have their
+own head dim Dv (HEAD_DIM_V/BLOCK_DV; MLA-style 192/128), q/k/dQ/dK have D. LSE/Delta are fp32
 (B, H, Nq) (varlen: (H, total_q)) in natural-log units.
 
 Masking (FlashAttention's conventions; one place, ``_row_bounds``/``_col_bounds``): with

@@ -73,6 +73,7 @@ CASES = [
     (BF16, 3, 2, 1, 37, 53, 48, 32, dict(causal=True, kpm="right")),       # key_padding_mask
     (F16, 2, 2, 2, 37, 37, 40, 24, dict(kpm="empty_row", window=(12, -1))),
     (F16, 1, 2, 2, 37, 53, 48, 32, dict(softcap=20.0, slopes=True)),       # score modifiers
+    (BF16, 1, 2, 1, 37, 45, 192, 128, dict(causal=True)),                  # MLA's dims (BLOCK_D 256)
 ]
 
 
@@ -86,6 +87,19 @@ def test_hdimv_vs_reference(mode, case):
     if kw.pop("slopes", False):
         kw["slopes"] = torch.rand(hq, dtype=torch.float32) * 0.3
     check_hdimv(mode, dtype, b, hq, hkv, nq, nk, d, dv, **kw)
+
+
+@pytest.mark.parametrize("case", [
+    (F16, 2, 16, 2, 300, 300, 192, 128, dict(causal=True)),                # DeepSeek-V3 MLA dims, GQA
+    (BF16, 1, 4, 4, 257, 513, 192, 128, dict(window=(100, 0))),
+    (BF16, 2, 4, 2, 200, 333, 192, 128, dict(kpm="random", causal=True)),  # masked configs
+    (F16, 1, 4, 2, 200, 200, 192, 128, dict(softcap=30.0, slopes=True)),   # modified configs
+    (F16, 1, 4, 2, 129, 257, 64, 256, dict()),                             # D < Dv, bucket 256
+    (F32, 1, 2, 1, 130, 70, 96, 40, dict(causal=True)),
+], ids=["mla-causal-gqa", "mla-window", "mla-kpm", "mla-softcap-alibi", "d64v256", "fp32-d96v40"])
+def test_hdimv_cuda_real_configs(case):
+    """The real kernels with the configs the launchers pick by max(D, Dv) (GPU runners; skips without CUDA)."""
+    test_hdimv_vs_reference("cuda", case)
 
 
 @pytest.mark.parametrize("case", [
