@@ -204,12 +204,13 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 
 
 def _gather_pages(fn, k, v, block_table, cu_k):
-    """Packed (total_k, Hkv, D) K/V of a paged cache: the keys of each sequence from its pages."""
+    """Packed (total_k, Hkv, D) K and (total_k, Hkv, Dv) V of a paged cache: the keys of each sequence
+    from its pages (v's head dim Dv may differ from k's)."""
     for name, t in (("k", k), ("v", v)):
         _check_tensor(fn, name, t, 4)
-    if k.shape != v.shape:
-        raise ValueError(f"{fn}: with block_table, k and v must be pages (num_pages, page_size, Hkv, D) of one "
-                         f"shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[:-1] != v.shape[:-1]:
+        raise ValueError(f"{fn}: with block_table, k and v must be pages (num_pages, page_size, Hkv, D / Dv) of one "
+                         f"shape but the head dim, got {tuple(k.shape)} and {tuple(v.shape)}")
     ps = k.shape[1]
     if ps % 16 or ps == 0:
         raise ValueError(f"{fn}: page size (k.shape[1]) must be a positive multiple of 16, got {ps}")

@@ -29,7 +29,8 @@ from .attention_common import (LOG2E, TRITON_36, AttnConfig, _alibi_slope, _arch
                                _bucket_dim, _cc, _col_bounds, _drop_rows, _dropout_keep, _input_precision, _key_clip,
                                _key_ok, _launch, _load_rows, _offs_dv, _row_bounds, _scores, _seg_clip, _seq_info,
                                _store_rows, _tile_ranges, _used_keys, aot_attrs, aot_signature, autotune_enabled,
-                               block_d, canonical_strides, dropout_args, lse_strides, mask_args, replace_configs, score_args)
+                               block_d, canonical_strides, dropout_args, lse_strides, mask_args, replace_configs,
+                               score_args)
 
 __all__ = ["attn_bwd_dkdv", "attn_bwd_dq", "bwd_configs", "SMOKE_BWD", "aot_cases_bwd"]
 

@@ -165,7 +165,8 @@ _DT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 _CONSTEXPRS = {"HEAD_DIM", "BLOCK_D", "HEAD_DIM_V", "BLOCK_DV", "BLOCK_M", "BLOCK_N", "CHUNKED", "VARLEN",
-               "INPUT_PRECISION", "SOFTCAP", "ALIBI", "DROPOUT", "SPLIT", "BLOCK_S", "GQA_ROWS", "TMA", "KPAD", "SEQUSED", "SEGMENTS"}
+               "INPUT_PRECISION", "SOFTCAP", "ALIBI", "DROPOUT", "SPLIT", "BLOCK_S", "GQA_ROWS", "TMA", "KPAD",
+               "SEQUSED", "SEGMENTS"}
 _I32_PTRS = ("SeqLens", "SeqUsedK", "KBounds", "SegBounds")
 
 

@@ -210,6 +210,30 @@ def test_hdimv_flash_attn_func(mode, d, dv):
                             floor=grad_floor(F16, refs["64"][1:]))
 
 
+@pytest.mark.parametrize("mode", ["cpu", "emu"])
+def test_hdimv_flash_attn_varlen_paged_equals_packed(mode):
+    """flash_attn_varlen_func with block_table and v pages of their own head dim gathers the same packed
+    K/V as the caller's: bit-identical to the packed call (itself checked against fp64 above)."""
+    from fasttfm import flash_attn_interface as FI
+
+    lens_k, page = [40, 33, 70], 16
+    cu_q = torch.tensor([0, 5, 38, 39], dtype=torch.int32)
+    cu_k = torch.tensor([0, 40, 73, 143], dtype=torch.int32)
+    q, k, v = _t(39, 4, 48), _t(143, 2, 48), _t(143, 2, 32)
+    per = max(-(-n // page) for n in lens_k)
+    table = torch.randperm(len(lens_k) * per + 2)[:len(lens_k) * per].reshape(len(lens_k), per).to(torch.int32)
+    kp = torch.full((len(lens_k) * per + 2, page, 2, 48), float("nan"), dtype=F16)
+    vp = torch.full((len(lens_k) * per + 2, page, 2, 32), float("nan"), dtype=F16)
+    for b, n in enumerate(lens_k):
+        for t in range(n):
+            kp[table[b, t // page], t % page] = k[int(cu_k[b]) + t]
+            vp[table[b, t // page], t % page] = v[int(cu_k[b]) + t]
+    with mode_ctx(mode, F16):
+        ref = FI.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 33, 70, causal=True)
+        got = FI.flash_attn_varlen_func(q, kp, vp, cu_q, cu_k, 33, 70, causal=True, block_table=table)
+    assert got.shape == (39, 4, 32) and torch.equal(got, ref)
+
+
 def test_hdimv_fake_registration_shapes():
     """The fake (meta) implementations give out (.., Dv) and dV shaped like v (torch.compile traces
     with them)."""
