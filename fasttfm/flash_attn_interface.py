@@ -9,7 +9,8 @@ differentiable) and ``fasttfm.attention_with_kvcache`` (decode). Differences, al
 
 - dtypes: fp16/bf16 as flash-attn, and fp32 too (flash-attn refuses it). Head dims 1..256; dims
   below 16 are zero-padded to 16 (as flash-attn pads to a multiple of 8) except in
-  ``flash_attn_with_kvcache``, which needs 16..256 (the cache is not copied).
+  ``flash_attn_with_kvcache``, which needs 16..256 (the cache is not copied). v's head dim may
+  differ from q/k's (FlashAttention-3 allows it, e.g. DeepSeek-V3's 192/128); out has v's.
 - dropout: the same distribution (keep with 1 - p, scale 1 / (1 - p)) from fasttfm's Philox
   stream, not flash-attn's bits; the seed is drawn from torch's default CPU generator.
 - ``deterministic``: accepted; fasttfm's backward is always deterministic (no atomics).
@@ -92,7 +93,9 @@ def _run(fn, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, al
     d = q.shape[-1]
     scale = d ** -0.5 if softmax_scale is None else float(softmax_scale)
     seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0 else None
-    qp, kp, vp = _pad_d([q, k, v], d)
+    dv = v.shape[-1]  # may differ from q/k's d (DeepSeek-style MLA); the output has dv
+    qp, kp = _pad_d([q, k], d)
+    (vp,) = _pad_d([v], dv)
     kw = dict(causal=causal, window=window, softmax_scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
               dropout_p=float(dropout_p), seed=seed, return_lse=True)
     if varlen:
@@ -100,7 +103,7 @@ def _run(fn, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, al
     else:
         kw.update(layout="bnhd")
     out, lse = attention(qp, kp, vp, **kw)
-    out = out[..., :d] if d < _MIN_D else out
+    out = out[..., :dv] if dv < _MIN_D else out
     if not return_attn_probs:
         return out
     s_dmask = None
@@ -201,12 +204,13 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 
 
 def _gather_pages(fn, k, v, block_table, cu_k):
-    """Packed (total_k, Hkv, D) K/V of a paged cache: the keys of each sequence from its pages."""
+    """Packed (total_k, Hkv, D) K and (total_k, Hkv, Dv) V of a paged cache: the keys of each sequence
+    from its pages (v's head dim Dv may differ from k's)."""
     for name, t in (("k", k), ("v", v)):
         _check_tensor(fn, name, t, 4)
-    if k.shape != v.shape:
-        raise ValueError(f"{fn}: with block_table, k and v must be pages (num_pages, page_size, Hkv, D) of one "
-                         f"shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[:-1] != v.shape[:-1]:
+        raise ValueError(f"{fn}: with block_table, k and v must be pages (num_pages, page_size, Hkv, D / Dv) of one "
+                         f"shape but the head dim, got {tuple(k.shape)} and {tuple(v.shape)}")
     ps = k.shape[1]
     if ps % 16 or ps == 0:
         raise ValueError(f"{fn}: page size (k.shape[1]) must be a positive multiple of 16, got {ps}")

@@ -26,8 +26,9 @@ key/value (B, Hkv, Skv, D) passed unexpanded (GQA is native), output (B, Sq, Hq,
   * a dense 4-D mask (an unrecognised pattern, the caller's own) -> fasttfm's SDPA with that mask;
   * softcapping (Gemma 2) -> the kernel's softcap, with any Route;
   * position bias, sinks, or softcapping with a dense mask -> the model's own eager attention (HF's
-    sdpa would silently drop them); attention dropout in training, head dims outside 16..256,
-    other dtypes -> HF's sdpa with the Route's dense mask.
+    sdpa would silently drop them); attention dropout in training, head dims outside 16..256, q/k
+    head dims that differ, other dtypes -> HF's sdpa with the Route's dense mask. A v head dim other
+    than q/k's (DeepSeek-style MLA, e.g. 192/128) runs in the kernels; the output has v's head dim.
 Every call not on the kernel is counted per module with its reason (``fallback_counts``,
 ``handle.report()``).
 
@@ -86,12 +87,12 @@ def _call_reason(query, key, value, dropout, softcap, extras):
         return "position bias / attention sinks"
     if dropout:
         return "attention dropout > 0 (training mode)"
-    if key.shape[-1] != d or value.shape[-1] != d:
-        return (f"q/k head dim {d}, v head dim {value.shape[-1]}: the kernels need one head dim "
-                "(DeepSeek-style MLA is not supported yet)") if key.shape[-1] == d else \
-            f"head dims of q ({d}) and k ({key.shape[-1]}) differ"
+    if key.shape[-1] != d:
+        return f"head dims of q ({d}) and k ({key.shape[-1]}) differ"
     if not 16 <= d <= 256:
         return f"head dim {d} outside 16..256"
+    if not 16 <= value.shape[-1] <= 256:  # a v head dim != d (DeepSeek-style MLA) runs in the kernels
+        return f"v head dim {value.shape[-1]} outside 16..256"
     if query.dtype not in _DTYPES or not (query.dtype == key.dtype == value.dtype):
         return f"dtype {query.dtype}"
     return None
@@ -123,7 +124,8 @@ def _varlen(route, query, kwargs):
 
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                       sliding_window=None, **kwargs):
-    """HF attention function: returns (out (B, Sq, Hq, D), None). See the module docstring."""
+    """HF attention function: returns (out (B, Sq, Hq, Dv), None) (Dv: value's head dim). See the
+    module docstring."""
     softcap = kwargs.pop("softcap", None) or 0.0
     extras = [k for k in ("position_bias", "s_aux", "sinks") if kwargs.get(k) is not None]
     reason = _call_reason(query, key, value, dropout, softcap, extras)

@@ -4,7 +4,8 @@ launchers, per-architecture configs, the config heuristic and the forward's stat
 
 Tensors reach the kernels as *canonical views* (no copies): q/k/v/o are 4-D (B, H, N, D) views
 whose last dim has stride 1 -- SDPA's (B, H, N, D) as is, flash-attn's (B, N, H, D) permuted,
-and varlen's packed (total, H, D) as (1, H, total, D) plus ``cu_seqlens``. LSE/Delta are fp32
+and varlen's packed (total, H, D) as (1, H, total, D) plus ``cu_seqlens``. v/o/dO/dV may have their
+own head dim Dv (HEAD_DIM_V/BLOCK_DV; MLA-style 192/128), q/k/dQ/dK have D. LSE/Delta are fp32
 (B, H, Nq) (varlen: (H, total_q)) in natural-log units.
 
 Masking (FlashAttention's conventions; one place, ``_row_bounds``/``_col_bounds``): with
@@ -52,7 +53,7 @@ from ._aot import AotCase
 from .attention_common import (BEFORE_38, LOG2E, TRITON_37, UNBOUNDED, AttnConfig, _alibi_slope,  # noqa: F401
                                _arch, _autotuned, _AUTOTUNED, _bucket, _bucket_dim, _cc, _col_bounds, _DT,
                                _drop_rows, _dropout_keep, _dropout_mask, _floor_div, _input_precision, _key_clip,
-                               _key_ok, _launch, _load_rows, _row_bounds, _scores, _seg_clip, _seq_info,
+                               _key_ok, _launch, _load_rows, _offs_dv, _row_bounds, _scores, _seg_clip, _seq_info,
                                _store_rows, _tile_ranges, _used_keys, aot_attrs, aot_signature, autotune_enabled,
                                block_d, canonical_strides, dropout_args, dropout_mask, lse_strides, mask_args,
                                replace_configs, score_args)
@@ -140,12 +141,14 @@ def pick_fwd_config(cc, head_dim, dtype, seqlen_q, mods=False, masks=False):
 # -- forward ---------------------------------------------------------------------------------
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, offs_n, offs_d,
-                    n_k, lo_row, hi_row, start, end, f0, f1, qk_scale, pos_q, softcap, slope,
+                    offs_dv, n_k, lo_row, hi_row, start, end, f0, f1, qk_scale, pos_q, softcap, slope,
                     drop_rows, seed, dropout_p, KM_base,
-                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
-                    ALIBI: tl.constexpr, DROPOUT: tl.constexpr, TMA: tl.constexpr, KPAD: tl.constexpr):
-    """K_base / V_base: row pointers, or with TMA tensor descriptors of the sequence's (n_k, HEAD_DIM).
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                    BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr, TMA: tl.constexpr,
+                    KPAD: tl.constexpr):
+    """K_base / V_base: row pointers, or with TMA tensor descriptors of the sequence's (n_k, HEAD_DIM)
+    keys and (n_k, HEAD_DIM_V) values; offs_d / offs_dv index the q/k and the v head dims.
     KPAD: every tile also hides the keys whose key_padding_mask (at KM_base) is False."""
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
@@ -170,7 +173,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, offs
         if TMA:
             v = V_base.load([start_n, 0])
         else:
-            v = _load_rows(V_base, cols, stride_vn, offs_d, n_k, True, HEAD_DIM, BLOCK_D)
+            v = _load_rows(V_base, cols, stride_vn, offs_dv, n_k, True, HEAD_DIM_V, BLOCK_DV)
         acc = acc * alpha[:, None]
         if DROPOUT:  # l_i keeps the full softmax sum; dropped P entries do not reach the output
             p = tl.where(_dropout_keep(seed, drop_rows[:, None] + cols[None, :], dropout_p), p, 0.0)
@@ -186,17 +189,19 @@ def _attn_fwd(Q, K, V, Out, Lse, CuSeqQ, CuSeqK, Alibi, KeyMask, KBounds, SeqUse
               stride_lb, stride_lh, stride_ab, stride_mb, stride_sb,
               seqlen_q, seqlen_k, group, qk_scale, softcap, win_left, win_right, chunk,
               seed, dropout_p, drop_nq, drop_nk,
-              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr, CHUNKED: tl.constexpr, VARLEN: tl.constexpr,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKED: tl.constexpr, VARLEN: tl.constexpr,
               INPUT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
               DROPOUT: tl.constexpr, TMA: tl.constexpr = False, KPAD: tl.constexpr = False,
               SEQUSED: tl.constexpr = False, SEGMENTS: tl.constexpr = False):
     """One (BLOCK_M query tile, q head, sequence) per program; grid (cdiv(max Nq, BLOCK_M), Hq, B).
 
-    Heaviest tiles (last rows, causal) are scheduled first. TMA (sm_90): K and V tiles come through
-    tensor descriptors of the sequence's (n_k, HEAD_DIM) rows, so the hardware zero-fills rows past
-    n_k and columns past HEAD_DIM (what the masked pointer loads do otherwise); the launcher checks
-    the 16-byte alignment of base and row stride that TMA needs.
+    Head dims: Q/K have HEAD_DIM (padded to BLOCK_D), V/O have HEAD_DIM_V (padded to BLOCK_DV; equal
+    to HEAD_DIM except for MLA-style problems, e.g. DeepSeek-V3's 192/128). Heaviest tiles (last rows,
+    causal) are scheduled first. TMA (sm_90): K and V tiles come through tensor descriptors of the
+    sequence's (n_k, HEAD_DIM) and (n_k, HEAD_DIM_V) rows, so the hardware zero-fills rows past n_k and
+    columns past the head dim (what the masked pointer loads do otherwise); the launcher checks the
+    16-byte alignment of base and row stride that TMA needs.
 
     Per-sequence masks (dense only): SEQUSED: n_k = seqused_k[b] (alignment shift n_k - n_q);
     SEGMENTS: row i's bounds intersected with its run [start, end] (SegBounds (B, 2, N)); KPAD: the
@@ -216,6 +221,7 @@ def _attn_fwd(Q, K, V, Out, Lse, CuSeqQ, CuSeqK, Alibi, KeyMask, KBounds, SeqUse
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = _offs_dv(offs_d, BLOCK_D, BLOCK_DV)
     b64 = off_b.to(tl.int64)
     Q_base = Q + b64 * stride_qb + off_h.to(tl.int64) * stride_qh + q_start.to(tl.int64) * stride_qn
     K_base = K + b64 * stride_kb + off_hk.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_kn
@@ -238,8 +244,8 @@ def _attn_fwd(Q, K, V, Out, Lse, CuSeqQ, CuSeqK, Alibi, KeyMask, KBounds, SeqUse
     if TMA:  # (no key: n_k = 0 never loads, the descriptor just stays valid with one row)
         K_ld = tl.make_tensor_descriptor(K_base, shape=[tl.maximum(n_k, 1), HEAD_DIM], strides=[stride_kn, 1],
                                          block_shape=[BLOCK_N, BLOCK_D])
-        V_ld = tl.make_tensor_descriptor(V_base, shape=[tl.maximum(n_k, 1), HEAD_DIM], strides=[stride_vn, 1],
-                                         block_shape=[BLOCK_N, BLOCK_D])
+        V_ld = tl.make_tensor_descriptor(V_base, shape=[tl.maximum(n_k, 1), HEAD_DIM_V], strides=[stride_vn, 1],
+                                         block_shape=[BLOCK_N, BLOCK_DV])
     else:
         K_ld = K_base
         V_ld = V_base
@@ -247,14 +253,15 @@ def _attn_fwd(Q, K, V, Out, Lse, CuSeqQ, CuSeqK, Alibi, KeyMask, KBounds, SeqUse
     q = _load_rows(Q_base, offs_m, stride_qn, offs_d, n_q, True, HEAD_DIM, BLOCK_D)
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: no inf - inf on empty rows
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     slope = _alibi_slope(Alibi, off_b, off_h, stride_ab, ALIBI)
     drop_rows = _drop_rows(off_b, off_h, tl.num_programs(1), offs_m, q_start, k_start, drop_nq, drop_nk, VARLEN)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_ld, V_ld, stride_kn, stride_vn, offs_n,
-                                    offs_d, n_k, lo_row, hi_row, begin, end, f0, f1, qk_scale,
+                                    offs_d, offs_dv, n_k, lo_row, hi_row, begin, end, f0, f1, qk_scale,
                                     offs_m + shift, softcap, slope, drop_rows, seed, dropout_p,
                                     KeyMask + off_b.to(tl.int64) * stride_mb,
-                                    HEAD_DIM, BLOCK_D, BLOCK_N, INPUT_PRECISION, SOFTCAP, ALIBI, DROPOUT, TMA, KPAD)
+                                    HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_N, INPUT_PRECISION, SOFTCAP,
+                                    ALIBI, DROPOUT, TMA, KPAD)
 
     # -- epilogue: rows with no visible key -> output 0, LSE -inf
     empty = l_i == 0.0
@@ -266,7 +273,7 @@ def _attn_fwd(Q, K, V, Out, Lse, CuSeqQ, CuSeqK, Alibi, KeyMask, KBounds, SeqUse
         l_safe = l_safe / (1.0 - dropout_p)
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
     O_base = Out + b64 * stride_ob + off_h.to(tl.int64) * stride_oh + q_start.to(tl.int64) * stride_on
-    _store_rows(O_base, offs_m, stride_on, offs_d, n_q, out, HEAD_DIM, BLOCK_D)
+    _store_rows(O_base, offs_m, stride_on, offs_dv, n_q, out, HEAD_DIM_V, BLOCK_DV)
     L_base = Lse + b64 * stride_lb + off_h.to(tl.int64) * stride_lh + q_start.to(tl.int64)
     tl.store(L_base + offs_m, lse, mask=offs_m < n_q)
 
@@ -277,7 +284,8 @@ def _attn_bwd_preprocess(Out, DO, Delta, CuSeqQ,
                          stride_lb, stride_lh, seqlen_q,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                          VARLEN: tl.constexpr):
-    """Delta = rowsum(dO * O) in fp32, laid out like LSE; grid (cdiv(max Nq, BLOCK_M), Hq, B)."""
+    """Delta = rowsum(dO * O) in fp32, laid out like LSE; grid (cdiv(max Nq, BLOCK_M), Hq, B).
+    O and dO have the v head dim: the launcher passes it as HEAD_DIM."""
     start_m = tl.program_id(0)
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2)
@@ -338,7 +346,8 @@ def attn_fwd(q, k, v, out, lse, *, batch, seqlen_q, seqlen_k, max_seqlen_q, cu_s
              cu_seqlens_k=None, qk_scale, win_left, win_right, chunk_size=None, softcap=0.0,
              alibi_slopes=None, dropout_p=0.0, seed=0, config=None, interpret=False, tma=None, key_mask=None,
              key_bounds=None, seqused_k=None, segment_bounds=None):
-    """Launch ``_attn_fwd`` on canonical 4-D views q (.., Hq, N, D), k/v (.., Hkv, N, D), out like q.
+    """Launch ``_attn_fwd`` on canonical 4-D views q (.., Hq, N, D), k (.., Hkv, N, D), v (.., Hkv, N, Dv),
+    out (.., Hq, N, Dv) (Dv may differ from D; configs are chosen by max(D, Dv)).
 
     win_left/win_right: window sizes with UNBOUNDED for -1 (causal already folded into right=0).
     qk_scale = softmax_scale * log2(e). config: AttnConfig (None: heuristic or autotune on GPU).
@@ -349,7 +358,7 @@ def attn_fwd(q, k, v, out, lse, *, batch, seqlen_q, seqlen_k, max_seqlen_q, cu_s
     key_mask / key_bounds / seqused_k / segment_bounds (dense only): see ``attention_common.mask_args``.
     """
     varlen = cu_seqlens_q is not None
-    hq, hkv, d = q.shape[1], k.shape[1], q.shape[-1]
+    hq, hkv, d, dv = q.shape[1], k.shape[1], q.shape[-1], v.shape[-1]
     tma = use_tma(_cc(q), k, v, varlen) if tma is None else tma
     if tma and not interpret:
         ensure_tma_allocator()
@@ -363,17 +372,18 @@ def attn_fwd(q, k, v, out, lse, *, batch, seqlen_q, seqlen_k, max_seqlen_q, cu_s
             *lse_strides(lse, varlen), stride_ab, *mstrides,
             seqlen_q, seqlen_k, hq // hkv, kscale, kcap, win_left, win_right, chunk_size or 1,
             *dropout_args(q, k, varlen, dropout_p, seed))
-    constexprs = dict(HEAD_DIM=d, BLOCK_D=bd, CHUNKED=chunk_size is not None, VARLEN=varlen,
+    constexprs = dict(HEAD_DIM=d, BLOCK_D=bd, HEAD_DIM_V=dv, BLOCK_DV=block_d(dv), CHUNKED=chunk_size is not None,
+                      VARLEN=varlen,
                       INPUT_PRECISION=_input_precision(q.dtype), SOFTCAP=has_cap, ALIBI=has_alibi,
                       DROPOUT=dropout_p > 0, TMA=bool(tma), **mcx)
     mods = bool(softcap) or alibi_slopes is not None or dropout_p > 0
     masks = any(mcx.values())
     if config is None and autotune_enabled():
-        kernel = _autotuned(_attn_fwd, fwd_configs(_cc(q), d, q.dtype, mods, masks), interpret)
+        kernel = _autotuned(_attn_fwd, fwd_configs(_cc(q), max(d, dv), q.dtype, mods, masks), interpret)
         grid = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), hq, batch)  # noqa: E731
         return _launch(kernel, grid, args, constexprs, None, interpret, autotune_configs=True)
     if config is None:
-        config = SMOKE_FWD if interpret else pick_fwd_config(_cc(q), d, q.dtype, max_seqlen_q, mods, masks)
+        config = SMOKE_FWD if interpret else pick_fwd_config(_cc(q), max(d, dv), q.dtype, max_seqlen_q, mods, masks)
     grid = (triton.cdiv(max_seqlen_q, config.BLOCK_M), hq, batch)
     constexprs.update(BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N)
     _launch(_attn_fwd, grid, args, constexprs, config, interpret)
@@ -381,6 +391,8 @@ def attn_fwd(q, k, v, out, lse, *, batch, seqlen_q, seqlen_k, max_seqlen_q, cu_s
 
 def attn_bwd_preprocess(out, do, delta, *, batch, seqlen_q, max_seqlen_q, cu_seqlens_q=None,
                         interpret=False):
+    """Launch ``_attn_bwd_preprocess``: Delta (like LSE) = rowsum(dO * O) over the v head dim Dv of
+    out/do (.., Hq, N, Dv)."""
     varlen = cu_seqlens_q is not None
     d = out.shape[-1]
     block_m = 64 if block_d(d) <= 128 else 32
@@ -392,15 +404,19 @@ def attn_bwd_preprocess(out, do, delta, *, batch, seqlen_q, max_seqlen_q, cu_seq
 
 
 # -- static report (collected by kernels/attention_aot.py) ---------------------------------------
-def _fwd_case(cc, d, dt, cfg, tma, **flags):
-    """AotCase of ``_attn_fwd`` for one config; ``flags``: constexpr overrides (CHUNKED, SOFTCAP, ...)."""
-    cx = dict(HEAD_DIM=d, BLOCK_D=block_d(d), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, CHUNKED=False,
+def _fwd_case(cc, d, dt, cfg, tma, dv=None, **flags):
+    """AotCase of ``_attn_fwd`` for one config; ``dv``: v head dim (None: d; named "d{d}v{dv}" when it
+    differs); ``flags``: constexpr overrides (CHUNKED, SOFTCAP, ...)."""
+    dv = d if dv is None else dv
+    cx = dict(HEAD_DIM=d, BLOCK_D=block_d(d), HEAD_DIM_V=dv, BLOCK_DV=block_d(dv), BLOCK_M=cfg.BLOCK_M,
+              BLOCK_N=cfg.BLOCK_N, CHUNKED=False,
               VARLEN=False, INPUT_PRECISION="ieee" if dt == "fp32" else "tf32", SOFTCAP=False, ALIBI=False,
               DROPOUT=False, TMA=tma, KPAD=False, SEQUSED=False, SEGMENTS=False)
     cx.update(flags)
     tags = "".join(f",{k.lower()}" for k, val in flags.items() if val is True)
     sig = aot_signature(_attn_fwd, dt)
-    return AotCase(f"attn_fwd[{dt},d{d},bm{cfg.BLOCK_M},bn{cfg.BLOCK_N},w{cfg.num_warps},s{cfg.num_stages}"
+    dims = f"d{d}" if dv == d else f"d{d}v{dv}"
+    return AotCase(f"attn_fwd[{dt},{dims},bm{cfg.BLOCK_M},bn{cfg.BLOCK_N},w{cfg.num_warps},s{cfg.num_stages}"
                    f"{tags}{',tma' if tma else ''}]", _attn_fwd, sig, cx, cfg.num_warps, cfg.num_stages,
                    tensor_core=dt != "fp32", attrs=aot_attrs(_attn_fwd, sig), tma=tma)
 

@@ -1,7 +1,8 @@
 """The attention kernels' static-report cases: ``aot_cases(cc)`` collects the forward
 (``attention.aot_cases_fwd``), backward (``attention_bwd.aot_cases_bwd``) and decode
 (``attention_decode.aot_cases_decode``) lists plus the variants that combine constexpr flags
-(chunked + varlen, softcap + ALiBi + dropout, key padding + seqused_k + segments). It is the only
+(chunked + varlen, softcap + ALiBi + dropout, key padding + seqused_k + segments) and the
+q/k head dim != v head dim cases (``_hdimv``, 192/128). It is the only
 module importing all three, so none of them imports another (see ``kernels/_aot.py``).
 """
 import dataclasses
@@ -62,9 +63,34 @@ def _masked(cc):
     return cases + vs
 
 
+def _hdimv(cc, d=192, dv=128):
+    """q/k head dim != v head dim (DeepSeek-V3 MLA's 192/128): every plain forward, dK/dV and dQ config
+    the launchers pick by max(d, dv) (fp16 and bf16; sm_90's forward with and without TMA), plus the
+    modified (softcap + ALiBi + dropout, fp16) and masked (key padding + seqused_k + segments, bf16)
+    configs. Named "d{d}v{dv}"."""
+    cases = []
+    tma = (True, False) if _arch(cc) == 9 else (False,)
+    for dtype in (torch.float16, torch.bfloat16):
+        dt = _DT[dtype]
+        cases += [_fwd._fwd_case(cc, d, dt, cfg, t, dv=dv) for cfg in _fwd.fwd_configs(cc, max(d, dv), dtype)
+                  for t in tma]
+        bc = _bwd.bwd_configs(cc, d, dtype, head_dim_v=dv)
+        cases += [_bwd._bwd_case(cc, which, d, dt, cfg, dv=dv) for which, lst in (("dkdv", bc.dkdv), ("dq", bc.dq))
+                  for cfg in lst]
+    for dtype, flags in ((torch.float16, dict(SOFTCAP=True, ALIBI=True, DROPOUT=True)),
+                         (torch.bfloat16, dict(KPAD=True, SEQUSED=True, SEGMENTS=True))):
+        dt, mods, masks = _DT[dtype], "SOFTCAP" in flags, "KPAD" in flags
+        fc = _fwd.fwd_configs(cc, max(d, dv), dtype, mods, masks)[0]
+        bc = _bwd.bwd_configs(cc, d, dtype, mods, masks, head_dim_v=dv)
+        cases.append(_fwd._fwd_case(cc, d, dt, fc, tma[0], dv=dv, **flags))
+        cases.append(_bwd._bwd_case(cc, "dkdv", d, dt, bc.dkdv[0], dv=dv, **flags))
+        cases.append(_bwd._bwd_case(cc, "dq", d, dt, bc.dq[0], dv=dv, **flags))
+    return cases
+
+
 def aot_cases(cc):
     """Every attention config fasttfm may launch on ``cc`` (80, 86 or 90): forward, backward (fp16
-    and bf16 at d64/128/256, fp32 at d64), the flag combinations above, and decode."""
+    and bf16 at d64/128/256, fp32 at d64), the flag combinations above, decode, and d192/dv128."""
     cases = _fwd.aot_cases_fwd(cc)
     for d in (64, 128, 256):
         for dtype in (torch.float16, torch.bfloat16):
@@ -74,4 +100,5 @@ def aot_cases(cc):
     cases += _modified(cc)
     cases += _masked(cc)
     cases += _dec.aot_cases_decode(cc)
+    cases += _hdimv(cc)
     return cases

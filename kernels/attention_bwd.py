@@ -27,9 +27,10 @@ import triton.language as tl
 from ._aot import AotCase
 from .attention_common import (LOG2E, TRITON_36, AttnConfig, _alibi_slope, _arch, _autotuned, _bucket,
                                _bucket_dim, _cc, _col_bounds, _drop_rows, _dropout_keep, _input_precision, _key_clip,
-                               _key_ok, _launch, _load_rows, _row_bounds, _scores, _seg_clip, _seq_info, _store_rows,
-                               _tile_ranges, _used_keys, aot_attrs, aot_signature, autotune_enabled, block_d,
-                               canonical_strides, dropout_args, lse_strides, mask_args, replace_configs, score_args)
+                               _key_ok, _launch, _load_rows, _offs_dv, _row_bounds, _scores, _seg_clip, _seq_info,
+                               _store_rows, _tile_ranges, _used_keys, aot_attrs, aot_signature, autotune_enabled,
+                               block_d, canonical_strides, dropout_args, lse_strides, mask_args, replace_configs,
+                               score_args)
 
 __all__ = ["attn_bwd_dkdv", "attn_bwd_dq", "bwd_configs", "SMOKE_BWD", "aot_cases_bwd"]
 
@@ -122,10 +123,26 @@ def _masked(table, arch, mods, head_dim, cfg):
     return table.get((arch, bool(mods)), {}).get(_bucket_dim(head_dim), {}).get(cfg, cfg)
 
 
-def bwd_configs(cc, head_dim, dtype=torch.float16, mods=False, masks=False):
+# v head dim != q/k head dim (bucket of max(D, Dv)): configs that spill there, dropped from the list
+# (static report, Triton 3.8, D=192/Dv=128 fp16 and bf16). sm_90 dQ 64x64 w4 s2: 16 B (255 regs; 0 at
+# D = Dv = 256) -> the list's next one, 64x32 w4 s2 (255 regs, 0 B).
+_HDIMV_DROP = {(9, "dq", 256): {AttnConfig(64, 64, 4, 2)}}
+
+
+def _hdimv_list(arch, which, head_dim, cfgs):
+    keep = [c for c in cfgs if c not in _HDIMV_DROP.get((arch, which, _bucket_dim(head_dim)), ())]
+    return keep or cfgs
+
+
+def bwd_configs(cc, head_dim, dtype=torch.float16, mods=False, masks=False, head_dim_v=None):
     """(dK/dV tuning list, dQ tuning list) for compute capability ``cc`` and head dim; ``mods``:
     softcap, ALiBi or dropout active; ``masks``: key padding, seqused_k or segments active (one
-    config each, see _MASKED_DQ)."""
+    config each, see _MASKED_DQ); ``head_dim_v``: v's head dim when it differs (the lists of the
+    max(head_dim, head_dim_v) bucket less the configs that spill there, see _HDIMV_DROP)."""
+    if head_dim_v is not None and head_dim_v != head_dim:
+        hd = max(head_dim, head_dim_v)
+        bc = bwd_configs(cc, hd, dtype, mods, masks)
+        return BwdConfigs(_hdimv_list(_arch(cc), "dkdv", hd, bc.dkdv), _hdimv_list(_arch(cc), "dq", hd, bc.dq))
     if masks:
         bc = bwd_configs(cc, head_dim, dtype, mods)
         arch = _arch(cc)
@@ -143,10 +160,12 @@ def bwd_configs(cc, head_dim, dtype=torch.float16, mods=False, masks=False):
 # -- dK / dV ---------------------------------------------------------------------------------
 @triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, stride_qn, stride_dn,
-                         offs_m, offs_d, cols, n_q, shift, win_left, win_right, chunk, start, end, f0, f1, qk_scale,
+                         offs_m, offs_d, offs_dv, cols, n_q, shift, win_left, win_right, chunk, start, end, f0, f1,
+                         qk_scale,
                          softcap, slope, drop_base, seed, dropout_p, drop_nk, SegS, seg_n,
-                         CHUNKED: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                         CHUNKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                         HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+                         INPUT_PRECISION: tl.constexpr,
                          SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
                          SEGMENTS: tl.constexpr):
     for start_m in range(start, end, BLOCK_M):
@@ -165,7 +184,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, stride_q
             visible = (cols[:, None] >= lo_row[None, :]) & (cols[:, None] <= hi_row[None, :]) \
                 & (rows[None, :] < n_q)
             p_t = tl.where(visible, p_t, 0.0)
-        do = _load_rows(DO_base, rows, stride_dn, offs_d, n_q, True, HEAD_DIM, BLOCK_D)
+        do = _load_rows(DO_base, rows, stride_dn, offs_dv, n_q, True, HEAD_DIM_V, BLOCK_DV)
         # -- dV += P^T dO ; dS^T = P^T * (dP^T - Delta) ; dK += dS^T Q
         if DROPOUT:  # dV = (P o Z / (1 - p))^T dO ; dP = Z / (1 - p) o dO V^T  (Z: the kept mask)
             keep_t = _dropout_keep(seed, drop_base + rows.to(tl.int64)[None, :] * drop_nk + cols[:, None], dropout_p)
@@ -191,12 +210,14 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, Lse, Delta, CuSeqQ, CuSeqK, Alibi, KeyMa
                    stride_lb, stride_lh, stride_ab, stride_mb, stride_sb,
                    seqlen_q, seqlen_k, group, qk_scale, softcap, sm_scale, win_left, win_right, chunk,
                    seed, dropout_p, drop_nq, drop_nk,
-                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                   BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, CHUNKED: tl.constexpr, VARLEN: tl.constexpr,
                    INPUT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
                    DROPOUT: tl.constexpr, KPAD: tl.constexpr = False, SEQUSED: tl.constexpr = False,
                    SEGMENTS: tl.constexpr = False):
-    """One (BLOCK_N kv tile, kv head, sequence) per program; grid (cdiv(max Nk, BLOCK_N), Hkv, B)."""
+    """One (BLOCK_N kv tile, kv head, sequence) per program; grid (cdiv(max Nk, BLOCK_N), Hkv, B).
+    Q/K/dK have HEAD_DIM (padded to BLOCK_D), V/dO/dV HEAD_DIM_V (padded to BLOCK_DV)."""
     start_n = tl.program_id(0)
     off_hk = tl.program_id(1)
     off_b = tl.program_id(2)
@@ -212,11 +233,12 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, Lse, Delta, CuSeqQ, CuSeqK, Alibi, KeyMa
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = _offs_dv(offs_d, BLOCK_D, BLOCK_DV)
     cols = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     K_base = K + b64 * stride_kb + off_hk.to(tl.int64) * stride_kh + ks * stride_kn
     V_base = V + b64 * stride_vb + off_hk.to(tl.int64) * stride_vh + ks * stride_vn
     k = _load_rows(K_base, cols, stride_kn, offs_d, n_k, True, HEAD_DIM, BLOCK_D)
-    v = _load_rows(V_base, cols, stride_vn, offs_d, n_k, True, HEAD_DIM, BLOCK_D)
+    v = _load_rows(V_base, cols, stride_vn, offs_dv, n_k, True, HEAD_DIM_V, BLOCK_DV)
 
     # -- q rows that may see this kv tile, and rows that see all of it
     n_first = start_n * BLOCK_N
@@ -236,7 +258,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, Lse, Delta, CuSeqQ, CuSeqK, Alibi, KeyMa
     begin, f0, f1, end = _tile_ranges(i_first, i_last, f_first, f_last, n_q, BLOCK_M)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     for g in range(0, group):  # the q heads sharing this kv head, in a fixed order
         off_h = (off_hk * group + g).to(tl.int64)
         Q_base = Q + b64 * stride_qb + off_h * stride_qh + qs * stride_qn
@@ -247,9 +269,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, Lse, Delta, CuSeqQ, CuSeqK, Alibi, KeyMa
         # Philox counters: ((b * Hq + h) * NQ + q_start) * NK + k_start, plus row * NK + col
         drop_base = _drop_rows(off_b, off_h, tl.num_programs(1) * group, 0, q_start, k_start, drop_nq, drop_nk, VARLEN)
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, stride_qn, stride_dn,
-                                      offs_m, offs_d, cols, n_q, shift, win_left, win_right, chunk,
+                                      offs_m, offs_d, offs_dv, cols, n_q, shift, win_left, win_right, chunk,
                                       begin, end, f0, f1, qk_scale, softcap, slope, drop_base, seed, dropout_p,
-                                      drop_nk, SegS, seqlen_q, CHUNKED, HEAD_DIM, BLOCK_D, BLOCK_M, INPUT_PRECISION,
+                                      drop_nk, SegS, seqlen_q, CHUNKED, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV,
+                                      BLOCK_M, INPUT_PRECISION,
                                       SOFTCAP, ALIBI, DROPOUT, SEGMENTS)
     dk = dk * sm_scale
     if KPAD:  # padded keys: invisible to every query, their rows are exactly 0
@@ -262,21 +285,21 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, Lse, Delta, CuSeqQ, CuSeqK, Alibi, KeyMa
     _store_rows(DK + b64 * stride_dkb + off_hk.to(tl.int64) * stride_dkh + ks * stride_dkn, cols, stride_dkn,
                 offs_d, n_rows_k, dk, HEAD_DIM, BLOCK_D)
     _store_rows(DV + b64 * stride_dvb + off_hk.to(tl.int64) * stride_dvh + ks * stride_dvn, cols, stride_dvn,
-                offs_d, n_rows_k, dv, HEAD_DIM, BLOCK_D)
+                offs_dv, n_rows_k, dv, HEAD_DIM_V, BLOCK_DV)
 
 
 # -- dQ --------------------------------------------------------------------------------------
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_vn, offs_n, offs_d,
-                       n_k, lo_row, hi_row, start, end, f0, f1, qk_scale, pos_q, softcap, slope,
+                       offs_dv, n_k, lo_row, hi_row, start, end, f0, f1, qk_scale, pos_q, softcap, slope,
                        drop_rows, seed, dropout_p, KM_base,
-                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                       BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
-                       ALIBI: tl.constexpr, DROPOUT: tl.constexpr, KPAD: tl.constexpr):
+                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                       BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                       SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr, KPAD: tl.constexpr):
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
         k = _load_rows(K_base, cols, stride_kn, offs_d, n_k, True, HEAD_DIM, BLOCK_D)
-        v = _load_rows(V_base, cols, stride_vn, offs_d, n_k, True, HEAD_DIM, BLOCK_D)
+        v = _load_rows(V_base, cols, stride_vn, offs_dv, n_k, True, HEAD_DIM_V, BLOCK_DV)
         s, t = _scores(tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION), pos_q[:, None], cols[None, :],
                        qk_scale, softcap, slope, SOFTCAP, ALIBI)
         p = tl.exp2(s - lse[:, None])
@@ -304,12 +327,14 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, Lse, Delta, CuSeqQ, CuSeqK, Alibi, KeyMask, KB
                  stride_dqb, stride_dqh, stride_dqn, stride_lb, stride_lh, stride_ab, stride_mb, stride_sb,
                  seqlen_q, seqlen_k, group, qk_scale, softcap, sm_scale, win_left, win_right, chunk,
                  seed, dropout_p, drop_nq, drop_nk,
-                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                 BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, CHUNKED: tl.constexpr, VARLEN: tl.constexpr,
                  INPUT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
                  DROPOUT: tl.constexpr, KPAD: tl.constexpr = False, SEQUSED: tl.constexpr = False,
                  SEGMENTS: tl.constexpr = False):
-    """One (BLOCK_M q tile, q head, sequence) per program; grid (cdiv(max Nq, BLOCK_M), Hq, B)."""
+    """One (BLOCK_M q tile, q head, sequence) per program; grid (cdiv(max Nq, BLOCK_M), Hq, B).
+    Q/K/dQ have HEAD_DIM (padded to BLOCK_D), V/dO HEAD_DIM_V (padded to BLOCK_DV)."""
     start_m = tl.num_programs(0) - 1 - tl.program_id(0)
     off_h = tl.program_id(1)
     off_b = tl.program_id(2)
@@ -327,6 +352,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, Lse, Delta, CuSeqQ, CuSeqK, Alibi, KeyMask, KB
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = _offs_dv(offs_d, BLOCK_D, BLOCK_DV)
     K_base = K + b64 * stride_kb + off_hk.to(tl.int64) * stride_kh + ks * stride_kn
     V_base = V + b64 * stride_vb + off_hk.to(tl.int64) * stride_vh + ks * stride_vn
 
@@ -345,8 +371,8 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, Lse, Delta, CuSeqQ, CuSeqK, Alibi, KeyMask, KB
 
     q = _load_rows(Q + b64 * stride_qb + h64 * stride_qh + qs * stride_qn, offs_m, stride_qn, offs_d, n_q,
                    True, HEAD_DIM, BLOCK_D)
-    do = _load_rows(DO + b64 * stride_db + h64 * stride_dh + qs * stride_dn, offs_m, stride_dn, offs_d, n_q,
-                    True, HEAD_DIM, BLOCK_D)
+    do = _load_rows(DO + b64 * stride_db + h64 * stride_dh + qs * stride_dn, offs_m, stride_dn, offs_dv, n_q,
+                    True, HEAD_DIM_V, BLOCK_DV)
     L_off = b64 * stride_lb + h64 * stride_lh + qs
     lse = tl.load(Lse + L_off + offs_m, mask=offs_m < n_q, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
@@ -356,8 +382,9 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, Lse, Delta, CuSeqQ, CuSeqK, Alibi, KeyMask, KB
     slope = _alibi_slope(Alibi, off_b, off_h, stride_ab, ALIBI)
     drop_rows = _drop_rows(off_b, off_h, tl.num_programs(1), offs_m, q_start, k_start, drop_nq, drop_nk, VARLEN)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_vn, offs_n, offs_d,
-                            n_k, lo_row, hi_row, begin, end, f0, f1, qk_scale, offs_m + shift, softcap, slope,
-                            drop_rows, seed, dropout_p, KeyMask + b64 * stride_mb, HEAD_DIM, BLOCK_D, BLOCK_N,
+                            offs_dv, n_k, lo_row, hi_row, begin, end, f0, f1, qk_scale, offs_m + shift, softcap, slope,
+                            drop_rows, seed, dropout_p, KeyMask + b64 * stride_mb, HEAD_DIM, BLOCK_D, HEAD_DIM_V,
+                            BLOCK_DV, BLOCK_N,
                             INPUT_PRECISION, SOFTCAP, ALIBI, DROPOUT, KPAD)
     dq = dq * sm_scale
     _store_rows(DQ + b64 * stride_dqb + h64 * stride_dqh + qs * stride_dqn, offs_m, stride_dqn, offs_d, n_q,
@@ -373,7 +400,7 @@ def _masks(cx):
     return cx["KPAD"] or cx["SEQUSED"] or cx["SEGMENTS"]
 
 
-def _common(q, k, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k, sm_scale, win_left, win_right, chunk_size,
+def _common(q, k, v, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k, sm_scale, win_left, win_right, chunk_size,
             softcap, alibi_slopes, lse, dropout_p=0.0, seed=0, masks=None):
     """Arguments shared by both backward kernels: (varlen, trailing scalars, constexprs, the pointer
     arguments after Delta). masks: ``mask_args`` keywords (key_mask, key_bounds, ...)."""
@@ -382,7 +409,8 @@ def _common(q, k, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k, sm_scale, win_
     mptrs, mstrides, mcx = mask_args(lse, **(masks or {}))
     tail = (stride_ab, *mstrides, seqlen_q, seqlen_k, q.shape[1] // k.shape[1], kscale, kcap, sm_scale, win_left,
             win_right, chunk_size or 1, *dropout_args(q, k, varlen, dropout_p, seed))
-    cx = dict(HEAD_DIM=q.shape[-1], BLOCK_D=block_d(q.shape[-1]), CHUNKED=chunk_size is not None,
+    cx = dict(HEAD_DIM=q.shape[-1], BLOCK_D=block_d(q.shape[-1]), HEAD_DIM_V=v.shape[-1],
+              BLOCK_DV=block_d(v.shape[-1]), CHUNKED=chunk_size is not None,
               VARLEN=varlen, INPUT_PRECISION=_input_precision(q.dtype), SOFTCAP=has_cap, ALIBI=has_alibi,
               DROPOUT=dropout_p > 0, **mcx)
     cus = (cu_seqlens_q, cu_seqlens_k, alibi) if varlen else (q, q, alibi)
@@ -392,9 +420,10 @@ def _common(q, k, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k, sm_scale, win_
 def attn_bwd_dkdv(q, k, v, do, dk, dv, lse, delta, *, batch, seqlen_q, seqlen_k, max_seqlen_k,
                   cu_seqlens_q=None, cu_seqlens_k=None, sm_scale, win_left, win_right, chunk_size=None,
                   softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=0, config=None, interpret=False, **masks):
-    """Launch ``_attn_bwd_dkdv`` on canonical 4-D views (see attn_fwd); dk/dv shaped like k/v.
+    """Launch ``_attn_bwd_dkdv`` on canonical 4-D views (see attn_fwd; v/do/dv may have a head dim
+    Dv != D, configs: ``bwd_configs(.., head_dim_v=Dv)``); dk/dv shaped like k/v.
     masks: key_mask / key_bounds / seqused_k / segment_bounds (see ``attention_common.mask_args``)."""
-    varlen, tail, cx, cus = _common(q, k, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k, sm_scale,
+    varlen, tail, cx, cus = _common(q, k, v, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k, sm_scale,
                                     win_left, win_right, chunk_size, softcap, alibi_slopes, lse, dropout_p, seed,
                                     masks)
     args = (q, k, v, do, dk, dv, lse, delta, *cus, *canonical_strides(q, varlen), *canonical_strides(k, varlen),
@@ -408,7 +437,7 @@ def attn_bwd_dq(q, k, v, do, dq, lse, delta, *, batch, seqlen_q, seqlen_k, max_s
                 softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=0, config=None, interpret=False, **masks):
     """Launch ``_attn_bwd_dq`` on canonical 4-D views (see attn_fwd); dq shaped like q; masks as
     ``attn_bwd_dkdv``."""
-    varlen, tail, cx, cus = _common(q, k, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k, sm_scale,
+    varlen, tail, cx, cus = _common(q, k, v, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k, sm_scale,
                                     win_left, win_right, chunk_size, softcap, alibi_slopes, lse, dropout_p, seed,
                                     masks)
     args = (q, k, v, do, dq, lse, delta, *cus, *canonical_strides(q, varlen), *canonical_strides(k, varlen),
@@ -421,7 +450,7 @@ def _launch_bwd(kernel, which, q, args, cx, n_rows, block, heads, batch, config,
     """Config choice and launch shared by dK/dV (``which`` "dkdv": programs over kv rows, ``block``
     "BLOCK_N") and dQ ("dq": over q rows, "BLOCK_M"): explicit config, autotuning, or the heuristic."""
     def tuning_list():
-        return getattr(bwd_configs(_cc(q), q.shape[-1], q.dtype, _mods(cx), _masks(cx)), which)
+        return getattr(bwd_configs(_cc(q), cx["HEAD_DIM"], q.dtype, _mods(cx), _masks(cx), cx["HEAD_DIM_V"]), which)
 
     if config is None and autotune_enabled():
         grid = lambda meta: (triton.cdiv(n_rows, meta[block]), heads, batch)  # noqa: E731
@@ -434,17 +463,21 @@ def _launch_bwd(kernel, which, q, args, cx, n_rows, block, heads, batch, config,
 
 
 # -- static report (collected by kernels/attention_aot.py) ---------------------------------------
-def _bwd_case(cc, which, d, dt, cfg, **flags):
-    """AotCase of the dK/dV (``which`` "dkdv") or dQ ("dq") kernel for one config; ``flags``:
-    constexpr overrides (CHUNKED, SOFTCAP, ...), named in the case's tag list."""
+def _bwd_case(cc, which, d, dt, cfg, dv=None, **flags):
+    """AotCase of the dK/dV (``which`` "dkdv") or dQ ("dq") kernel for one config; ``dv``: v head dim
+    (None: d; named "d{d}v{dv}" when it differs); ``flags``: constexpr overrides (CHUNKED, SOFTCAP, ...),
+    named in the case's tag list."""
     kernel = _attn_bwd_dkdv if which == "dkdv" else _attn_bwd_dq
-    cx = dict(HEAD_DIM=d, BLOCK_D=block_d(d), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, CHUNKED=False,
+    dv = d if dv is None else dv
+    cx = dict(HEAD_DIM=d, BLOCK_D=block_d(d), HEAD_DIM_V=dv, BLOCK_DV=block_d(dv), BLOCK_M=cfg.BLOCK_M,
+              BLOCK_N=cfg.BLOCK_N, CHUNKED=False,
               VARLEN=False, INPUT_PRECISION="ieee" if dt == "fp32" else "tf32", SOFTCAP=False, ALIBI=False,
               DROPOUT=False, KPAD=False, SEQUSED=False, SEGMENTS=False)
     cx.update(flags)
     tags = "".join(f",{k.lower()}" for k, val in flags.items() if val is True)
     sig = aot_signature(kernel, dt)
-    return AotCase(f"attn_bwd_{which}[{dt},d{d},bm{cfg.BLOCK_M},bn{cfg.BLOCK_N},w{cfg.num_warps},"
+    dims = f"d{d}" if dv == d else f"d{d}v{dv}"
+    return AotCase(f"attn_bwd_{which}[{dt},{dims},bm{cfg.BLOCK_M},bn{cfg.BLOCK_N},w{cfg.num_warps},"
                    f"s{cfg.num_stages}{tags}]", kernel, sig, cx, cfg.num_warps, cfg.num_stages,
                    tensor_core=dt != "fp32", attrs=aot_attrs(kernel, sig),
                    spill_ok=MEASURED_SPILLS.get((_arch(cc), which, cfg), 0) if _plain_scores(flags) else 0)

@@ -153,9 +153,9 @@ def _autotuned(kernel, cfgs, interpret=False):
             from ._interp import interpreted
 
             fn = interpreted(kernel)
-        _AUTOTUNED[key] = triton.autotune(tc, key=["seqlen_q", "seqlen_k", "HEAD_DIM", "CHUNKED", "VARLEN",
-                                                   "win_left", "win_right", "SOFTCAP", "ALIBI", "DROPOUT", "KPAD",
-                                                   "SEQUSED", "SEGMENTS"],
+        _AUTOTUNED[key] = triton.autotune(tc, key=["seqlen_q", "seqlen_k", "HEAD_DIM", "HEAD_DIM_V", "CHUNKED",
+                                                   "VARLEN", "win_left", "win_right", "SOFTCAP", "ALIBI", "DROPOUT",
+                                                   "KPAD", "SEQUSED", "SEGMENTS"],
                                           do_bench=_wall_clock_bench if interpret else None)(fn)
     return _AUTOTUNED[key]
 
@@ -164,8 +164,9 @@ def _autotuned(kernel, cfgs, interpret=False):
 _DT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
-_CONSTEXPRS = {"HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "CHUNKED", "VARLEN", "INPUT_PRECISION", "SOFTCAP",
-               "ALIBI", "DROPOUT", "SPLIT", "BLOCK_S", "GQA_ROWS", "TMA", "KPAD", "SEQUSED", "SEGMENTS"}
+_CONSTEXPRS = {"HEAD_DIM", "BLOCK_D", "HEAD_DIM_V", "BLOCK_DV", "BLOCK_M", "BLOCK_N", "CHUNKED", "VARLEN",
+               "INPUT_PRECISION", "SOFTCAP", "ALIBI", "DROPOUT", "SPLIT", "BLOCK_S", "GQA_ROWS", "TMA", "KPAD",
+               "SEQUSED", "SEGMENTS"}
 _I32_PTRS = ("SeqLens", "SeqUsedK", "KBounds", "SegBounds")
 
 
@@ -318,6 +319,17 @@ def _key_clip(KBounds, off_b, lo, hi, KPAD: tl.constexpr):
 def _key_ok(KM_base, cols, n_k):
     """Bool (len(cols),): key_padding_mask of the keys ``cols`` (False past n_k)."""
     return tl.load(KM_base + cols, mask=cols < n_k, other=0) != 0
+
+
+@triton.jit
+def _offs_dv(offs_d, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Column offsets of the v head dim: ``offs_d`` itself when the blocks match (so kernels with
+    Dv == D build the same IR as before Dv existed), else arange(0, BLOCK_DV)."""
+    if BLOCK_DV == BLOCK_D:
+        offs = offs_d
+    else:
+        offs = tl.arange(0, BLOCK_DV)
+    return offs
 
 
 @triton.jit

@@ -102,3 +102,28 @@ def test_replace_configs_copies_and_refuses_drift():
     with pytest.raises(ValueError, match="is not sm_9's d64 config"):
         replace_configs({9: {64: a}}, {9: {64: {b: c}}})
     assert _version("3.6.0") == (3, 6) and _version("3.8.0+git1a2b") == (3, 8) and len(TRITON_VERSION) == 2
+
+
+def test_hdimv_configs_and_cases():
+    """q/k head dim != v head dim: configs of the max(D, Dv) bucket, less the ones that spill there
+    (sm_90 dQ 64x64 w4 s2 at 192/128: 16 B); equal dims keep the plain lists; the static report
+    lists the 192/128 forward, dK/dV and dQ cases for every arch class, named d192v128."""
+    import torch
+
+    from fasttfm.kernels import attention_aot as AA, attention_bwd as KB
+    from fasttfm.kernels.attention import AttnConfig as C
+
+    for dt in (torch.float16, torch.bfloat16):
+        plain = KB.bwd_configs(90, 256, dt)
+        assert C(64, 64, 4, 2) in plain.dq
+        mla = KB.bwd_configs(90, 192, dt, head_dim_v=128)
+        assert mla.dq == [c for c in plain.dq if c != C(64, 64, 4, 2)] and mla.dq and mla.dkdv == plain.dkdv
+        assert KB.bwd_configs(90, 192, dt, head_dim_v=192) == KB.bwd_configs(90, 192, dt)
+        assert KB.bwd_configs(80, 192, dt, head_dim_v=128) == KB.bwd_configs(80, 256, dt)
+    for cc in (80, 86, 90):
+        names = [c.name for c in AA.aot_cases(cc) if ",d192v128," in c.name]
+        for kernel in ("attn_fwd[", "attn_bwd_dkdv[", "attn_bwd_dq["):
+            for dt in ("fp16", "bf16"):
+                assert any(n.startswith(f"{kernel}{dt},d192v128,") for n in names), (cc, kernel, dt)
+        assert all(c.constexprs["HEAD_DIM_V"] == 128 and c.constexprs["BLOCK_DV"] == 128
+                   for c in AA.aot_cases(cc) if ",d192v128," in c.name)

@@ -439,19 +439,43 @@ def test_every_registered_hf_norm_matches_hf(fam, cls_name, factory, x_dtype, w_
     assert type(norm) is cls
 
 
-def test_v_head_dim_differs_falls_back_with_the_real_reason():
-    """q/k head dim 32, v head dim 16 (DeepSeek-V3 MLA's shape): HF's sdpa runs it, and the report
-    names the head-dim mismatch (it used to say 'head dim 32 outside 16..256')."""
+@pytest.mark.parametrize("mode", ["cpu", "emu"])
+def test_v_head_dim_differs_runs_the_kernels(mode):
+    """q/k head dim 48, v head dim 32 (DeepSeek-V3 MLA's shape, scaled down): the kernels run it (no
+    fallback), out (B, Sq, Hq, Dv) and every gradient vs the fp64 reference (relative oracle)."""
     import torch.nn.functional as F
 
+    from fasttfm import hf
+    from tests.oracle import assert_close_oracle
+
+    module = torch.nn.Module()
+    module.is_causal = True
+    q, k = torch.randn(2, 4, 9, 48, dtype=torch.float64), torch.randn(2, 2, 9, 48, dtype=torch.float64)
+    v, do = torch.randn(2, 2, 9, 32, dtype=torch.float64), torch.randn(2, 9, 4, 32, dtype=torch.float64)
+    refs = {}
+    for name, dt in (("64", torch.float64), ("lowp", torch.float16)):
+        qq, kk, vv = (t.to(dt).requires_grad_() for t in (q, k, v))
+        o = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=0.2, enable_gqa=True).transpose(1, 2)
+        refs[name] = (o, *torch.autograd.grad(o, (qq, kk, vv), do.to(dt)))
+    qd, kd, vd = (t.to(torch.float16).requires_grad_() for t in (q, k, v))
+    with fasttfm.emulate(mode == "emu"):
+        out, _ = hf.attention_forward(module, qd, kd, vd, None, scaling=0.2)
+        grads = torch.autograd.grad(out, (qd, kd, vd), do.to(torch.float16))
+    assert hf.fallback_counts(module) == {}
+    assert_close_oracle(out, refs["64"][0], refs["lowp"][0], name="out")
+    for i, name in enumerate(("dq", "dk", "dv")):
+        assert_close_oracle(grads[i], refs["64"][1 + i], refs["lowp"][1 + i], factor=3.0, name=name,
+                            floor=1e-3 * max(1.0, *(g.abs().max().item() for g in refs["64"][1:])))
+
+
+def test_qk_head_dims_differ_fall_back_with_the_reason():
+    """q and k with different head dims (no attention model has them): HF's sdpa path, reason named."""
     from fasttfm import hf
 
     module = torch.nn.Module()
     module.is_causal = True
-    q, k = torch.randn(2, 4, 9, 32), torch.randn(2, 4, 9, 32)
-    v = torch.randn(2, 4, 9, 16)
-    out, _ = hf.attention_forward(module, q, k, v, None, scaling=0.2)
-    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.2).transpose(1, 2)
-    torch.testing.assert_close(out, ref)
+    q, k, v = torch.randn(1, 2, 5, 32), torch.randn(1, 2, 5, 48), torch.randn(1, 2, 5, 32)
+    with contextlib.suppress(RuntimeError):  # HF's sdpa itself rejects the mismatch
+        hf.attention_forward(module, q, k, v, None, scaling=0.2)
     (reason,) = hf.fallback_counts(module)
-    assert "v head dim 16" in reason and "outside" not in reason
+    assert "head dims of q (32) and k (48) differ" in reason

@@ -34,6 +34,11 @@ def _canon(t: Tensor, layout: str) -> Tensor:
     return t.transpose(0, 1).unsqueeze(0)
 
 
+def _out_shape(q: Tensor, v: Tensor):
+    """Shape of the output: q's, with v's head dim (the last dim in every layout)."""
+    return (*q.shape[:-1], v.shape[-1])
+
+
 def _lse_shape(q: Tensor, layout: str):
     if layout == "thd":
         return (q.shape[1], q.shape[0])
@@ -210,7 +215,7 @@ def attn_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor], cu
              key_padding_mask: Optional[Tensor] = None, seqused_k: Optional[Tensor] = None,
              segment_ids: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """(out, lse). Window sides are UNBOUNDED (2**30) for no limit and may be negative (any
-    integer offset); chunk_size 0 = no chunking. out: q's shape, contiguous; lse fp32.
+    integer offset); chunk_size 0 = no chunking. out: q's shape with v's head dim, contiguous; lse fp32.
     softcap 0 = off; alibi_slopes fp32 (Hq,) or (B, Hq); dropout_p with Philox ``seed`` (the LSE is
     that of the undropped softmax). Dense layouts only: key_padding_mask bool (B, Nk) (True =
     attend), seqused_k int32 (B,), segment_ids integer (B, N) (see ``attention``)."""
@@ -240,7 +245,7 @@ def _fwd_impl(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, chunk, layo
               dropout_p=0.0, seed=0, kpm=None, seqused=None, seg=None):
     # varlen: rows past cu_seqlens_q[-1] belong to no sequence and keep 0 / -inf
     new = torch.zeros if cu_q is not None else torch.empty
-    out = new(q.shape, dtype=q.dtype, device=q.device)
+    out = new(_out_shape(q, v), dtype=q.dtype, device=q.device)
     lse = torch.full(_lse_shape(q, layout), float("-inf"), device=q.device) if cu_q is not None else \
         torch.empty(_lse_shape(q, layout), dtype=torch.float32, device=q.device)
     q4, k4, v4, o4 = (_canon(t, layout) for t in (q, k, v, out))
@@ -259,13 +264,14 @@ def _fwd_impl(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, chunk, layo
         return out, lse
     lse4 = lse.unsqueeze(0) if layout == "thd" else lse
     g = q4.shape[1] // k4.shape[1]
+    same_d = q4.shape[-1] == v4.shape[-1]  # aten's CPU flash kernel needs one head dim
     if cu_q is None and (kpm is not None or seqused is not None or seg is not None):
         _cpu_fwd_masked(q4, k4, v4, o4, lse4, scale, left, right, chunk, softcap, slopes, dropout_p, seed,
                         kpm, seqused, seg)
         return out, lse
     for idx, (b, q0, q1, k0, k1) in enumerate(_sequences(cu_q, cu_k, q4, k4, seqused)):
         causal = _aten_causal(q1 - q0, k1 - k0, left, right, chunk, softcap, slopes, dropout_p)
-        if causal is not None:
+        if causal is not None and same_d:
             o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 *(t[b, :, s0:s1].float() for t, s0, s1 in ((q4, q0, q1), (k4, k0, k1), (v4, k0, k1))),
                 0.0, causal, scale=scale)
@@ -295,7 +301,7 @@ def _cpu_fwd_masked(q4, k4, v4, o4, lse4, scale, left, right, chunk, softcap, sl
     g = q4.shape[1] // k4.shape[1]
     n, m = q4.shape[2], k4.shape[2]
     vis, shift = _visible_batched(n, m, left, right, chunk, kpm, seqused, seg, q4.device)
-    if not softcap and slopes is None and dropout_p == 0:
+    if not softcap and slopes is None and dropout_p == 0 and q4.shape[-1] == v4.shape[-1]:
         o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q4.float(), k4.float(), v4.float(), 0.0, False, attn_mask=_mask_bias(vis), scale=scale)
         o4.copy_(o.to(o4.dtype))
@@ -314,7 +320,7 @@ def _cpu_fwd_masked(q4, k4, v4, o4, lse4, scale, left, right, chunk, softcap, sl
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
       window_right, chunk_size, layout, softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=0,
       key_padding_mask=None, seqused_k=None, segment_ids=None):
-    return q.new_empty(q.shape), q.new_empty(_lse_shape(q, layout), dtype=torch.float32)
+    return q.new_empty(_out_shape(q, v)), q.new_empty(_lse_shape(q, layout), dtype=torch.float32)
 
 
 @attn_fwd.register_kernel("cuda")
@@ -368,9 +374,10 @@ def _bwd_impl(dout, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, le
     lse4 = lse.unsqueeze(0) if layout == "thd" else lse
     dlse4 = None if dlse is None else (dlse.unsqueeze(0) if layout == "thd" else dlse)
     g = q4.shape[1] // k4.shape[1]
+    same_d = q4.shape[-1] == v4.shape[-1]  # aten's CPU flash kernel needs one head dim
     if cu_q is None and (kpm is not None or seqused is not None or seg is not None):
         vis, shift = _visible_batched(q4.shape[2], k4.shape[2], left, right, chunk, kpm, seqused, seg, q.device)
-        if not softcap and slopes is None and dropout_p == 0 and dlse4 is None:  # aten's kernel (no LSE grad)
+        if not softcap and slopes is None and dropout_p == 0 and dlse4 is None and same_d:  # aten's (no LSE grad)
             gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 do4.float(), q4.float(), k4.float(), v4.float(), o4.float(),
                 torch.where(torch.isinf(lse4), 0.0, lse4).contiguous(), 0.0, False, attn_mask=_mask_bias(vis),
@@ -384,7 +391,7 @@ def _bwd_impl(dout, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, le
     for idx, (b, q0, q1, k0, k1) in enumerate(_sequences(cu_q, cu_k, q4, k4, seqused)):
         qs, ks, vs, os_, dos = q4[b, :, q0:q1], k4[b, :, k0:k1], v4[b, :, k0:k1], o4[b, :, q0:q1], do4[b, :, q0:q1]
         causal = _aten_causal(q1 - q0, k1 - k0, left, right, chunk, softcap, slopes, dropout_p)
-        if causal is not None and dlse4 is None:  # aten's backward has no LSE gradient input
+        if causal is not None and dlse4 is None and same_d:  # aten's backward has no LSE gradient input
             gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 dos.float(), qs.float(), ks.float(), vs.float(), os_.float(), lse4[b, :, q0:q1].contiguous(),
                 0.0, causal, scale=scale)
@@ -406,9 +413,10 @@ def _cpu_bwd_one(b, idx, tensors, lse4, dlse4, vis, scale, g, softcap, slopes, d
     qs, ks, vs, os_, dos = q4[b, :, q0:q1], k4[b, :, k0:k1], v4[b, :, k0:k1], o4[b, :, q0:q1], do4[b, :, q0:q1]
     tanh = []
     qg, p, _ = _cpu_probs(qs, ks, lse4[b, :, q0:q1], vis, scale, g, softcap, slopes, tanh, shift)
-    bb, hq, n, d = qs.shape
-    dog = dos.float().reshape(bb, hq // g, g, n, d)
-    delta = (dog * os_.float().reshape(bb, hq // g, g, n, d)).sum(-1)
+    bb, hq, n, _ = qs.shape
+    dv = vs.shape[-1]
+    dog = dos.float().reshape(bb, hq // g, g, n, dv)
+    delta = (dog * os_.float().reshape(bb, hq // g, g, n, dv)).sum(-1)
     if dlse4 is not None:
         delta = delta - dlse4[b, :, q0:q1].reshape(bb, hq // g, g, n)
     dp = torch.einsum("bhgnd,bhmd->bhgnm", dog, vs.float())
@@ -502,13 +510,14 @@ def _check_inputs(q, k, v, layout, varlen):
     if not (q.device == k.device == v.device):
         raise ValueError(f"attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     q4, k4, v4 = (_canon(t, layout) for t in (q, k, v))
-    d = q4.shape[-1]
-    if k4.shape[-1] != d or v4.shape[-1] != d:
-        raise ValueError(f"attention: head dims of q, k, v must be equal, got {d}, {k4.shape[-1]}, {v4.shape[-1]}")
-    if not 16 <= d <= 256:
-        raise ValueError(f"attention: head dim must be in 16..256, got {d}")
-    if k4.shape != v4.shape:
-        raise ValueError(f"attention: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    d, dv = q4.shape[-1], v4.shape[-1]
+    shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+    if k4.shape[-1] != d:
+        raise ValueError(f"attention: q and k must have the same head dim (last dim), got {shapes}")
+    if not 16 <= d <= 256 or not 16 <= dv <= 256:
+        raise ValueError(f"attention: head dims must be in 16..256 (q/k: {d}, v: {dv}), got {shapes}")
+    if k4.shape[:-1] != v4.shape[:-1]:
+        raise ValueError(f"attention: k and v must have the same shape except the head dim (last dim), got {shapes}")
     hq, hkv = q4.shape[1], k4.shape[1]
     if hkv == 0 or hq % hkv:
         raise ValueError(f"attention: number of q heads ({hq}) must be a multiple of the number of k/v heads ({hkv})")
@@ -591,8 +600,9 @@ def attention(q, k, v, *, causal=False, window=(-1, -1), chunk_size=None, softma
     ``cu_seqlens_q/k`` (varlen, layout "thd"): q (total_q, Hq, D), k/v (total_k, Hkv, D) packed,
     cu_seqlens int32 (batch + 1,) cumulative lengths, ``max_seqlen_q/k`` the longest sequences
     (computed from cu_seqlens when None: a host sync; pass them under torch.compile / CUDA graphs).
-    Any strides with a unit last dim, no copies. Hq % Hkv == 0 (GQA/MQA). Head dim 16..256,
-    equal for q, k, v. fp16/bf16 (fp32 statistics); fp32 computed with IEEE fp32 products.
+    Any strides with a unit last dim, no copies. Hq % Hkv == 0 (GQA/MQA). Head dims 16..256: q and k
+    share one (D), v may have another (Dv, e.g. DeepSeek-V3 MLA's D=192, Dv=128); the output has Dv.
+    fp16/bf16 (fp32 statistics); fp32 computed with IEEE fp32 products.
 
     Masks (FlashAttention's conventions, per sequence, bottom-right aligned when Nq != Nk): query i
     sees key j iff  i + Nk - Nq - left <= j <= i + Nk - Nq + right  (window=(left, right), -1 =
@@ -628,7 +638,7 @@ def attention(q, k, v, *, causal=False, window=(-1, -1), chunk_size=None, softma
         row's positions (inside a run they equal in-sequence positions).
     Rows that see no key give output 0, LSE -inf and zero gradients.
 
-    Returns out (q's shape and layout; contiguous), and with ``return_lse`` also the fp32
+    Returns out (q's shape and layout with v's head dim; contiguous), and with ``return_lse`` also the fp32
     log-sum-exp of the scaled scores, (B, H, Nq) or (Hq, total_q) for varlen (differentiable).
     """
     varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
@@ -739,7 +749,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     """Drop-in ``torch.nn.functional.scaled_dot_product_attention`` (same arguments and semantics).
 
     query (N, ..., Hq, L, E), key/value (N, ..., Hkv, S, E); ``is_causal`` is top-left aligned as
-    SDPA defines it (query i sees keys j <= i). With E == Ev in 16..256 and fp16/bf16/fp32 it runs
+    SDPA defines it (query i sees keys j <= i). With E and Ev in 16..256 (Ev may differ from E; the
+    scale defaults to E ** -0.5 as SDPA's) and fp16/bf16/fp32 it runs
     fasttfm's flash kernels when ``attn_mask`` is None or a boolean per-key (padding) mask --
     broadcastable with size 1 along L and H, e.g. (N, 1, 1, S) or (1, 1, 1, S), True = attend,
     detected from its shape only -- which the kernels apply per kv tile (a query row that sees no
@@ -759,7 +770,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                            f"pass enable_gqa=True for grouped-query attention")
     e = query.shape[-1]
     fast = (query.dim() >= 3 and query.dim() == key.dim() == value.dim()
-            and value.shape[-1] == e == key.shape[-1] and 16 <= e <= 256
+            and key.shape[-1] == e and 16 <= e <= 256 and 16 <= value.shape[-1] <= 256
             and query.dtype in _DTYPES and key.dtype in _DTYPES and value.dtype in _DTYPES
             and autocast_dtype(query) == autocast_dtype(key) == autocast_dtype(value)
             and (hkv > 0 and hq % hkv == 0))
