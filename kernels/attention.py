@@ -54,7 +54,8 @@ from .attention_common import (BEFORE_38, LOG2E, TRITON_37, UNBOUNDED, AttnConfi
                                _arch, _autotuned, _AUTOTUNED, _bucket, _bucket_dim, _cc, _col_bounds, _DT,
                                _drop_rows, _dropout_keep, _dropout_mask, _floor_div, _input_precision, _key_clip,
                                _key_ok, _launch, _load_rows, _offs_dv, _row_bounds, _scores, _seg_clip, _seq_info,
-                               _store_rows, _tile_ranges, _used_keys, aot_attrs, aot_signature, autotune_enabled,
+                               _store_rows, _tile_ranges, _used_keys, aot_attrs, aot_case_parts, aot_signature,
+                               autotune_enabled,
                                block_d, canonical_strides, dropout_args, dropout_mask, lse_strides, mask_args,
                                replace_configs, score_args)
 
@@ -407,17 +408,8 @@ def attn_bwd_preprocess(out, do, delta, *, batch, seqlen_q, max_seqlen_q, cu_seq
 def _fwd_case(cc, d, dt, cfg, tma, dv=None, **flags):
     """AotCase of ``_attn_fwd`` for one config; ``dv``: v head dim (None: d; named "d{d}v{dv}" when it
     differs); ``flags``: constexpr overrides (CHUNKED, SOFTCAP, ...)."""
-    dv = d if dv is None else dv
-    cx = dict(HEAD_DIM=d, BLOCK_D=block_d(d), HEAD_DIM_V=dv, BLOCK_DV=block_d(dv), BLOCK_M=cfg.BLOCK_M,
-              BLOCK_N=cfg.BLOCK_N, CHUNKED=False,
-              VARLEN=False, INPUT_PRECISION="ieee" if dt == "fp32" else "tf32", SOFTCAP=False, ALIBI=False,
-              DROPOUT=False, TMA=tma, KPAD=False, SEQUSED=False, SEGMENTS=False)
-    cx.update(flags)
-    tags = "".join(f",{k.lower()}" for k, val in flags.items() if val is True)
-    sig = aot_signature(_attn_fwd, dt)
-    dims = f"d{d}" if dv == d else f"d{d}v{dv}"
-    return AotCase(f"attn_fwd[{dt},{dims},bm{cfg.BLOCK_M},bn{cfg.BLOCK_N},w{cfg.num_warps},s{cfg.num_stages}"
-                   f"{tags}{',tma' if tma else ''}]", _attn_fwd, sig, cx, cfg.num_warps, cfg.num_stages,
+    cx, sig, body = aot_case_parts(_attn_fwd, d, dv, dt, cfg, flags, TMA=tma)
+    return AotCase(f"attn_fwd[{body}{',tma' if tma else ''}]", _attn_fwd, sig, cx, cfg.num_warps, cfg.num_stages,
                    tensor_core=dt != "fp32", attrs=aot_attrs(_attn_fwd, sig), tma=tma)
 
 

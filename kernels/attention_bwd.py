@@ -28,7 +28,8 @@ from ._aot import AotCase
 from .attention_common import (LOG2E, TRITON_36, AttnConfig, _alibi_slope, _arch, _autotuned, _bucket,
                                _bucket_dim, _cc, _col_bounds, _drop_rows, _dropout_keep, _input_precision, _key_clip,
                                _key_ok, _launch, _load_rows, _offs_dv, _row_bounds, _scores, _seg_clip, _seq_info,
-                               _store_rows, _tile_ranges, _used_keys, aot_attrs, aot_signature, autotune_enabled,
+                               _store_rows, _tile_ranges, _used_keys, aot_attrs, aot_case_parts, aot_signature,
+                               autotune_enabled,
                                block_d, canonical_strides, dropout_args, lse_strides, mask_args, replace_configs,
                                score_args)
 
@@ -468,17 +469,8 @@ def _bwd_case(cc, which, d, dt, cfg, dv=None, **flags):
     (None: d; named "d{d}v{dv}" when it differs); ``flags``: constexpr overrides (CHUNKED, SOFTCAP, ...),
     named in the case's tag list."""
     kernel = _attn_bwd_dkdv if which == "dkdv" else _attn_bwd_dq
-    dv = d if dv is None else dv
-    cx = dict(HEAD_DIM=d, BLOCK_D=block_d(d), HEAD_DIM_V=dv, BLOCK_DV=block_d(dv), BLOCK_M=cfg.BLOCK_M,
-              BLOCK_N=cfg.BLOCK_N, CHUNKED=False,
-              VARLEN=False, INPUT_PRECISION="ieee" if dt == "fp32" else "tf32", SOFTCAP=False, ALIBI=False,
-              DROPOUT=False, KPAD=False, SEQUSED=False, SEGMENTS=False)
-    cx.update(flags)
-    tags = "".join(f",{k.lower()}" for k, val in flags.items() if val is True)
-    sig = aot_signature(kernel, dt)
-    dims = f"d{d}" if dv == d else f"d{d}v{dv}"
-    return AotCase(f"attn_bwd_{which}[{dt},{dims},bm{cfg.BLOCK_M},bn{cfg.BLOCK_N},w{cfg.num_warps},"
-                   f"s{cfg.num_stages}{tags}]", kernel, sig, cx, cfg.num_warps, cfg.num_stages,
+    cx, sig, body = aot_case_parts(kernel, d, dv, dt, cfg, flags)
+    return AotCase(f"attn_bwd_{which}[{body}]", kernel, sig, cx, cfg.num_warps, cfg.num_stages,
                    tensor_core=dt != "fp32", attrs=aot_attrs(kernel, sig),
                    spill_ok=MEASURED_SPILLS.get((_arch(cc), which, cfg), 0) if _plain_scores(flags) else 0)
 

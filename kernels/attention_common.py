@@ -170,6 +170,21 @@ _CONSTEXPRS = {"HEAD_DIM", "BLOCK_D", "HEAD_DIM_V", "BLOCK_DV", "BLOCK_M", "BLOC
 _I32_PTRS = ("SeqLens", "SeqUsedK", "KBounds", "SegBounds")
 
 
+def aot_case_parts(kernel, d, dv, dt, cfg, flags, **fixed):
+    """(constexprs, signature, name body) of an attention AotCase: head dims d / dv (dv None: d), data type,
+    tile config, constexpr overrides ``flags`` (named in the tag list) over the plain problem's defaults
+    and ``fixed`` (kernel-specific constexprs, e.g. TMA). The name body is "dt,dims,bm..,bn..,w..,s..tags"."""
+    dv = d if dv is None else dv
+    cx = dict(HEAD_DIM=d, BLOCK_D=block_d(d), HEAD_DIM_V=dv, BLOCK_DV=block_d(dv), BLOCK_M=cfg.BLOCK_M,
+              BLOCK_N=cfg.BLOCK_N, CHUNKED=False, VARLEN=False, INPUT_PRECISION="ieee" if dt == "fp32" else "tf32",
+              SOFTCAP=False, ALIBI=False, DROPOUT=False, KPAD=False, SEQUSED=False, SEGMENTS=False, **fixed)
+    cx.update(flags)
+    tags = "".join(f",{k.lower()}" for k, val in flags.items() if val is True)
+    dims = f"d{d}" if dv == d else f"d{d}v{dv}"
+    body = f"{dt},{dims},bm{cfg.BLOCK_M},bn{cfg.BLOCK_N},w{cfg.num_warps},s{cfg.num_stages}{tags}"
+    return cx, aot_signature(kernel, dt), body
+
+
 def aot_signature(kernel, dt):
     """Triton signature of an attention kernel for data type ``dt`` ("fp16", "bf16", "fp32")."""
     sig = {}

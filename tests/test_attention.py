@@ -682,16 +682,11 @@ def test_every_modifier_config(d, fwd, dkdv, dq):
                             floor=grad_floor(F16, refs["64"][2:]))
 
 
-# -- block sparsity: fully masked tiles are never computed ---------------------------------------
-@pytest.mark.parametrize("mask_kw", [dict(causal=True), dict(causal=True, window=(40, -1)),
-                                     dict(window=(20, 20), chunk=64), dict(causal=True, chunk=48)])
-def test_only_visible_tiles_are_computed(mask_kw, monkeypatch):
-    """Count tl.dot calls in the interpreter: fwd = 2, dK/dV = 4, dQ = 3 per (q tile, kv tile) pair
-    with at least one visible (q, k) pair; so work follows the visible area (e.g. a 16k sequence
-    with a 1k window visits ~1/8 of causal's tiles)."""
+def dot_counter(monkeypatch):
+    """{"n": tl.dot calls executed by the Triton interpreter} (reset it by assigning 0), for tests that
+    count visited (q tile, kv tile) pairs."""
     from triton.runtime import interpreter
 
-    nq, nk, bm, bn = 200, 260, 32, 32
     counts = {"n": 0}
     orig = interpreter.InterpreterBuilder.create_dot
 
@@ -700,6 +695,18 @@ def test_only_visible_tiles_are_computed(mask_kw, monkeypatch):
         return orig(self, *a, **kw)
 
     monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", counting)
+    return counts
+
+
+# -- block sparsity: fully masked tiles are never computed ---------------------------------------
+@pytest.mark.parametrize("mask_kw", [dict(causal=True), dict(causal=True, window=(40, -1)),
+                                     dict(window=(20, 20), chunk=64), dict(causal=True, chunk=48)])
+def test_only_visible_tiles_are_computed(mask_kw, monkeypatch):
+    """Count tl.dot calls in the interpreter: fwd = 2, dK/dV = 4, dQ = 3 per (q tile, kv tile) pair
+    with at least one visible (q, k) pair; so work follows the visible area (e.g. a 16k sequence
+    with a 1k window visits ~1/8 of causal's tiles)."""
+    nq, nk, bm, bn = 200, 260, 32, 32
+    counts = dot_counter(monkeypatch)
     q, do = torch.randn(1, 1, nq, 32, dtype=F16), torch.randn(1, 1, nq, 32, dtype=F16)
     k, v = torch.randn(1, 1, nk, 32, dtype=F16), torch.randn(1, 1, nk, 32, dtype=F16)
     mask = dense_mask(nq, nk, mask_kw.get("causal", False), mask_kw.get("window", (-1, -1)), mask_kw.get("chunk"))

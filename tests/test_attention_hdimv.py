@@ -14,7 +14,7 @@ import torch
 from fasttfm.ops import attention as A
 from tests.oracle import assert_close_oracle, require_gpu
 from tests.test_attention import grad_floor, mode_ctx, sm90_tma  # noqa: F401 (fixture)
-from tests.test_attention_padding import make_kpm, ref_alibi, ref_attention, ref_mask
+from tests.test_attention_padding import check_masked, make_kpm, ref_attention, ref_mask
 
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 MODES = ["cpu", "emu", "cuda"]
@@ -27,41 +27,9 @@ def _dev(mode):
     return "cpu"
 
 
-def check_hdimv(mode, dtype, b, hq, hkv, nq, nk, d, dv, causal=False, window=(-1, -1), chunk=None, kpm=None,
-                softcap=0.0, slopes=None, layout="bhnd"):
+def check_hdimv(mode, dtype, b, hq, hkv, nq, nk, d, dv, **kw):
     """fasttfm.attention on q/k (.., D) and v (.., Dv) vs the fp64 reference: out (.., Dv), LSE, dq, dk, dv."""
-    dev = _dev(mode)
-    scale = d ** -0.5
-    q = torch.randn(b, hq, nq, d, dtype=torch.float64).to(dtype)
-    k = torch.randn(b, hkv, nk, d, dtype=torch.float64).to(dtype)
-    v = torch.randn(b, hkv, nk, dv, dtype=torch.float64).to(dtype)
-    do = torch.randn(b, hq, nq, dv, dtype=torch.float64).to(dtype)
-    mask = ref_mask(b, nq, nk, causal, window, chunk, kpm)
-    bias = None if slopes is None else ref_alibi(slopes, b, nq, nk)
-    refs = {}
-    for name, dt in (("64", torch.float64), ("lowp", dtype)):
-        qq, kk, vv = (t.to(dt).requires_grad_() for t in (q, k, v))
-        o, lse = ref_attention(qq, kk, vv, mask, scale, softcap, bias)
-        refs[name] = (o, lse, *torch.autograd.grad(o, (qq, kk, vv), do.to(dt)))
-    lse32 = ref_attention(q.float(), k.float(), v.float(), mask, scale, softcap, bias)[1]
-
-    def put(t):
-        t = t.to(dev)
-        return t.transpose(1, 2).contiguous() if layout == "bnhd" else t
-
-    back = (lambda t: t.transpose(1, 2)) if layout == "bnhd" else (lambda t: t)
-    qd, kd, vd = (put(t).requires_grad_() for t in (q, k, v))
-    with mode_ctx(mode, dtype):
-        out, lse = A.attention(qd, kd, vd, causal=causal, window=window, chunk_size=chunk, layout=layout,
-                               return_lse=True, softcap=softcap, key_padding_mask=None if kpm is None else kpm.to(dev),
-                               alibi_slopes=None if slopes is None else slopes.to(dev))
-        dq, dk, dvv = torch.autograd.grad(out, (qd, kd, vd), put(do))
-    assert out.shape == put(do).shape and dvv.shape == vd.shape and dk.shape == kd.shape
-    assert_close_oracle(back(out), refs["64"][0], refs["lowp"][0], name="out")
-    assert_close_oracle(lse, refs["64"][1], lse32, floor=1e-4, name="lse")
-    for i, (name, g) in enumerate((("dq", dq), ("dk", dk), ("dv", dvv))):
-        assert_close_oracle(back(g), refs["64"][2 + i], refs["lowp"][2 + i], factor=3.0, name=name,
-                            floor=grad_floor(dtype, refs["64"][2:]))
+    check_masked(mode, dtype, b, hq, hkv, nq, nk, d, dv=dv, **kw)
 
 
 # (dtype, B, Hq, Hkv, Nq, Nk, D, Dv, keywords)

@@ -12,7 +12,8 @@ import torch
 
 from fasttfm.ops import attention as A
 from tests.oracle import assert_close_oracle, require_gpu
-from tests.test_attention import grad_floor, mode_ctx, sm90_tma  # noqa: F401 (fixture)
+from tests.test_attention import dot_counter, grad_floor, mode_ctx, sm90_tma  # noqa: F401 (fixture)
+from tests.test_attention import ref_attention as ref_attention_dense
 
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 
@@ -58,21 +59,8 @@ def ref_alibi(slopes, b, nq, nk, seqused=None):
 
 
 def ref_attention(q, k, v, mask, scale, softcap=0.0, bias=None, drop=None):
-    """Dense attention on (B, Hq, N, D) tensors in their own dtype; mask (B, nq, nk); (out, lse)."""
-    g = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
-    s = (q @ k.transpose(-1, -2)) * scale
-    if softcap:
-        s = torch.tanh(s / softcap) * softcap
-    if bias is not None:
-        s = s + bias.to(s.dtype)
-    s = s.masked_fill(~mask[:, None], float("-inf"))
-    s = s.to(torch.promote_types(s.dtype, torch.float32))
-    lse = torch.logsumexp(s, -1)
-    p = torch.softmax(s, -1).nan_to_num(0.0)
-    if drop is not None:
-        p = p * drop[0] / (1.0 - drop[1])
-    return p.to(q.dtype) @ v, lse
+    """Dense attention on (B, Hq, N, D) tensors in their own dtype; mask (B, nq, nk) per batch row; (out, lse)."""
+    return ref_attention_dense(q, k, v, mask[:, None], scale, softcap, bias, drop)
 
 
 def make_kpm(kind, b, nk):
@@ -111,14 +99,17 @@ def make_segments(b, n, lengths=None):
 
 
 def check_masked(mode, dtype, b, hq, hkv, nq, nk, d, causal=False, window=(-1, -1), chunk=None, kpm=None,
-                 seqused=None, seg=None, softcap=0.0, slopes=None, layout="bhnd", qscale=1.0):
-    """Output, LSE and every gradient of fasttfm.attention with masks vs the fp64 reference."""
+                 seqused=None, seg=None, softcap=0.0, slopes=None, layout="bhnd", qscale=1.0, dv=None):
+    """Output, LSE and every gradient of fasttfm.attention with masks vs the fp64 reference; ``dv``: v's head
+    dim when it differs from q/k's ``d`` (out and dO then have ``dv``)."""
+    dv = d if dv is None else dv
     if mode == "cuda":
         require_gpu()
     dev = "cuda" if mode == "cuda" else "cpu"
     scale = d ** -0.5
-    q, do = ((torch.randn(b, hq, nq, d, dtype=torch.float64) * s).to(dtype) for s in (qscale, 1.0))
-    k, v = (torch.randn(b, hkv, nk, d, dtype=torch.float64).to(dtype) for _ in range(2))
+    q = (torch.randn(b, hq, nq, d, dtype=torch.float64) * qscale).to(dtype)
+    do = torch.randn(b, hq, nq, dv, dtype=torch.float64).to(dtype)
+    k, v = (torch.randn(b, hkv, nk, e, dtype=torch.float64).to(dtype) for e in (d, dv))
     mask = ref_mask(b, nq, nk, causal, window, chunk, kpm, seqused, seg)
     bias = None if slopes is None else ref_alibi(slopes, b, nq, nk, seqused)
     refs = {}
@@ -141,13 +132,14 @@ def check_masked(mode, dtype, b, hq, hkv, nq, nk, d, causal=False, window=(-1, -
         out, lse = A.attention(qd, kd, vd, causal=causal, window=window, chunk_size=chunk, layout=layout,
                                return_lse=True, softcap=softcap,
                                alibi_slopes=None if slopes is None else slopes.to(dev), **extra)
-        dq, dk, dv = torch.autograd.grad(out, (qd, kd, vd), put(do))
+        dq, dk, dvv = torch.autograd.grad(out, (qd, kd, vd), put(do))
+    assert out.shape == put(do).shape and dvv.shape == vd.shape and dk.shape == kd.shape
     assert_close_oracle(back(out), refs["64"][0], refs["lowp"][0], name="out")
     assert_close_oracle(lse, refs["64"][1], lse32, floor=1e-4, name="lse")
-    for i, (name, g) in enumerate((("dq", dq), ("dk", dk), ("dv", dv))):
+    for i, (name, g) in enumerate((("dq", dq), ("dk", dk), ("dv", dvv))):
         assert_close_oracle(back(g), refs["64"][2 + i], refs["lowp"][2 + i], factor=3.0, name=name,
                             floor=grad_floor(dtype, refs["64"][2:]))
-    return mask, back(out), lse, back(dk), back(dv)
+    return mask, back(out), lse, back(dk), back(dvv)
 
 
 # -- key padding ------------------------------------------------------------------------------------
@@ -350,19 +342,10 @@ def test_padded_tiles_are_skipped(kind, monkeypatch):
     """Count tl.dot calls in the interpreter (fwd 2, dK/dV 4, dQ 3 per visited (q tile, kv tile)
     pair): with left/right key padding or seqused_k, exactly the pairs holding a visible (q, k)
     pair are visited, so leading/trailing padded kv tiles cost nothing in any kernel."""
-    from triton.runtime import interpreter
-
     from fasttfm._env import emulate
 
     b, n, bm, bn = 2, 160, 32, 32  # SMOKE configs under the interpreter: 32 x 32 tiles
-    counts = {"n": 0}
-    orig = interpreter.InterpreterBuilder.create_dot
-
-    def counting(self, *a, **kw):
-        counts["n"] += 1
-        return orig(self, *a, **kw)
-
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", counting)
+    counts = dot_counter(monkeypatch)
     lens = torch.tensor([100, 37])
     j = torch.arange(n)[None, :]
     kw, kpm, seqused = {}, None, None
