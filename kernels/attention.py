@@ -63,6 +63,8 @@ __all__ = ["AttnConfig", "attn_fwd", "attn_bwd_preprocess", "fwd_configs", "pick
            "canonical_strides", "UNBOUNDED", "aot_cases_fwd", "SMOKE_FWD"]
 
 # -- configs ---------------------------------------------------------------------------------
+# Not folded with the backward's tables (issue 13 item 8): same shape, different data -- each kernel's
+# list is ordered by its own static report and H200 timings; the lookup code is shared (_bucket).
 # (max head-dim block, [configs]) per compute capability major; every entry must pass the
 # static report (no spills unless MEASURED_SPILLS in attention_bwd.py grants a GPU-measured
 # allowance, smem within the per-block limit, HGMMA on sm_90), see aot_cases.
@@ -140,6 +142,10 @@ def pick_fwd_config(cc, head_dim, dtype, seqlen_q, mods=False, masks=False):
 
 
 # -- forward ---------------------------------------------------------------------------------
+# Kept apart from _attn_bwd_dq_inner (issue 13 item 8): the score/mask prologue is shared through helpers
+# (_load_rows, _scores, _key_ok, _dropout_keep); the rest differs (online softmax and P @ V here, exp
+# against the stored LSE and dS @ K there), and folding the mask step would move dQ's mask from P to S,
+# changing the compiled code the H200 timings measured.
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, offs_n, offs_d,
                     offs_dv, n_k, lo_row, hi_row, start, end, f0, f1, qk_scale, pos_q, softcap, slope,
