@@ -72,7 +72,7 @@ clean:
 COMPAT_VENV  ?= .venv-compat
 COMPAT_PY    := $(COMPAT_VENV)/bin/python
 COMPAT_PINS  ?= torch==2.11.0 triton==3.6.0 "numpy>=2.4" transformers==5.17.0
-COMPAT_EXTRA ?= ninja pybind11 setuptools wheel pytest pytest-benchmark matplotlib
+COMPAT_EXTRA ?= ninja pybind11 "setuptools>=77" wheel pytest pytest-benchmark matplotlib
 COMPAT_DIR   ?= build/compat
 # The build compiles the bindings and the emulator against torch 2.11; set COMPAT_BUILD_ENV= to also
 # compile the CUDA kernels (nvcc, several minutes on 2 cores).
