@@ -117,6 +117,8 @@ if TRITON_36:  # Triton 3.6 (static report, fp16 and bf16): these spill there, 3
 _MASKED_DQ = {(9, False): {256: {AttnConfig(64, 64, 4, 2): AttnConfig(64, 32, 4, 2)}},    # 32 B -> 0 (255 regs)
               (8, False): {64: {AttnConfig(128, 64, 8, 2): AttnConfig(64, 32, 4, 2)}},    # 80 B -> 0 (212 regs)
               (86, False): {64: {AttnConfig(128, 64, 8, 2): AttnConfig(64, 32, 4, 2)}}}   # 40 B -> 0
+if TRITON_36:  # Triton 3.6 only (static report, fp16 and bf16): masks + softcap/ALiBi/dropout on sm_90 d128
+    _MASKED_DQ[(9, True)] = {128: {AttnConfig(64, 64, 8, 3): AttnConfig(64, 32, 8, 3)}}  # 8 B -> 0 (173 regs)
 _MASKED_DKDV = {}
 
 
