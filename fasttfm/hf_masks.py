@@ -32,7 +32,12 @@ mask's values on the host), tagged with the reason, which attention_forward coun
 """
 import torch
 
-__all__ = ["Route", "mask_interface", "describe"]
+__all__ = ["Route", "mask_interface", "describe", "CELLS_IN_TRACE"]
+
+# torch 2.11's dynamo cannot read the cells of closures created inside the trace ("Unexpected type in
+# sourceless builder: cell"); 2.14's can. 2.12/2.13 are unverified and treated like 2.11: under
+# torch.compile they recognise only what needs no cell (``_describe_without_cells``).
+CELLS_IN_TRACE = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 14)
 
 _mu = None      # transformers.masking_utils, bound outside any trace (dynamo cannot import the lazy module)
 _codes = {}     # leaf kind -> code object of masking_utils' inner functions
@@ -177,9 +182,34 @@ def _name(fn):
     return getattr(fn, "__qualname__", type(fn).__name__)
 
 
-def describe(mask_function):
+def _describe_without_cells(fn, local_size, allow_skip, config):
+    """``describe`` under torch.compile where dynamo cannot read closure cells: HF's plain causal and
+    bidirectional functions (module-level), and create_sliding_window_causal_mask's plain pattern
+    and_masks(sliding_window_overlay(W), causal) recognised from its call: W = local_size =
+    config.sliding_window with the causal skip still allowed (HF clears it whenever it adds a mask --
+    and/or functions, packing, blockwise -- and for a compileable cache's decode step, which then keeps
+    the dense mask). Chunked attention passes local_size too and is excluded by its config field."""
+    mu = masking_utils()
+    p = dict(causal=fn is mu.causal_mask_function, window=None, bidirectional_window=None, segments=None)
+    if fn is mu.causal_mask_function or fn is mu.bidirectional_mask_function:
+        return p, None
+    if (getattr(fn, "__code__", None) is _codes["and_mask"] and allow_skip and isinstance(local_size, int)
+            and local_size >= 1 and getattr(config, "sliding_window", None) == local_size
+            and not getattr(config, "attention_chunk_size", None)):
+        p.update(causal=True, window=local_size)
+        return p, None
+    return None, (f"torch {torch.__version__.split('+')[0]} under torch.compile cannot read the closure of "
+                  f"mask function {_name(fn)} (packed sequences, a compileable cache's decode step, a model's own "
+                  f"masks): dense mask (torch >= 2.14 reads it)")
+
+
+def describe(mask_function, local_size=None, allow_skip=False, config=None):
     """(pattern, reason): pattern = dict(causal, window, bidirectional_window, segments) when every
-    leaf of ``mask_function`` is one the kernels take, else None and the reason (a sentence)."""
+    leaf of ``mask_function`` is one the kernels take, else None and the reason (a sentence).
+    ``local_size``/``allow_skip``/``config`` (HF's mask_interface arguments) are read only under
+    torch.compile on a torch whose dynamo cannot read closure cells (``CELLS_IN_TRACE``)."""
+    if not CELLS_IN_TRACE and torch.compiler.is_compiling():
+        return _describe_without_cells(mask_function, local_size, allow_skip, config)
     mu = masking_utils()
     leaves = []
     if not _leaves(mask_function, leaves):
@@ -213,9 +243,10 @@ def describe(mask_function):
     return p, None
 
 
-def _route(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, device, dense_args):
-    """A Route for this mask, or (None, reason)."""
-    p, reason = describe(mask_function)
+def _route(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, device, dense_args,
+           allow_skip=False):
+    """A Route for this mask, or (None, reason); ``allow_skip``: HF's allow_is_causal_skip for this call."""
+    p, reason = describe(mask_function, dense_args.get("local_size"), allow_skip, dense_args.get("config"))
     if p is None:
         return None, reason
     if not isinstance(kv_offset, int):
@@ -275,7 +306,7 @@ def mask_interface(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mas
     dense_args = _dense_args(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
                              local_size, kwargs)
     route, reason = _route(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
-                           device, dense_args)
+                           device, dense_args, allow_is_causal_skip)
     if route is not None:
         return route
     if attention_mask is not None:
