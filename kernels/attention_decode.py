@@ -44,9 +44,9 @@ def _decode_partial(Q, K, V, Out, Lse, SeqLens, Alibi, CacheIdx, LeftPad, BlockT
     LeftPad[b] (key j of the attention is cache position LeftPad[b] + j). PAGED: cache position t
     of batch b is row t % page_size of page BlockTable[b, t // page_size] (K/V are (pages, page_size,
     Hkv, D)); the table is read once per key row of a tile. KEY_MASK: KeyMask (B, S_max) uint8 over cache
-    positions (0 = key invisible), read per kv tile; KeyBounds int32 (B, 2) = [first, last + 1) cache
-    positions with a nonzero mask (0, 0 when none), computed on the device, narrow the tile range so
-    fully masked leading/trailing tiles are never read."""
+    positions (0 = key invisible), read per kv tile; KeyBounds int32 (B, 2) = first and last cache
+    positions with a nonzero mask ([S_max, -1] when none; ``key_bounds``), computed on the device,
+    narrow the tile range so fully masked leading/trailing tiles are never read."""
     pid = tl.program_id(0)
     off_hk = tl.program_id(1)
     off_b = tl.program_id(2)
@@ -89,7 +89,7 @@ def _decode_partial(Q, K, V, Out, Lse, SeqLens, Alibi, CacheIdx, LeftPad, BlockT
     hi = tl.minimum(shift + seqlen_q - 1 + win_right, n_k - 1)
     if KEY_MASK:  # key index j is cache position j + pad
         lo = tl.maximum(lo, tl.load(KeyBounds + off_b * 2) - pad)
-        hi = tl.minimum(hi, tl.load(KeyBounds + off_b * 2 + 1) - pad - 1)
+        hi = tl.minimum(hi, tl.load(KeyBounds + off_b * 2 + 1) - pad)
     s0 = split * split_len
     start = tl.maximum(s0, (lo // BLOCK_N) * BLOCK_N)
     end = tl.minimum(s0 + split_len, hi + 1)

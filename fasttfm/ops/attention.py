@@ -13,6 +13,8 @@ from torch import Tensor
 
 from fasttfm._env import emulate_enabled
 
+from ._attention_checks import _canon, _check_cu, _check_inputs, _check_masks, _check_slopes, _check_window
+from ._attention_masks import _kernel_masks, _runs, _visible, _visible_batched, key_bounds, segment_bounds  # noqa: F401
 from ._autocast import autocast_dtype, keep, register_autocast, register_lowp_autocast
 
 from fasttfm.kernels import attention as _kf, attention_bwd as _kb  # noqa: E402  (kernels/ in a checkout)
@@ -25,15 +27,6 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 # -- shapes ----------------------------------------------------------------------------------
-def _canon(t: Tensor, layout: str) -> Tensor:
-    """The (B, H, N, D) view of a tensor in ``layout`` (no copy); thd -> (1, H, total, D)."""
-    if layout == "bhnd":
-        return t
-    if layout == "bnhd":
-        return t.transpose(1, 2)
-    return t.transpose(0, 1).unsqueeze(0)
-
-
 def _out_shape(q: Tensor, v: Tensor):
     """Shape of the output: q's, with v's head dim (the last dim in every layout)."""
     return (*q.shape[:-1], v.shape[-1])
@@ -59,77 +52,6 @@ def _sequences(cu_q, cu_k, q4, k4, seqused=None):
     used = [None] * (len(cq) - 1) if seqused is None else seqused.tolist()
     ends = [ck[i + 1] if used[i] is None else ck[i] + min(used[i], ck[i + 1] - ck[i]) for i in range(len(cq) - 1)]
     return [(slice(0, 1), cq[i], cq[i + 1], ck[i], ends[i]) for i in range(len(cq) - 1)]
-
-
-def _visible(nq, nk, left, right, chunk, device):
-    """(nq, nk) bool mask of the CPU path (bottom-right aligned; left/right UNBOUNDED = no limit)."""
-    i = torch.arange(nq, device=device)[:, None] + (nk - nq)
-    j = torch.arange(nk, device=device)[None, :]
-    vis = (j >= i - left) & (j <= i + right)
-    if chunk:
-        vis &= torch.div(i, chunk, rounding_mode="floor") == torch.div(j, chunk, rounding_mode="floor")
-    return vis
-
-
-def _runs(segment_ids):
-    """int64 (B, N) index of the maximal run of equal ids each token belongs to (0, 1, ... per row)."""
-    change = segment_ids[:, 1:] != segment_ids[:, :-1]
-    return torch.nn.functional.pad(change.cumsum(-1), (1, 0))
-
-
-def _visible_batched(nq, nk, left, right, chunk, kpm, seqused, seg, device):
-    """(B, 1, 1, nq, nk) bool mask of the CPU path with per-sequence masks: the window/chunk mask
-    bottom-right aligned to seqused_k[b] (else nk), keys >= seqused_k[b] and keys with
-    key_padding_mask False hidden, and (segment_ids) query/key in the same run."""
-    used = torch.full((1,), nk, device=device, dtype=torch.int64) if seqused is None else seqused.long()
-    used = used.clamp(0, nk)
-    i = torch.arange(nq, device=device)[None, :, None] + (used[:, None, None] - nq)
-    j = torch.arange(nk, device=device)[None, None, :]
-    vis = (j >= i - left) & (j <= i + right) & (j < used[:, None, None])
-    if chunk:
-        vis &= torch.div(i, chunk, rounding_mode="floor") == torch.div(j, chunk, rounding_mode="floor")
-    if kpm is not None:
-        vis = vis & kpm[:, None, :]
-    if seg is not None:
-        r = _runs(seg)
-        vis = vis & (r[:, :, None] == r[:, None, :])
-    return vis[:, None, None], used - nq
-
-
-def segment_bounds(segment_ids: Tensor) -> Tensor:
-    """int32 (B, 2, N): first and last index of the run of equal ids holding each token, computed
-    on the device with cummax/cummin (no host sync)."""
-    b, n = segment_ids.shape
-    idx = torch.arange(n, device=segment_ids.device).expand(b, n)
-    change = segment_ids[:, 1:] != segment_ids[:, :-1]
-    starts = torch.nn.functional.pad(change, (1, 0), value=True)  # token i opens a run
-    ends = torch.nn.functional.pad(change, (0, 1), value=True)  # token i closes a run
-    first = torch.where(starts, idx, 0).cummax(-1).values
-    last = torch.where(ends, idx, n - 1).flip(-1).cummin(-1).values.flip(-1)
-    return torch.stack((first, last), 1).to(torch.int32)
-
-
-def key_bounds(key_padding_mask: Tensor) -> Tensor:
-    """int32 (B, 2): first and last key with key_padding_mask True per sequence (Nk and -1 when
-    none), computed on the device (no host sync); the kernels skip kv tiles outside them."""
-    b, nk = key_padding_mask.shape
-    idx = torch.arange(nk, device=key_padding_mask.device).expand(b, nk)
-    first = torch.where(key_padding_mask, idx, nk).amin(-1)
-    last = torch.where(key_padding_mask, idx, -1).amax(-1)
-    return torch.stack((first, last), 1).to(torch.int32)
-
-
-def _kernel_masks(kpm, seqused, seg):
-    """Launcher keyword arguments of the per-sequence masks (the kernels' KPAD/SEQUSED/SEGMENTS)."""
-    kw = {}
-    if kpm is not None:
-        km = kpm if kpm.stride(-1) == 1 else kpm.contiguous()
-        kw.update(key_mask=km.view(torch.int8), key_bounds=key_bounds(kpm))
-    if seqused is not None:
-        kw.update(seqused_k=seqused)
-    if seg is not None:
-        kw.update(segment_bounds=segment_bounds(seg))
-    return kw
 
 
 def _aten_causal(n, m, left, right, chunk, softcap, slopes, dropout_p):
@@ -488,108 +410,6 @@ class _nullctx:
 
 
 # -- public API ------------------------------------------------------------------------------
-def _check_window(window):
-    ok = isinstance(window, (tuple, list)) and len(window) == 2 and all(isinstance(w, int) for w in window)
-    if not ok or any(w < -1 for w in window):
-        raise ValueError(f"attention: window must be a pair (left, right) of ints >= -1 (-1 = unbounded), "
-                         f"got {window!r}")
-
-
-def _check_inputs(q, k, v, layout, varlen):
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"attention: {name}.dtype must be one of float16, bfloat16, float32, got {t.dtype}")
-        want = 3 if varlen else 4
-        if t.dim() != want:
-            shape = "(total, H, D) with cu_seqlens" if varlen else f"4-D for layout={layout!r}"
-            raise ValueError(f"attention: {name} must be {shape}, got shape {tuple(t.shape)}")
-    if not (autocast_dtype(q) == autocast_dtype(k) == autocast_dtype(v)):  # as the op sees them under autocast
-        raise TypeError(f"attention: q, k, v must share one dtype, got q={q.dtype}, k={k.dtype}, v={v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    q4, k4, v4 = (_canon(t, layout) for t in (q, k, v))
-    d, dv = q4.shape[-1], v4.shape[-1]
-    shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
-    if k4.shape[-1] != d:
-        raise ValueError(f"attention: q and k must have the same head dim (last dim), got {shapes}")
-    if not 16 <= d <= 256 or not 16 <= dv <= 256:
-        raise ValueError(f"attention: head dims must be in 16..256 (q/k: {d}, v: {dv}), got {shapes}")
-    if k4.shape[:-1] != v4.shape[:-1]:
-        raise ValueError(f"attention: k and v must have the same shape except the head dim (last dim), got {shapes}")
-    hq, hkv = q4.shape[1], k4.shape[1]
-    if hkv == 0 or hq % hkv:
-        raise ValueError(f"attention: number of q heads ({hq}) must be a multiple of the number of k/v heads ({hkv})")
-    if not varlen and q4.shape[0] != k4.shape[0]:
-        raise ValueError(f"attention: batch sizes of q ({q4.shape[0]}) and k/v ({k4.shape[0]}) differ")
-
-
-def _check_cu(name, cu, total, device):
-    if not isinstance(cu, Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
-        desc = f"{cu.dtype} tensor of shape {tuple(cu.shape)}" if isinstance(cu, Tensor) else type(cu).__name__
-        raise ValueError(f"attention: {name} must be a 1-D torch.int32 tensor of cumulative lengths "
-                         f"(batch + 1 entries, starting at 0), got {desc}")
-    if cu.device != device:
-        raise ValueError(f"attention: {name} must be on {device}, got {cu.device}")
-    if cu.device.type == "cpu" and not torch.compiler.is_compiling():
-        vals = cu.tolist()
-        if vals[0] != 0 or any(b < a for a, b in zip(vals, vals[1:])) or vals[-1] > total:
-            raise ValueError(f"attention: {name} must start at 0, be non-decreasing and end at most at the "
-                             f"packed length {total}, got {vals}")
-
-
-def _check_slopes(slopes, hq, batch, device):
-    if not isinstance(slopes, Tensor) or slopes.dtype != torch.float32 or \
-            tuple(slopes.shape) not in ((hq,), (batch, hq)):
-        desc = f"{slopes.dtype} tensor of shape {tuple(slopes.shape)}" if isinstance(slopes, Tensor) else \
-            type(slopes).__name__
-        raise ValueError(f"attention: alibi_slopes must be a torch.float32 tensor of shape ({hq},) or "
-                         f"({batch}, {hq}), got {desc}")
-    if slopes.device != device:
-        raise ValueError(f"attention: alibi_slopes must be on {device}, got {slopes.device}")
-
-
-def _desc(t):
-    return f"{t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
-
-
-def _check_masks(kpm, seqused, seg, b, nq, nk, device, varlen):
-    """Argument checks of key_padding_mask (bool (B, Nk)), seqused_k (int32 (B,)) and segment_ids
-    (integer (B, N), Nq == Nk). Values are checked only for CPU tensors outside torch.compile
-    (no host sync on device tensors)."""
-    given = [n for n, t in (("key_padding_mask", kpm), ("segment_ids", seg)) if t is not None]
-    if given and varlen:
-        raise ValueError(f"attention: {', '.join(given)} need the dense layouts 'bhnd'/'bnhd' "
-                         f"(with cu_seqlens, pack only the valid tokens instead)")
-    if kpm is not None:
-        if not isinstance(kpm, Tensor) or kpm.dtype != torch.bool or tuple(kpm.shape) != (b, nk):
-            raise ValueError(f"attention: key_padding_mask must be a torch.bool tensor of shape (B, Nk) = "
-                             f"({b}, {nk}) (True = attend), got {_desc(kpm)}")
-        if kpm.device != device:
-            raise ValueError(f"attention: key_padding_mask must be on {device}, got {kpm.device}")
-    if seqused is not None:
-        if not isinstance(seqused, Tensor) or seqused.dtype != torch.int32 or tuple(seqused.shape) != (b,):
-            raise ValueError(f"attention: seqused_k must be a torch.int32 tensor of shape (B,) = ({b},) "
-                             f"(varlen: one entry per sequence), got {_desc(seqused)}")
-        if seqused.device != device:
-            raise ValueError(f"attention: seqused_k must be on {device}, got {seqused.device}")
-        if seqused.device.type == "cpu" and not torch.compiler.is_compiling():
-            if bool(((seqused < 0) | (seqused > nk)).any()):
-                raise ValueError(f"attention: seqused_k values must be in 0..Nk = 0..{nk}, got {seqused.tolist()}")
-    if seg is not None:
-        ok_dtype = isinstance(seg, Tensor) and not seg.is_floating_point() and not seg.is_complex() \
-            and seg.dtype != torch.bool
-        if not ok_dtype or tuple(seg.shape) != (b, nq):
-            raise ValueError(f"attention: segment_ids must be an integer tensor of shape (B, N) = ({b}, {nq}), "
-                             f"got {_desc(seg)}")
-        if nq != nk:
-            raise ValueError(f"attention: segment_ids need Nq == Nk (packed sequences in one row), got Nq={nq}, "
-                             f"Nk={nk}")
-        if seg.device != device:
-            raise ValueError(f"attention: segment_ids must be on {device}, got {seg.device}")
-
-
 def attention(q, k, v, *, causal=False, window=(-1, -1), chunk_size=None, softmax_scale=None, layout="bhnd",
               cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, return_lse=False,
               softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=None, return_dropout_mask=False,

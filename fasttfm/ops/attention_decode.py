@@ -21,6 +21,7 @@ from torch import Tensor
 from fasttfm._env import emulate_enabled
 from fasttfm.kernels import attention_decode as _kd
 
+from ._attention_masks import key_bounds
 from ._autocast import keep, register_autocast
 
 __all__ = ["attention_with_kvcache"]
@@ -65,17 +66,6 @@ def attn_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tens
                         key_padding_mask)
 
 
-def _key_bounds(mask):
-    """int32 (B, 2): [first, last + 1) positions where the bool mask (B, S) is True, (0, 0) when none;
-    device ops only (no host sync)."""
-    s = mask.shape[1]
-    any_ = mask.any(1)
-    m8 = mask.to(torch.uint8)
-    first = m8.argmax(1)
-    last = s - m8.flip(1).argmax(1)
-    return torch.stack([first, last], 1).masked_fill(~any_[:, None], 0).to(torch.int32)
-
-
 def _decode_impl(q, k_cache, v_cache, seqlens, k_new, v_new, scale, left, right, softcap, slopes, num_splits,
                  cache_batch_idx=None, cache_leftpad=None, block_table=None, key_padding_mask=None):
     _append_(k_cache, v_cache, seqlens, k_new, v_new, cache_batch_idx, block_table)
@@ -94,7 +84,7 @@ def _decode_impl(q, k_cache, v_cache, seqlens, k_new, v_new, scale, left, right,
                             interpret=not q.is_cuda, cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
                             block_table=block_table,
                             key_mask=None if key_padding_mask is None else key_padding_mask.view(torch.uint8),
-                            key_bounds=None if key_padding_mask is None else _key_bounds(key_padding_mask))
+                            key_bounds=None if key_padding_mask is None else key_bounds(key_padding_mask))
         return out, lse
     hkv = k_cache.shape[2]
     g = hq // hkv
